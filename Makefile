@@ -1,0 +1,97 @@
+# mandos.c - build, test, install.  See README.md.
+#   make                      build ./mandos (Zeroconf back end detected)
+#   make ZEROCONF=avahi|dnssd|none
+#   make check [SANITIZE=1]   self-tests and the Bats suite
+#   make demo                 run the server on an example set-up
+#   make man | install | uninstall | bench | fuzz | clean
+
+CC ?= cc
+CFLAGS ?= -O2 -g
+WARNINGS = -std=c99 -Wall -Wextra -Wpedantic -Wundef -Wimplicit-fallthrough
+PREFIX ?= /usr/local
+DESTDIR ?=
+SBINDIR = $(PREFIX)/sbin
+MANDIR = $(PREFIX)/share/man
+SYSCONFDIR ?= /etc
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+SYSUSERSDIR ?= $(PREFIX)/lib/sysusers.d
+
+# Zeroconf: avahi when pkg-config finds avahi-client, else none.
+ZEROCONF ?= $(shell pkg-config --exists avahi-client 2>/dev/null && echo avahi || echo none)
+ifeq ($(ZEROCONF),avahi)
+ZC_CFLAGS = -DHAVE_AVAHI=1 -DHAVE_DNS_SD=0 $(shell pkg-config --cflags avahi-client)
+ZC_LIBS = $(shell pkg-config --libs avahi-client)
+else ifeq ($(ZEROCONF),dnssd)
+ZC_CFLAGS = -DHAVE_AVAHI=0 -DHAVE_DNS_SD=1 $(shell pkg-config --cflags avahi-compat-libdns_sd 2>/dev/null)
+ZC_LIBS = $(shell pkg-config --libs avahi-compat-libdns_sd 2>/dev/null || echo -ldns_sd)
+else ifeq ($(ZEROCONF),none)
+ZC_CFLAGS = -DHAVE_AVAHI=0 -DHAVE_DNS_SD=0
+ZC_LIBS =
+else
+$(error ZEROCONF must be avahi, dnssd or none)
+endif
+
+ifeq ($(SANITIZE),1)
+CFLAGS += -O1 -fno-omit-frame-pointer -fsanitize=address,undefined
+LDFLAGS += -fsanitize=address,undefined
+endif
+
+TLS_CFLAGS = $(shell pkg-config --cflags gnutls)
+TLS_LIBS = $(shell pkg-config --libs gnutls)
+
+all: mandos
+
+mandos: mandos.c Makefile
+	@t/deps.sh build
+	$(CC) $(WARNINGS) $(CFLAGS) $(TLS_CFLAGS) $(ZC_CFLAGS) -o $@ mandos.c $(LDFLAGS) $(TLS_LIBS) $(ZC_LIBS)
+
+# Builds of the other back ends, for the Zeroconf tests.
+mandos-dnssd: mandos.c
+	$(MAKE) --no-print-directory ZEROCONF=dnssd mandos-variant VARIANT=$@
+mandos-none: mandos.c
+	$(MAKE) --no-print-directory ZEROCONF=none mandos-variant VARIANT=$@
+mandos-variant:
+	$(CC) $(WARNINGS) $(CFLAGS) $(TLS_CFLAGS) $(ZC_CFLAGS) -o $(VARIANT) mandos.c $(LDFLAGS) $(TLS_LIBS) $(ZC_LIBS)
+
+check: mandos mandos-dnssd mandos-none
+	@t/deps.sh test
+	t/run-tests.sh
+
+demo: mandos
+	@t/deps.sh test
+	t/demo.sh
+
+man: mandos.8 mandos.conf.5 mandos-clients.conf.5
+
+DOCBOOK_XSL ?= /usr/share/xml/docbook/stylesheet/docbook-xsl/manpages/docbook.xsl
+mandos.8: mandos.8.xml
+	xsltproc --nonet --output $@ $(DOCBOOK_XSL) $<
+mandos.conf.5: mandos.conf.5.xml
+	xsltproc --nonet --output $@ $(DOCBOOK_XSL) $<
+mandos-clients.conf.5: clients.conf.5.xml
+	xsltproc --nonet --output $@ $(DOCBOOK_XSL) $<
+
+install: mandos man
+	install -d $(DESTDIR)$(SBINDIR) $(DESTDIR)$(MANDIR)/man8 $(DESTDIR)$(MANDIR)/man5
+	install -m 0755 mandos $(DESTDIR)$(SBINDIR)/mandos
+	install -m 0644 mandos.8 $(DESTDIR)$(MANDIR)/man8/mandos.8
+	install -m 0644 mandos.conf.5 mandos-clients.conf.5 $(DESTDIR)$(MANDIR)/man5/
+	install -d $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSUSERSDIR) $(DESTDIR)$(SYSCONFDIR)/mandos
+	install -m 0644 etc/mandos.service $(DESTDIR)$(UNITDIR)/mandos.service
+	install -m 0644 etc/sysusers-mandos.conf $(DESTDIR)$(SYSUSERSDIR)/mandos.conf
+	[ -e $(DESTDIR)$(SYSCONFDIR)/mandos/mandos.conf ] || install -m 0644 etc/mandos.conf $(DESTDIR)$(SYSCONFDIR)/mandos/mandos.conf
+	[ -e $(DESTDIR)$(SYSCONFDIR)/mandos/clients.conf ] || install -m 0600 etc/clients.conf $(DESTDIR)$(SYSCONFDIR)/mandos/clients.conf
+
+uninstall:
+	rm -f $(DESTDIR)$(SBINDIR)/mandos $(DESTDIR)$(MANDIR)/man8/mandos.8
+	rm -f $(DESTDIR)$(MANDIR)/man5/mandos.conf.5 $(DESTDIR)$(MANDIR)/man5/mandos-clients.conf.5
+	rm -f $(DESTDIR)$(UNITDIR)/mandos.service $(DESTDIR)$(SYSUSERSDIR)/mandos.conf
+	cmp -s etc/mandos.conf $(DESTDIR)$(SYSCONFDIR)/mandos/mandos.conf && rm -f $(DESTDIR)$(SYSCONFDIR)/mandos/mandos.conf || true
+	cmp -s etc/clients.conf $(DESTDIR)$(SYSCONFDIR)/mandos/clients.conf && rm -f $(DESTDIR)$(SYSCONFDIR)/mandos/clients.conf || true
+	-rmdir $(DESTDIR)$(SYSCONFDIR)/mandos 2>/dev/null
+	-rmdir -p $(DESTDIR)$(SBINDIR) $(DESTDIR)$(MANDIR)/man8 $(DESTDIR)$(MANDIR)/man5 $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSUSERSDIR) $(DESTDIR)$(SYSCONFDIR) 2>/dev/null
+
+clean:
+	rm -f mandos mandos-dnssd mandos-none mandos.8 mandos.conf.5 mandos-clients.conf.5
+
+.PHONY: all check demo man install uninstall clean mandos-variant

@@ -1,0 +1,4532 @@
+/*
+ * mandos.c - a small Mandos server in one C99 file.
+ *
+ * Mandos lets a machine whose root file system is encrypted reboot without
+ * a person typing the passphrase.  At boot, the machine's initial RAM disk
+ * runs mandos-client, which finds this server (Zeroconf, _mandos._tcp),
+ * connects, sends the protocol line "1\r\n" and then runs TLS with the
+ * roles swapped: this server is the TLS *client*.  The peer proves who it is
+ * with a raw public key (RFC 7250); we hash that key into a key_id, look it
+ * up in clients.conf and, if the client is enabled and approved, send its
+ * stored secret (an OpenPGP message only that machine can decrypt).
+ * Meanwhile a per-client "checker" command confirms the machine is still
+ * where it belongs; a client not confirmed within its timeout is disabled.
+ *
+ * Map of this file, in order:
+ *   1. Portability and includes   feature macros, GnuTLS version gate, shims
+ *   2. Small utilities            time, strings, buffers, base64, hashing
+ *   3. Logging                    syslog + optional console, per-peer lines
+ *   4. Config and durations       INI parser, interpolation, value parsers
+ *   5. Clients                    struct client, hash index, timers, approval
+ *   6. Checkers                   runtime expansion, fork/exec, reaping
+ *   7. Persistence                the state file and its reconciliation
+ *   8. Network and TLS            listening socket, struct conn state machine
+ *   9. Zeroconf                   avahi / dns_sd / none back ends (zc_*)
+ *  10. Main and options           command line, privileges, the poll() loop
+ *  11. Self-tests                 run by `mandos --check`
+ *
+ * Everything runs in one process and one poll() loop; every socket is
+ * non-blocking and every wait has a deadline on the monotonic clock.
+ */
+
+/* ===================================================================== */
+/* 1. Portability and includes                                           */
+/*    Feature macros come before any header; the only #if blocks outside  */
+/*    this section are the Zeroconf back ends in section 9.               */
+/* ===================================================================== */
+
+#define _GNU_SOURCE 1          /* setresuid, SO_BINDTODEVICE, accept4 on glibc */
+
+#ifndef HAVE_AVAHI
+#define HAVE_AVAHI 0
+#endif
+#ifndef HAVE_DNS_SD
+#define HAVE_DNS_SD 0
+#endif
+#if HAVE_AVAHI && HAVE_DNS_SD
+#error "choose one Zeroconf back end: HAVE_AVAHI or HAVE_DNS_SD"
+#endif
+
+#include <arpa/inet.h>
+#include <ctype.h>
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <net/if.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <pwd.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <syslog.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <gnutls/abstract.h>
+#include <gnutls/crypto.h>
+#include <gnutls/gnutls.h>
+
+/* Raw public keys (RFC 7250) arrived in GnuTLS 3.6.6; OpenPGP certificates
+ * left in 3.6.0.  Without raw keys no current client can authenticate. */
+#if GNUTLS_VERSION_NUMBER < 0x030606
+#error "mandos.c needs GnuTLS 3.6.6 or later (raw public key support)"
+#endif
+
+#define MANDOS_VERSION "1.8.16"     /* the protocol/manual version we mirror */
+#define MANDOS_C_VERSION "0.1"
+
+#if HAVE_AVAHI
+#define ZEROCONF_NAME "avahi"
+#elif HAVE_DNS_SD
+#define ZEROCONF_NAME "dnssd"
+#else
+#define ZEROCONF_NAME "none"
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#define PRINTF_LIKE(f, a) __attribute__((format(printf, f, a)))
+#define UNUSED __attribute__((unused))
+#else
+#define PRINTF_LIKE(f, a)
+#define UNUSED
+#endif
+
+#ifndef SOCK_CLOEXEC
+#define SOCK_CLOEXEC 0               /* set with fcntl afterwards anyway */
+#endif
+#ifndef O_CLOEXEC
+#define O_CLOEXEC 0
+#endif
+
+/* setresuid/setresgid where the platform has them (Linux, the BSDs);
+ * plain setuid/setgid elsewhere.  Tested once, here. */
+#if defined(__linux__) || defined(__FreeBSD__) || defined(__OpenBSD__) \
+    || defined(__NetBSD__) || defined(__DragonFly__)
+#define HAVE_SETRESUID 1
+#else
+#define HAVE_SETRESUID 0
+#endif
+
+static int shim_set_ids(uid_t uid, gid_t gid)
+{
+#if HAVE_SETRESUID
+    if (setresgid(gid, gid, gid) != 0)
+        return -1;
+    return setresuid(uid, uid, uid);
+#else
+    if (setgid(gid) != 0)
+        return -1;
+    return setuid(uid);
+#endif
+}
+
+/* SO_BINDTODEVICE is Linux-only; elsewhere binding to a device is refused
+ * with ENOPROTOOPT, exactly what the setsockopt would have said. */
+static int shim_bind_to_device(int fd, const char *ifname)
+{
+#ifdef SO_BINDTODEVICE
+    return setsockopt(fd, SOL_SOCKET, SO_BINDTODEVICE, ifname,
+                      (socklen_t)strlen(ifname) + 1);
+#else
+    (void)fd; (void)ifname;
+    errno = ENOPROTOOPT;
+    return -1;
+#endif
+}
+
+/* OpenBSD's pledge(2) after start-up; compiles to nothing elsewhere. */
+static int shim_pledge(const char *promises)
+{
+#ifdef __OpenBSD__
+    return pledge(promises, NULL);
+#else
+    (void)promises;
+    return 0;
+#endif
+}
+
+/* A memset the optimiser may not drop: secrets must really go. */
+static void wipe(void *p, size_t n)
+{
+    volatile unsigned char *v = p;
+    while (n--)
+        *v++ = 0;
+}
+
+/* ===================================================================== */
+/* 2. Small utilities                                                    */
+/*    Clocks, allocation, growable buffers, string helpers, base64, hex.  */
+/* ===================================================================== */
+
+/* Monotonic milliseconds: every timer and deadline uses this clock. */
+static int64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Wall-clock microseconds since the epoch, for timestamps people read. */
+static int64_t wall_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+static void *xcalloc(size_t n, size_t size)
+{
+    void *p = calloc(n ? n : 1, size ? size : 1);
+    if (!p) {
+        fputs("mandos: out of memory\n", stderr);
+        abort();
+    }
+    return p;
+}
+
+static char *xstrdup(const char *s)
+{
+    size_t n = strlen(s) + 1;
+    char *p = xcalloc(1, n);
+    memcpy(p, s, n);
+    return p;
+}
+
+static char *xstrndup(const char *s, size_t n)
+{
+    char *p = xcalloc(1, n + 1);
+    memcpy(p, s, n);
+    return p;
+}
+
+static void *xrealloc(void *p, size_t size)
+{
+    void *q = realloc(p, size ? size : 1);
+    if (!q) {
+        fputs("mandos: out of memory\n", stderr);
+        abort();
+    }
+    return q;
+}
+
+/* Grow an array of `size`-byte items so that it holds at least `need`. */
+static void grow(void **arr, size_t *cap, size_t need, size_t size)
+{
+    if (need <= *cap)
+        return;
+    size_t ncap = *cap ? *cap * 2 : 8;
+    while (ncap < need)
+        ncap *= 2;
+    *arr = xrealloc(*arr, ncap * size);
+    *cap = ncap;
+}
+
+/* A growable byte buffer, always NUL-terminated for convenience. */
+struct buf {
+    char *data;
+    size_t len, cap;
+};
+
+static void buf_add(struct buf *b, const void *p, size_t n)
+{
+    grow((void **)&b->data, &b->cap, b->len + n + 1, 1);
+    memcpy(b->data + b->len, p, n);
+    b->len += n;
+    b->data[b->len] = '\0';
+}
+
+static void buf_adds(struct buf *b, const char *s)
+{
+    buf_add(b, s, strlen(s));
+}
+
+static void buf_addc(struct buf *b, char c)
+{
+    buf_add(b, &c, 1);
+}
+
+PRINTF_LIKE(2, 3)
+static void buf_printf(struct buf *b, const char *fmt, ...)
+{
+    va_list ap;
+    char small[256];
+    va_start(ap, fmt);
+    int n = vsnprintf(small, sizeof small, fmt, ap);
+    va_end(ap);
+    if (n < 0)
+        return;
+    if ((size_t)n < sizeof small) {
+        buf_add(b, small, (size_t)n);
+        return;
+    }
+    grow((void **)&b->data, &b->cap, b->len + (size_t)n + 1, 1);
+    va_start(ap, fmt);
+    vsnprintf(b->data + b->len, (size_t)n + 1, fmt, ap);
+    va_end(ap);
+    b->len += (size_t)n;
+}
+
+/* Free a buffer that may have held a secret. */
+static void buf_wipe(struct buf *b)
+{
+    if (b->data)
+        wipe(b->data, b->cap);
+    free(b->data);
+    b->data = NULL;
+    b->len = b->cap = 0;
+}
+
+static void buf_free(struct buf *b)
+{
+    free(b->data);
+    b->data = NULL;
+    b->len = b->cap = 0;
+}
+
+/* Python's str.isspace() for ASCII: the INI dialect strips these. */
+static bool is_blank(int c)
+{
+    return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v'
+        || c == '\f' || (c >= 0x1c && c <= 0x1f);
+}
+
+static void trim_span(const char **s, size_t *n)
+{
+    while (*n && is_blank((unsigned char)**s)) {
+        (*s)++;
+        (*n)--;
+    }
+    while (*n && is_blank((unsigned char)(*s)[*n - 1]))
+        (*n)--;
+}
+
+static bool streq(const char *a, const char *b)
+{
+    return strcmp(a, b) == 0;
+}
+
+static bool streq_nocase(const char *a, const char *b)
+{
+    for (; *a && *b; a++, b++)
+        if (tolower((unsigned char)*a) != tolower((unsigned char)*b))
+            return false;
+    return *a == *b;
+}
+
+static int hex_value(int c)
+{
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+}
+
+static void hex_encode_upper(const unsigned char *in, size_t n, char *out)
+{
+    static const char digits[] = "0123456789ABCDEF";
+    for (size_t i = 0; i < n; i++) {
+        out[2 * i] = digits[in[i] >> 4];
+        out[2 * i + 1] = digits[in[i] & 15];
+    }
+    out[2 * n] = '\0';
+}
+
+/* Decode exactly 2*n hex digits; -1 on anything else. */
+static int hex_decode(const char *s, unsigned char *out, size_t n)
+{
+    if (strlen(s) != 2 * n)
+        return -1;
+    for (size_t i = 0; i < n; i++) {
+        int hi = hex_value((unsigned char)s[2 * i]);
+        int lo = hex_value((unsigned char)s[2 * i + 1]);
+        if (hi < 0 || lo < 0)
+            return -1;
+        out[i] = (unsigned char)(hi << 4 | lo);
+    }
+    return 0;
+}
+
+/* Lenient base64, the way the reference decodes `secret`: bytes outside the
+ * alphabet are skipped, a '=' that cannot be padding is ignored, padding
+ * that completes a group ends the data.  Returns 0, or -1 with *why set. */
+static int base64_decode_lenient(const char *in, size_t n, struct buf *out,
+                                 const char **why)
+{
+    int quad = 0, pads = 0;
+    unsigned left = 0;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)in[i];
+        int v;
+        if (c >= 0x80) {
+            *why = "secret contains non-ASCII characters";
+            return -1;
+        }
+        if (c == '=') {
+            if (quad >= 2 && quad + ++pads >= 4)
+                return 0;           /* completed padding: the rest is ignored */
+            continue;
+        }
+        if (c >= 'A' && c <= 'Z') v = c - 'A';
+        else if (c >= 'a' && c <= 'z') v = c - 'a' + 26;
+        else if (c >= '0' && c <= '9') v = c - '0' + 52;
+        else if (c == '+') v = 62;
+        else if (c == '/') v = 63;
+        else continue;              /* blanks, newlines, '-', '_' ... */
+        pads = 0;
+        switch (quad) {
+        case 0:
+            left = (unsigned)v;
+            quad = 1;
+            break;
+        case 1:
+            buf_addc(out, (char)(left << 2 | (unsigned)v >> 4));
+            left = (unsigned)v & 0x0f;
+            quad = 2;
+            break;
+        case 2:
+            buf_addc(out, (char)(left << 4 | (unsigned)v >> 2));
+            left = (unsigned)v & 0x03;
+            quad = 3;
+            break;
+        default:
+            buf_addc(out, (char)(left << 6 | (unsigned)v));
+            quad = 0;
+            break;
+        }
+    }
+    if (quad == 1) {
+        *why = "bad base64: one character too many (length is 1 more than a multiple of 4)";
+        return -1;
+    }
+    if (quad != 0) {
+        *why = "bad base64: incorrect padding";
+        return -1;
+    }
+    return 0;
+}
+
+static void sha256(const void *data, size_t n, unsigned char out[32])
+{
+    gnutls_hash_fast(GNUTLS_DIG_SHA256, data, n, out);
+}
+
+/* Read a whole file into a buffer; -1 with errno on failure. */
+static int read_file(const char *path, struct buf *out)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    char chunk[8192];
+    for (;;) {
+        ssize_t r = read(fd, chunk, sizeof chunk);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0) {
+            int e = errno;
+            wipe(chunk, sizeof chunk);
+            close(fd);
+            errno = e;
+            return -1;
+        }
+        if (r == 0)
+            break;
+        buf_add(out, chunk, (size_t)r);
+    }
+    wipe(chunk, sizeof chunk);
+    close(fd);
+    return 0;
+}
+
+static int set_nonblock_cloexec(int fd)
+{
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0)
+        return -1;
+    int fdfl = fcntl(fd, F_GETFD);
+    if (fdfl < 0 || fcntl(fd, F_SETFD, fdfl | FD_CLOEXEC) < 0)
+        return -1;
+    return 0;
+}
+
+/* ===================================================================== */
+/* 3. Logging                                                            */
+/*    Like syslog(3) itself, the log settings are process-wide: one small */
+/*    struct, set once at start-up.  Secrets never pass through here.     */
+/* ===================================================================== */
+
+struct log_settings {
+    int threshold;        /* LOG_ERR .. LOG_DEBUG: lines above it are dropped */
+    bool console;         /* --debug: also to stderr with a timestamp */
+    bool syslog_open;     /* openlog() done */
+    const char *progname; /* basename of argv[0], for console lines */
+};
+
+static struct log_settings log_cfg = { LOG_WARNING, false, false, "mandos" };
+
+static const char *log_level_name(int level)
+{
+    switch (level) {
+    case LOG_EMERG: case LOG_ALERT: case LOG_CRIT: return "CRITICAL";
+    case LOG_ERR: return "ERROR";
+    case LOG_WARNING: return "WARNING";
+    case LOG_NOTICE: case LOG_INFO: return "INFO";
+    default: return "DEBUG";
+    }
+}
+
+static void log_open_syslog(const char *servicename)
+{
+    /* The ident pointer must stay valid: keep our own copy. */
+    static char ident[128];
+    if (!servicename || streq(servicename, "Mandos"))
+        snprintf(ident, sizeof ident, "mandos");
+    else
+        snprintf(ident, sizeof ident, "mandos (%s)", servicename);
+    if (log_cfg.syslog_open)
+        closelog();
+    openlog(ident, LOG_PID | LOG_NDELAY, LOG_DAEMON);
+    log_cfg.syslog_open = true;
+}
+
+static void log_console_line(int level, const char *msg)
+{
+    struct timespec ts;
+    struct tm tm;
+    char when[32];
+    clock_gettime(CLOCK_REALTIME, &ts);
+    time_t t = ts.tv_sec;
+    localtime_r(&t, &tm);
+    strftime(when, sizeof when, "%Y-%m-%d %H:%M:%S", &tm);
+    fprintf(stderr, "%s,%03ld %s [%ld]: %s: %s\n", when,
+            ts.tv_nsec / 1000000, log_cfg.progname, (long)getpid(),
+            log_level_name(level), msg);
+}
+
+static void log_vmsg(int level, const char *fmt, va_list ap)
+{
+    if (level > log_cfg.threshold)
+        return;
+    char msg[2048];
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    if (log_cfg.syslog_open)
+        syslog(level, "%s: %s", log_level_name(level), msg);
+    if (log_cfg.console || !log_cfg.syslog_open)
+        log_console_line(level, msg);
+}
+
+PRINTF_LIKE(2, 3)
+static void log_msg(int level, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    log_vmsg(level, fmt, ap);
+    va_end(ap);
+}
+
+#define log_err(...) log_msg(LOG_ERR, __VA_ARGS__)
+#define log_warn(...) log_msg(LOG_WARNING, __VA_ARGS__)
+#define log_info(...) log_msg(LOG_INFO, __VA_ARGS__)
+#define log_debug(...) log_msg(LOG_DEBUG, __VA_ARGS__)
+
+/* Start-up failures: say why on stderr (and the log) and exit 1. */
+PRINTF_LIKE(1, 2)
+static void fatal(const char *fmt, ...)
+{
+    va_list ap;
+    char msg[2048];
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    if (log_cfg.syslog_open)
+        syslog(LOG_CRIT, "CRITICAL: %s", msg);
+    fprintf(stderr, "mandos: %s\n", msg);
+    exit(1);
+}
+
+/* GnuTLS debug lines, forwarded in --debug mode. */
+static void log_gnutls_line(int level, const char *text)
+{
+    (void)level;
+    size_t n = strlen(text);
+    while (n && text[n - 1] == '\n')
+        n--;
+    log_debug("GnuTLS: %.*s", (int)n, text);
+}
+
+/* Where config errors go: stderr at start-up, the log on reload, a buffer
+ * in the self-tests.  Counting them lets us report every bad line. */
+struct diag {
+    const char *file;    /* shown as FILE:LINE: */
+    int count;           /* errors so far */
+    bool to_log;         /* reload: log instead of stderr */
+    struct buf *capture; /* self-tests: collect here */
+};
+
+PRINTF_LIKE(3, 4)
+static void diag_error(struct diag *d, int line, const char *fmt, ...)
+{
+    char msg[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    d->count++;
+    if (d->capture)
+        buf_printf(d->capture, "%s:%d: %s\n", d->file, line, msg);
+    else if (d->to_log)
+        log_err("%s:%d: %s", d->file, line, msg);
+    else
+        fprintf(stderr, "%s:%d: %s\n", d->file, line, msg);
+}
+
+/* ===================================================================== */
+/* 4. Config and durations                                               */
+/*    A hand-written INI parser with the reference's dialect (DEFAULT     */
+/*    inheritance, %(name)s, relative-indent continuations), and parsers  */
+/*    for durations, booleans and integers.  Parsing works on a buffer so */
+/*    the self-tests can feed it strings.                                 */
+/* ===================================================================== */
+
+struct ini_key {
+    char *name;          /* lower-cased */
+    char *value;         /* raw (not interpolated), continuation lines joined */
+    int line;
+};
+
+struct ini_section {
+    char *name;          /* case kept, spaces kept */
+    int line;
+    struct ini_key *keys;
+    size_t nkeys, cap;
+};
+
+/* sections[0] is always [DEFAULT]. */
+struct ini {
+    struct ini_section *sections;
+    size_t n, cap;
+};
+
+static struct ini_section *ini_add_section(struct ini *ini, const char *name,
+                                           size_t len, int line)
+{
+    grow((void **)&ini->sections, &ini->cap, ini->n + 1, sizeof *ini->sections);
+    struct ini_section *s = &ini->sections[ini->n++];
+    memset(s, 0, sizeof *s);
+    s->name = xstrndup(name, len);
+    s->line = line;
+    return s;
+}
+
+static void ini_init(struct ini *ini)
+{
+    memset(ini, 0, sizeof *ini);
+    ini_add_section(ini, "DEFAULT", 7, 0);
+}
+
+static void ini_section_free(struct ini_section *s)
+{
+    for (size_t k = 0; k < s->nkeys; k++) {
+        free(s->keys[k].name);
+        /* values may be secrets */
+        wipe(s->keys[k].value, strlen(s->keys[k].value));
+        free(s->keys[k].value);
+    }
+    free(s->keys);
+    free(s->name);
+}
+
+static void ini_free(struct ini *ini)
+{
+    for (size_t i = 0; i < ini->n; i++)
+        ini_section_free(&ini->sections[i]);
+    free(ini->sections);
+    memset(ini, 0, sizeof *ini);
+}
+
+static struct ini_section *ini_find_section(struct ini *ini, const char *name)
+{
+    for (size_t i = 0; i < ini->n; i++)
+        if (streq(ini->sections[i].name, name))
+            return &ini->sections[i];
+    return NULL;
+}
+
+static struct ini_key *ini_find_key(struct ini_section *s, const char *name)
+{
+    for (size_t k = 0; k < s->nkeys; k++)
+        if (streq(s->keys[k].name, name))
+            return &s->keys[k];
+    return NULL;
+}
+
+/* Append text to the value of a key being continued. */
+static void ini_key_append(struct ini_key *k, const char *text, size_t n,
+                           int blank_lines)
+{
+    size_t old = strlen(k->value);
+    char *v = xcalloc(1, old + (size_t)blank_lines + 1 + n + 1);
+    memcpy(v, k->value, old);
+    memset(v + old, '\n', (size_t)blank_lines + 1);
+    memcpy(v + old + blank_lines + 1, text, n);
+    free(k->value);
+    k->value = v;
+}
+
+/* Parser state while walking the lines of one file. */
+struct ini_parse {
+    struct ini *ini;
+    struct diag *diag;
+    struct ini_section *sec;     /* current section; NULL before any header */
+    struct ini_section discard;  /* swallows a duplicate section's body */
+    struct ini_key *key;         /* option that may continue, or NULL */
+    int indent;                  /* indentation of the last option/header */
+    int blanks;                  /* blank lines seen inside a value */
+};
+
+static void ini_header_line(struct ini_parse *p, const char *s, size_t close,
+                            int lineno)
+{
+    const char *name = s + 1;
+    size_t len = close - 1;
+    p->key = NULL;
+    if (len == 7 && memcmp(name, "DEFAULT", 7) == 0) {
+        p->sec = &p->ini->sections[0];
+        return;
+    }
+    char *tmp = xstrndup(name, len);
+    struct ini_section *old = ini_find_section(p->ini, tmp);
+    if (old) {
+        diag_error(p->diag, lineno, "duplicate section [%s] (first at line %d)",
+                   tmp, old->line);
+        ini_section_free(&p->discard);
+        memset(&p->discard, 0, sizeof p->discard);
+        p->discard.name = xstrdup(tmp);
+        p->sec = &p->discard;
+    } else {
+        p->sec = ini_add_section(p->ini, name, len, lineno);
+    }
+    free(tmp);
+}
+
+static void ini_option_line(struct ini_parse *p, const char *s, size_t n,
+                            int lineno)
+{
+    size_t d = 0;
+    while (d < n && s[d] != '=' && s[d] != ':')
+        d++;
+    if (d == n) {
+        diag_error(p->diag, lineno, "expected \"key = value\", got \"%.*s\"",
+                   (int)(n > 60 ? 60 : n), s);
+        return;     /* like the reference, the previous option may continue */
+    }
+    const char *k = s, *v = s + d + 1;
+    size_t kn = d, vn = n - d - 1;
+    trim_span(&k, &kn);
+    trim_span(&v, &vn);
+    if (kn == 0) {
+        diag_error(p->diag, lineno, "empty key before '%c'", s[d]);
+        return;
+    }
+    char *name = xstrndup(k, kn);
+    for (char *c = name; *c; c++)
+        *c = (char)tolower((unsigned char)*c);
+    struct ini_key *dup = ini_find_key(p->sec, name);
+    if (dup) {
+        diag_error(p->diag, lineno, "duplicate key \"%s\" in [%s] (first at line %d)",
+                   name, p->sec->name, dup->line);
+        free(name);
+        p->key = NULL;
+        return;
+    }
+    grow((void **)&p->sec->keys, &p->sec->cap, p->sec->nkeys + 1,
+         sizeof *p->sec->keys);
+    struct ini_key *nk = &p->sec->keys[p->sec->nkeys++];
+    nk->name = name;
+    nk->value = xstrndup(v, vn);
+    nk->line = lineno;
+    p->key = nk;
+}
+
+/* Handle one physical line (without its line ending). */
+static void ini_line(struct ini_parse *p, const char *line, size_t n, int lineno)
+{
+    const char *s = line;
+    size_t sn = n;
+    trim_span(&s, &sn);
+    if (sn == 0 || s[0] == '#' || s[0] == ';') {
+        /* Blank lines inside a value are kept if more value follows;
+         * comment lines are dropped and do not end the value. */
+        if (sn == 0 && p->key)
+            p->blanks++;
+        return;
+    }
+    int indent = (int)(s - line);
+    if (p->sec && p->key && indent > p->indent) {
+        ini_key_append(p->key, s, sn, p->blanks);
+        p->blanks = 0;
+        return;
+    }
+    p->blanks = 0;
+    p->indent = indent;
+    /* A header is "[" + at least one character + the last "]" on the line;
+     * anything after that "]" is ignored, as the reference does. */
+    size_t close = sn;
+    while (close > 0 && s[close - 1] != ']')
+        close--;
+    if (s[0] == '[' && close >= 3) {
+        ini_header_line(p, s, close - 1, lineno);
+        return;
+    }
+    if (!p->sec) {
+        diag_error(p->diag, lineno, "\"%.*s\" comes before any [section] header",
+                   (int)(sn > 60 ? 60 : sn), s);
+        return;
+    }
+    ini_option_line(p, s, sn, lineno);
+}
+
+/* Parse a whole file's bytes.  Line ends \n, \r\n and \r all count. */
+static void ini_parse_buffer(struct ini *ini, const char *data, size_t len,
+                             struct diag *diag)
+{
+    struct ini_parse p;
+    memset(&p, 0, sizeof p);
+    p.ini = ini;
+    p.diag = diag;
+    int lineno = 0;
+    size_t i = 0;
+    while (i < len) {
+        size_t start = i;
+        while (i < len && data[i] != '\n' && data[i] != '\r')
+            i++;
+        size_t end = i;
+        if (i < len && data[i] == '\r' && i + 1 < len && data[i + 1] == '\n')
+            i++;
+        if (i < len)
+            i++;
+        lineno++;
+        if (memchr(data + start, '\0', end - start)) {
+            diag_error(diag, lineno, "line contains a NUL byte");
+            continue;
+        }
+        ini_line(&p, data + start, end - start, lineno);
+    }
+    ini_section_free(&p.discard);
+}
+
+/* Built-in defaults visible to interpolation, like the reference's. */
+struct ini_default {
+    const char *name, *value;
+};
+
+/* Look a name up: the section, then [DEFAULT], then the built-ins. */
+static const char *ini_lookup(struct ini *ini, struct ini_section *sec,
+                              const char *name, const struct ini_default *builtin,
+                              int *line)
+{
+    struct ini_key *k = sec ? ini_find_key(sec, name) : NULL;
+    if (!k)
+        k = ini_find_key(&ini->sections[0], name);
+    if (k) {
+        if (line)
+            *line = k->line;
+        return k->value;
+    }
+    for (; builtin && builtin->name; builtin++)
+        if (streq(builtin->name, name))
+            return builtin->value;
+    return NULL;
+}
+
+#define INI_MAX_DEPTH 10
+
+/* Expand %(name)s and %% in `raw` into `out`.  Returns 0 or -1 with a
+ * message in `why` (the caller adds file and line). */
+static int ini_interpolate(struct ini *ini, struct ini_section *sec,
+                           const char *raw, const struct ini_default *builtin,
+                           int depth, struct buf *out, char *why, size_t whylen)
+{
+    if (depth > INI_MAX_DEPTH) {
+        snprintf(why, whylen, "%%(name)s references nest deeper than %d levels",
+                 INI_MAX_DEPTH);
+        return -1;
+    }
+    const char *p = raw;
+    while (*p) {
+        const char *pct = strchr(p, '%');
+        if (!pct) {
+            buf_adds(out, p);
+            return 0;
+        }
+        buf_add(out, p, (size_t)(pct - p));
+        if (pct[1] == '%') {
+            buf_addc(out, '%');
+            p = pct + 2;
+            continue;
+        }
+        const char *close = pct[1] == '(' ? strchr(pct + 2, ')') : NULL;
+        if (pct[1] != '(') {
+            snprintf(why, whylen, "'%%' must be followed by '%%' or '(' (write %%%% for a literal %%)");
+            return -1;
+        }
+        if (!close || close == pct + 2 || close[1] != 's') {
+            snprintf(why, whylen, "bad reference \"%.40s\" (expected %%(name)s)", pct);
+            return -1;
+        }
+        char *name = xstrndup(pct + 2, (size_t)(close - pct - 2));
+        for (char *c = name; *c; c++)
+            *c = (char)tolower((unsigned char)*c);
+        const char *val = ini_lookup(ini, sec, name, builtin, NULL);
+        if (!val) {
+            snprintf(why, whylen, "%%(%s)s refers to a key that is not set", name);
+            free(name);
+            return -1;
+        }
+        free(name);
+        if (ini_interpolate(ini, sec, val, builtin, depth + 1, out, why, whylen) < 0)
+            return -1;
+        p = close + 2;
+    }
+    return 0;
+}
+
+/* ---- Value parsers ---------------------------------------------------- */
+
+/* Booleans as the reference reads them (case-insensitive). */
+static int parse_bool(const char *s, bool *out)
+{
+    static const char *const yes[] = { "1", "yes", "true", "on" };
+    static const char *const no[] = { "0", "no", "false", "off" };
+    for (size_t i = 0; i < 4; i++) {
+        if (streq_nocase(s, yes[i])) { *out = true; return 0; }
+        if (streq_nocase(s, no[i])) { *out = false; return 0; }
+    }
+    return -1;
+}
+
+/* Integers as Python's int() reads them: blanks around, a sign, digits
+ * with single underscores between them.  Saturates instead of overflowing
+ * (*overflow set), so the version-line rule can still compare. */
+static int parse_pyint(const char *s, size_t n, long long *out, bool *overflow)
+{
+    trim_span(&s, &n);
+    bool neg = false;
+    *overflow = false;
+    if (n && (*s == '+' || *s == '-')) {
+        neg = *s == '-';
+        s++;
+        n--;
+    }
+    if (n == 0 || !isdigit((unsigned char)s[0]) || s[n - 1] == '_')
+        return -1;
+    unsigned long long v = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (s[i] == '_') {
+            if (s[i + 1] == '_')
+                return -1;
+            continue;
+        }
+        if (!isdigit((unsigned char)s[i]))
+            return -1;
+        unsigned d = (unsigned)(s[i] - '0');
+        if (v > (ULLONG_MAX - d) / 10 || v * 10 + d > (unsigned long long)LLONG_MAX)
+            *overflow = true;
+        else
+            v = v * 10 + d;
+    }
+    if (*overflow)
+        v = (unsigned long long)LLONG_MAX;
+    *out = neg ? -(long long)v : (long long)v;
+    return 0;
+}
+
+#define MS_PER_SECOND 1000LL
+#define MS_PER_MINUTE (60 * MS_PER_SECOND)
+#define MS_PER_HOUR (60 * MS_PER_MINUTE)
+#define MS_PER_DAY (24 * MS_PER_HOUR)
+#define MS_PER_WEEK (7 * MS_PER_DAY)
+#define DURATION_MAX_MS (1000LL * 365 * MS_PER_DAY)   /* sanity cap: 1000 years */
+
+/* Read one number; 0 on success.  Caps at a value no duration reaches. */
+static int dur_number(const char **p, long long *n)
+{
+    if (!isdigit((unsigned char)**p))
+        return -1;
+    long long v = 0;
+    while (isdigit((unsigned char)**p)) {
+        if (v < 1000000000000LL)
+            v = v * 10 + (**p - '0');
+        (*p)++;
+    }
+    *n = v;
+    return 0;
+}
+
+/* Parse a run of (number, unit) pairs whose units must appear
+ * consecutively in `order` (e.g. "YMD" or "HMS"), starting anywhere.
+ * Returns the index of the last unit used, or -1 if none matched. */
+static int dur_units(const char **p, const char *order, const long long *unit_ms,
+                     long long *total, bool *bad)
+{
+    int last = -1;
+    while (isdigit((unsigned char)**p)) {
+        const char *save = *p;
+        long long n;
+        dur_number(p, &n);
+        const char *u = strchr(order, **p);
+        if (!**p || !u || (last >= 0 && u - order != last + 1)) {
+            *p = save;
+            if (last < 0 && **p)
+                *bad = !u;
+            break;
+        }
+        last = (int)(u - order);
+        *total += n * unit_ms[last];
+        (*p)++;
+    }
+    return last;
+}
+
+/* The RFC 3339 duration form, as the reference implements it:
+ * PnYnMnDTnHnMnS with consecutive units, or PnW; a time part may only
+ * follow D or P.  Upper case only, no blanks, no fractions. */
+static int duration_parse_rfc3339(const char *s, int64_t *ms)
+{
+    static const long long date_ms[] = { 364 * MS_PER_DAY, 28 * MS_PER_DAY, MS_PER_DAY };
+    static const long long time_ms[] = { MS_PER_HOUR, MS_PER_MINUTE, MS_PER_SECOND };
+    const char *p = s;
+    long long total = 0;
+    bool bad = false;
+    if (*p++ != 'P')
+        return -1;
+    const char *after_p = p;
+    if (isdigit((unsigned char)*p)) {
+        const char *q = p;
+        long long n;
+        dur_number(&q, &n);
+        if (*q == 'W') {
+            if (q[1] != '\0')
+                return -1;
+            *ms = n * MS_PER_WEEK;
+            return 0;
+        }
+    }
+    int last = dur_units(&p, "YMD", date_ms, &total, &bad);
+    if (*p == 'T' && (last == -1 || last == 2)) {
+        p++;
+        if (dur_units(&p, "HMS", time_ms, &total, &bad) < 0)
+            return -1;
+    } else if (p == after_p) {
+        return -1;                     /* "P" alone, or "PT" handled above */
+    }
+    if (*p != '\0' || bad)
+        return -1;
+    *ms = total;
+    return 0;
+}
+
+/* The old form: blank-separated tokens like "5m" or "1h", summed. */
+static int duration_parse_old(const char *s, int64_t *ms)
+{
+    long long total = 0;
+    const char *p = s;
+    for (;;) {
+        while (*p && is_blank((unsigned char)*p))
+            p++;
+        if (!*p)
+            break;
+        const char *tok = p;
+        while (*p && !is_blank((unsigned char)*p))
+            p++;
+        size_t n = (size_t)(p - tok);
+        long long unit;
+        switch (tok[n - 1]) {
+        case 's': unit = MS_PER_SECOND; break;
+        case 'm': unit = MS_PER_MINUTE; break;
+        case 'h': unit = MS_PER_HOUR; break;
+        case 'd': unit = MS_PER_DAY; break;
+        case 'w': unit = MS_PER_WEEK; break;
+        default: return -1;
+        }
+        long long v;
+        bool overflow;
+        if (n < 2 || is_blank((unsigned char)tok[0])
+            || parse_pyint(tok, n - 1, &v, &overflow) < 0 || overflow
+            || v > DURATION_MAX_MS / unit || v < -DURATION_MAX_MS / unit)
+            return -1;
+        total += v * unit;
+        if (total > DURATION_MAX_MS || total < -DURATION_MAX_MS)
+            return -1;
+    }
+    *ms = total;
+    return 0;
+}
+
+/* A duration in milliseconds: RFC 3339 form first, then the old form.
+ * Negative results are refused here (the reference accepts "-5m"). */
+static int duration_parse(const char *s, int64_t *ms, const char **why)
+{
+    int64_t v;
+    if (duration_parse_rfc3339(s, &v) < 0 && duration_parse_old(s, &v) < 0) {
+        *why = "not a duration (examples: PT5M, P1DT2H, or 5m, 1h 30m)";
+        return -1;
+    }
+    if (v < 0) {
+        *why = "a duration cannot be negative";
+        return -1;
+    }
+    if (v > DURATION_MAX_MS) {
+        *why = "duration too long";
+        return -1;
+    }
+    *ms = v;
+    return 0;
+}
+
+/* Render like Python's timedelta: "0:05:00", "2 days, 1:02:03". */
+static void duration_render(int64_t ms, struct buf *out)
+{
+    int64_t days = ms / MS_PER_DAY, rest = ms % MS_PER_DAY;
+    if (days)
+        buf_printf(out, "%" PRId64 " day%s, ", days, days == 1 ? "" : "s");
+    buf_printf(out, "%d:%02d:%02d", (int)(rest / MS_PER_HOUR),
+               (int)(rest / MS_PER_MINUTE % 60), (int)(rest / MS_PER_SECOND % 60));
+    if (rest % 1000)
+        buf_printf(out, ".%06d", (int)(rest % 1000) * 1000);
+}
+
+/* Render a wall-clock time like Python's str(datetime), UTC:
+ * "2023-02-08 12:34:56.789012" (fraction omitted when zero). */
+static void timestamp_render(int64_t us, char sep, struct buf *out)
+{
+    time_t t = (time_t)(us / 1000000);
+    struct tm tm;
+    char text[40];
+    gmtime_r(&t, &tm);
+    strftime(text, sizeof text, "%Y-%m-%d", &tm);
+    buf_adds(out, text);
+    buf_addc(out, sep);
+    strftime(text, sizeof text, "%H:%M:%S", &tm);
+    buf_adds(out, text);
+    if (us % 1000000)
+        buf_printf(out, ".%06d", (int)(us % 1000000));
+}
+
+/* ===================================================================== */
+/* 5. Clients                                                            */
+/*    The data model (server, client, connection), the key_id index, the */
+/*    timer heap, and the client life cycle: enable, disable, checked-ok, */
+/*    approval.  Reading clients.conf into clients also lives here.       */
+/* ===================================================================== */
+
+enum approval { APPROVAL_NONE, APPROVAL_GRANTED, APPROVAL_DENIED };
+
+/* The settings a client's config lines give and that may change while
+ * running; kept twice per client (as configured, and in effect) so edits
+ * to clients.conf can be told apart from run-time changes. */
+struct client_settings {
+    char *host;
+    char *checker;               /* after start-time %(name)s expansion */
+    int64_t timeout, extended_timeout, interval;      /* milliseconds */
+    int64_t approval_delay, approval_duration;        /* milliseconds */
+    bool approved_by_default;
+    bool enabled;
+    unsigned char secret_hash[32];                    /* of the configured secret */
+};
+
+/* The settings as a table, so saving, loading and reconciling treat
+ * every field the same way. */
+enum field_type { FIELD_STR, FIELD_MS, FIELD_BOOL };
+
+struct settings_field {
+    const char *name;            /* the clients.conf key */
+    enum field_type type;
+    size_t offset;               /* in struct client_settings */
+};
+
+static const struct settings_field settings_fields[] = {
+    { "host", FIELD_STR, offsetof(struct client_settings, host) },
+    { "checker", FIELD_STR, offsetof(struct client_settings, checker) },
+    { "timeout", FIELD_MS, offsetof(struct client_settings, timeout) },
+    { "extended_timeout", FIELD_MS, offsetof(struct client_settings, extended_timeout) },
+    { "interval", FIELD_MS, offsetof(struct client_settings, interval) },
+    { "approval_delay", FIELD_MS, offsetof(struct client_settings, approval_delay) },
+    { "approval_duration", FIELD_MS, offsetof(struct client_settings, approval_duration) },
+    { "approved_by_default", FIELD_BOOL, offsetof(struct client_settings, approved_by_default) },
+    { "enabled", FIELD_BOOL, offsetof(struct client_settings, enabled) },
+};
+
+#define N_SETTINGS (sizeof settings_fields / sizeof settings_fields[0])
+
+struct client {
+    char *name;                  /* the section name */
+    char *conf_text[N_SETTINGS]; /* each setting's text in clients.conf: an
+                                    edit is a change of this text */
+    int config_line;             /* where its section starts */
+    char key_id[65];             /* normalised, upper-case hex, or "" */
+    unsigned char key_bin[32];   /* key_id as bytes, when `indexed` */
+    bool indexed;                /* present in the key_id hash index */
+    char *fingerprint;           /* kept for display only; never matched */
+    unsigned char *secret;       /* the bytes we send */
+    size_t secret_len;
+    struct client_settings conf; /* as clients.conf says */
+    struct client_settings cur;  /* in effect (conf + run-time changes) */
+    int64_t created;             /* wall-clock µs; 0 = never */
+    int64_t last_enabled;
+    int64_t last_checked_ok;
+    int64_t last_approval_request;
+    int64_t expires;             /* monotonic ms when it gets disabled; 0 = none */
+    int64_t next_checker;        /* monotonic ms of the next checker run; 0 = none */
+    int last_checker_status;     /* exit code; -1 signal; -2 none yet */
+    int last_checker_signal;
+    enum approval approved;      /* set by client_approve(), reset later */
+    int64_t approval_reset;      /* monotonic ms to forget `approved`; 0 = none */
+    int approvals_pending;       /* connections waiting for approval */
+    pid_t checker_pid;           /* running checker's process group, or 0 */
+    size_t heap_pos;             /* index in the timer heap, or NO_HEAP */
+    struct client *hash_next;    /* key_id bucket chain */
+};
+
+#define NO_HEAP ((size_t)-1)
+
+/* All clients, in config order, plus two indexes over them. */
+struct client_table {
+    struct client **v;
+    size_t n, cap;
+    struct client **buckets;     /* key_id hash index; nbuckets is a power of 2 */
+    size_t nbuckets;
+    struct client **heap;        /* min-heap on client_next_event() */
+    size_t heap_n, heap_cap;
+};
+
+enum conn_state {
+    CONN_VERSION,      /* reading the "1\r\n" line, byte by byte */
+    CONN_HANDSHAKE,    /* TLS handshake; we are the TLS client */
+    CONN_APPROVAL,     /* identified; waiting for approval or its timeout */
+    CONN_SEND,         /* sending the secret */
+    CONN_BYE,          /* TLS close_notify exchange */
+    CONN_CLOSED        /* finished; freed at the end of the loop turn */
+};
+
+struct conn {
+    int fd;
+    enum conn_state state;
+    gnutls_session_t tls;        /* NULL until the version line is accepted */
+    char peer[INET6_ADDRSTRLEN + 16];   /* "[addr]:port" for log lines */
+    char line[64];               /* the version line so far */
+    size_t line_len;
+    int64_t deadline;            /* monotonic ms; the state's time limit */
+    struct client *client;       /* once identified */
+    bool counted_pending;        /* this conn is in client->approvals_pending */
+    unsigned char *secret;       /* private copy while sending; wiped after */
+    size_t secret_len, secret_sent;
+    struct conn *prev, *next;    /* oldest first */
+};
+
+/* Server settings: built-in defaults, then mandos.conf, then the command
+ * line. */
+struct settings {
+    char *interface, *address, *priority, *servicename, *statedir, *configdir;
+    int port;                    /* -1 = unset (the kernel picks) */
+    int socket_fd;               /* -1 = unset */
+    bool debug, use_dbus, use_ipv6, restore, foreground, zeroconf;
+    int debuglevel;              /* syslog level threshold */
+    long max_connections;
+    int64_t connection_timeout;  /* ms */
+};
+
+struct zc;                       /* the Zeroconf back end's own state */
+
+struct server {
+    struct settings set;
+    struct client_table clients;
+    struct conn *conns_head, *conns_tail;
+    size_t nconns;
+    gnutls_priority_t priority;
+    gnutls_certificate_credentials_t cred;   /* empty: we present no certificate */
+    int listen_fd;
+    int port;                    /* the port actually bound */
+    int signal_pipe[2];          /* written by signal handlers, read by the loop */
+    int state_dirfd;             /* the state directory, opened before dropping root */
+    bool state_dirty, state_urgent;
+    int64_t state_saved_at;      /* monotonic ms */
+    bool quitting;
+    bool debug_checkers;         /* checker output to the console */
+    uid_t run_uid;               /* who we run as after start-up */
+    gid_t run_gid;
+    char *pidfile;               /* written in daemon mode; removed at exit */
+    int notify_fd;               /* systemd NOTIFY_SOCKET, or -1 */
+    struct zc *zc;
+};
+
+#define STATE_SAVE_DELAY_MS 2000 /* routine changes are saved this often at most */
+
+/* Defined in later sections. */
+static void checker_stop(struct server *srv, struct client *c);
+static void checker_start(struct server *srv, struct client *c, int64_t now);
+static void conn_approval_wakeup(struct server *srv, struct client *c, int64_t now);
+static void conn_drop_for_client(struct server *srv, struct client *c);
+
+static void state_changed(struct server *srv, bool urgent)
+{
+    srv->state_dirty = true;
+    if (urgent)
+        srv->state_urgent = true;
+}
+
+static void settings_free(struct client_settings *s)
+{
+    free(s->host);
+    free(s->checker);
+    s->host = s->checker = NULL;
+}
+
+static void settings_copy(struct client_settings *dst, const struct client_settings *src)
+{
+    settings_free(dst);
+    *dst = *src;
+    dst->host = xstrdup(src->host);
+    dst->checker = xstrdup(src->checker);
+}
+
+static void client_free(struct client *c)
+{
+    if (!c)
+        return;
+    if (c->secret)
+        wipe(c->secret, c->secret_len);
+    free(c->secret);
+    settings_free(&c->conf);
+    settings_free(&c->cur);
+    for (size_t f = 0; f < N_SETTINGS; f++)
+        free(c->conf_text[f]);
+    free(c->name);
+    free(c->fingerprint);
+    free(c);
+}
+
+/* ---- key_id index ------------------------------------------------------ */
+
+static size_t key_hash(const unsigned char key[32], size_t nbuckets)
+{
+    /* key_ids are SHA-256 output: their first bytes are already uniform */
+    size_t h = 0;
+    for (size_t i = 0; i < sizeof h; i++)
+        h = h << 8 | key[i];
+    return h & (nbuckets - 1);
+}
+
+static void client_table_reindex(struct client_table *t)
+{
+    size_t nb = 16;
+    while (nb < t->n * 2)
+        nb *= 2;
+    free(t->buckets);
+    t->buckets = xcalloc(nb, sizeof *t->buckets);
+    t->nbuckets = nb;
+    for (size_t i = 0; i < t->n; i++) {
+        struct client *c = t->v[i];
+        c->hash_next = NULL;
+        if (!c->indexed)
+            continue;
+        size_t h = key_hash(c->key_bin, nb);
+        c->hash_next = t->buckets[h];
+        t->buckets[h] = c;
+    }
+}
+
+static struct client *client_find_by_key_id(const struct client_table *t,
+                                            const unsigned char key[32])
+{
+    if (!t->nbuckets)
+        return NULL;
+    for (struct client *c = t->buckets[key_hash(key, t->nbuckets)]; c; c = c->hash_next)
+        if (memcmp(c->key_bin, key, 32) == 0)
+            return c;
+    return NULL;
+}
+
+static struct client *client_find_by_name(const struct client_table *t, const char *name)
+{
+    for (size_t i = 0; i < t->n; i++)
+        if (streq(t->v[i]->name, name))
+            return t->v[i];
+    return NULL;
+}
+
+/* ---- timer heap ---------------------------------------------------------
+ * Each client has at most one entry, keyed on its nearest timer, so the
+ * loop finds the next deadline in O(1) whatever the number of clients. */
+
+static int64_t client_next_event(const struct client *c)
+{
+    int64_t t = 0;
+    const int64_t cand[3] = { c->expires, c->next_checker, c->approval_reset };
+    for (int i = 0; i < 3; i++)
+        if (cand[i] && (!t || cand[i] < t))
+            t = cand[i];
+    return t;
+}
+
+static void heap_swap(struct client_table *t, size_t a, size_t b)
+{
+    struct client *tmp = t->heap[a];
+    t->heap[a] = t->heap[b];
+    t->heap[b] = tmp;
+    t->heap[a]->heap_pos = a;
+    t->heap[b]->heap_pos = b;
+}
+
+static void heap_sift(struct client_table *t, size_t i)
+{
+    while (i > 0) {
+        size_t up = (i - 1) / 2;
+        if (client_next_event(t->heap[up]) <= client_next_event(t->heap[i]))
+            break;
+        heap_swap(t, up, i);
+        i = up;
+    }
+    for (;;) {
+        size_t l = 2 * i + 1, r = l + 1, m = i;
+        if (l < t->heap_n && client_next_event(t->heap[l]) < client_next_event(t->heap[m]))
+            m = l;
+        if (r < t->heap_n && client_next_event(t->heap[r]) < client_next_event(t->heap[m]))
+            m = r;
+        if (m == i)
+            break;
+        heap_swap(t, i, m);
+        i = m;
+    }
+}
+
+static void heap_remove(struct client_table *t, struct client *c)
+{
+    size_t i = c->heap_pos;
+    if (i == NO_HEAP)
+        return;
+    c->heap_pos = NO_HEAP;
+    if (--t->heap_n == i)
+        return;
+    t->heap[i] = t->heap[t->heap_n];
+    t->heap[i]->heap_pos = i;
+    heap_sift(t, i);
+}
+
+/* Call after changing any of a client's timers. */
+static void client_reschedule(struct client_table *t, struct client *c)
+{
+    if (!client_next_event(c)) {
+        heap_remove(t, c);
+        return;
+    }
+    if (c->heap_pos == NO_HEAP) {
+        grow((void **)&t->heap, &t->heap_cap, t->heap_n + 1, sizeof *t->heap);
+        c->heap_pos = t->heap_n;
+        t->heap[t->heap_n++] = c;
+    }
+    heap_sift(t, c->heap_pos);
+}
+
+/* ---- life cycle ---------------------------------------------------------- */
+
+static void client_bump(struct server *srv, struct client *c, int64_t ms, int64_t now)
+{
+    if (!c->cur.enabled)
+        return;
+    c->expires = now + ms;
+    client_reschedule(&srv->clients, c);
+    state_changed(srv, false);
+}
+
+/* A checker succeeded (or an administrator said so). */
+static void client_checked_ok(struct server *srv, struct client *c, int64_t now)
+{
+    c->last_checked_ok = wall_us();
+    c->last_checker_status = 0;
+    client_bump(srv, c, c->cur.timeout, now);
+}
+
+static void client_disable(struct server *srv, struct client *c, const char *why)
+{
+    if (!c->cur.enabled)
+        return;
+    log_info("Disabling client %s: %s", c->name, why);
+    c->cur.enabled = false;
+    c->expires = 0;
+    c->next_checker = 0;
+    client_reschedule(&srv->clients, c);
+    checker_stop(srv, c);
+    state_changed(srv, true);
+    /* waiting connections learn now, not at their deadline */
+    conn_approval_wakeup(srv, c, mono_ms());
+}
+
+static void client_enable(struct server *srv, struct client *c, int64_t now)
+{
+    if (c->cur.enabled)
+        return;
+    log_info("Enabling client %s", c->name);
+    c->cur.enabled = true;
+    c->last_enabled = wall_us();
+    c->next_checker = now + c->cur.interval;
+    c->expires = now + 2 * c->cur.interval;
+    client_reschedule(&srv->clients, c);
+    state_changed(srv, true);
+    conn_approval_wakeup(srv, c, now);
+}
+
+/* The one entry point for approving or denying a client's pending and
+ * imminent requests (a control interface calls this). */
+static void client_approve(struct server *srv, struct client *c, bool approve)
+{
+    int64_t now = mono_ms();
+    log_info("Client %s %s", c->name, approve ? "approved" : "denied");
+    c->approved = approve ? APPROVAL_GRANTED : APPROVAL_DENIED;
+    c->approval_reset = now + (c->cur.approval_duration > 0 ? c->cur.approval_duration : 1);
+    client_reschedule(&srv->clients, c);
+    state_changed(srv, true);
+    conn_approval_wakeup(srv, c, now);
+}
+
+/* First checker at a random point within one interval, so a thousand
+ * clients do not all run their checkers in the same second. */
+static void client_schedule_first_checker(struct server *srv, struct client *c, int64_t now)
+{
+    if (!c->cur.enabled)
+        return;
+    uint32_t r = 0;
+    gnutls_rnd(GNUTLS_RND_NONCE, &r, sizeof r);
+    int64_t delay = c->cur.interval > 0 ? (int64_t)(r % (uint64_t)(c->cur.interval + 1)) : 0;
+    c->next_checker = now + delay;
+    c->expires = now + delay + c->cur.interval;
+    client_reschedule(&srv->clients, c);
+}
+
+/* Run whatever of this client's timers are due. */
+static void client_run_timers(struct server *srv, struct client *c, int64_t now)
+{
+    if (c->approval_reset && c->approval_reset <= now) {
+        c->approval_reset = 0;
+        c->approved = APPROVAL_NONE;
+    }
+    if (c->expires && c->expires <= now) {
+        client_disable(srv, c, "timed out");
+        return;
+    }
+    if (c->next_checker && c->next_checker <= now) {
+        c->next_checker = now + c->cur.interval;
+        if (!c->checker_pid)
+            checker_start(srv, c, now);
+    }
+    client_reschedule(&srv->clients, c);
+}
+
+/* ---- reading clients.conf ------------------------------------------------ */
+
+struct cfg_key {
+    const char *name;
+    const char *builtin;         /* default visible to %(name)s, or NULL */
+};
+
+/* Every clients.conf key we understand (others are allowed and usable in
+ * %(name)s).  The manual's consistency test reads this table. */
+static const struct cfg_key client_keys[] = {
+    { "key_id", "" },
+    { "fingerprint", NULL },
+    { "secret", NULL },
+    { "secfile", NULL },
+    { "host", "" },
+    { "checker", "fping -q -- %%(host)s" },
+    { "timeout", "PT5M" },
+    { "extended_timeout", "PT15M" },
+    { "interval", "PT2M" },
+    { "approval_delay", "PT0S" },
+    { "approval_duration", "PT1S" },
+    { "approved_by_default", "True" },
+    { "enabled", "True" },
+};
+
+#define N_CLIENT_KEYS (sizeof client_keys / sizeof client_keys[0])
+
+static const struct ini_default *client_builtins(void)
+{
+    static struct ini_default table[N_CLIENT_KEYS + 1];
+    size_t n = 0;
+    if (!table[0].name)
+        for (size_t i = 0; i < N_CLIENT_KEYS; i++)
+            if (client_keys[i].builtin)
+                table[n++] = (struct ini_default){ client_keys[i].name, client_keys[i].builtin };
+    return table;
+}
+
+/* The SHA-256 of nothing, sent by buggy 1.8.0 clients: never a match. */
+#define EMPTY_KEY_ID "E3B0C44298FC1C149AFBF4C8996FB92427AE41E4649B934CA495991B7852B855"
+
+/* Upper-case and drop ASCII spaces, as the reference normalises IDs. */
+static char *key_id_normalise(const char *s)
+{
+    char *out = xcalloc(1, strlen(s) + 1), *o = out;
+    for (; *s; s++)
+        if (*s != ' ')
+            *o++ = (char)toupper((unsigned char)*s);
+    return out;
+}
+
+/* What reading one client section needs to hand around. */
+struct client_reader {
+    struct ini *ini;
+    struct ini_section *sec;
+    struct diag *diag;
+    const char *configdir;
+};
+
+/* An interpolated value of this client's section, or NULL if unset. */
+static char *client_value(struct client_reader *r, const char *name, int *line)
+{
+    int l = r->sec->line;
+    const char *raw = ini_lookup(r->ini, r->sec, name, client_builtins(), &l);
+    if (line)
+        *line = l;
+    if (!raw)
+        return NULL;
+    struct buf out = { 0 };
+    char why[200];
+    buf_adds(&out, "");
+    if (ini_interpolate(r->ini, r->sec, raw, client_builtins(), 1, &out, why, sizeof why) < 0) {
+        diag_error(r->diag, l, "[%s] %s: %s", r->sec->name, name, why);
+        buf_wipe(&out);
+        return NULL;
+    }
+    return out.data;
+}
+
+static int client_read_duration(struct client_reader *r, const char *name, int64_t *ms)
+{
+    int line, rc = 0;
+    char *v = client_value(r, name, &line);
+    const char *why;
+    if (v && duration_parse(v, ms, &why) < 0) {
+        diag_error(r->diag, line, "[%s] %s = \"%s\": %s", r->sec->name, name, v, why);
+        rc = -1;
+    } else if (v && streq(name, "interval") && *ms == 0) {
+        diag_error(r->diag, line, "[%s] interval must be longer than zero", r->sec->name);
+        rc = -1;
+    }
+    free(v);
+    return rc;
+}
+
+static void client_read_bool(struct client_reader *r, const char *name, bool *out)
+{
+    int line;
+    char *v = client_value(r, name, &line);
+    if (v && parse_bool(v, out) < 0)
+        diag_error(r->diag, line, "[%s] %s = \"%s\": not a boolean (use true or false)",
+                   r->sec->name, name, v);
+    free(v);
+}
+
+static int checker_validate(const char *cmd, char *why, size_t whylen);
+
+/* Expand $VAR, ${VAR} and a leading ~ or ~user in a secfile path. */
+static void path_expand(const char *in, struct buf *out)
+{
+    const char *p = in;
+    if (*p == '~') {
+        const char *slash = strchr(p, '/');
+        size_t n = slash ? (size_t)(slash - p - 1) : strlen(p + 1);
+        const char *home = NULL;
+        if (n == 0) {
+            home = getenv("HOME");
+            if (!home) {
+                struct passwd *pw = getpwuid(getuid());
+                home = pw ? pw->pw_dir : NULL;
+            }
+        } else {
+            char *user = xstrndup(p + 1, n);
+            struct passwd *pw = getpwnam(user);
+            free(user);
+            home = pw ? pw->pw_dir : NULL;
+        }
+        if (home) {
+            buf_adds(out, home);
+            p += n + 1;
+        }
+    }
+    while (*p) {
+        if (*p == '$' && (p[1] == '{' || isalpha((unsigned char)p[1]) || p[1] == '_')) {
+            bool brace = p[1] == '{';
+            const char *s = p + 1 + brace, *e = s;
+            while (isalnum((unsigned char)*e) || *e == '_')
+                e++;
+            if (e > s && (!brace || *e == '}')) {
+                char *name = xstrndup(s, (size_t)(e - s));
+                const char *val = getenv(name);
+                free(name);
+                if (val) {      /* unknown variables stay as written */
+                    buf_adds(out, val);
+                    p = e + brace;
+                    continue;
+                }
+            }
+        }
+        buf_addc(out, *p++);
+    }
+}
+
+/* The secret: base64 `secret`, else the raw bytes of `secfile`. */
+static void client_read_secret(struct client_reader *r, struct client *c)
+{
+    int line;
+    char *b64 = client_value(r, "secret", &line);
+    struct buf secret = { 0 };
+    if (b64) {
+        const char *why;
+        if (base64_decode_lenient(b64, strlen(b64), &secret, &why) < 0)
+            diag_error(r->diag, line, "[%s] secret: %s", r->sec->name, why);
+        wipe(b64, strlen(b64));
+        free(b64);
+    } else {
+        char *file = client_value(r, "secfile", &line);
+        if (!file) {
+            if (ini_lookup(r->ini, r->sec, "secfile", NULL, NULL) == NULL)
+                diag_error(r->diag, r->sec->line, "[%s] has neither secret nor secfile",
+                           r->sec->name);
+            return;
+        }
+        struct buf path = { 0 };
+        path_expand(file, &path);
+        if (path.len && path.data[0] != '/') {
+            /* relative to the config directory, not to wherever we started */
+            struct buf abs = { 0 };
+            buf_printf(&abs, "%s/%s", r->configdir, path.data);
+            buf_free(&path);
+            path = abs;
+        }
+        if (!path.len || read_file(path.data, &secret) < 0)
+            diag_error(r->diag, line, "[%s] secfile \"%s\": %s", r->sec->name,
+                       path.len ? path.data : "", path.len ? strerror(errno) : "empty path");
+        buf_free(&path);
+        free(file);
+    }
+    c->secret_len = secret.len;
+    c->secret = xcalloc(1, secret.len + 1);
+    if (secret.len)
+        memcpy(c->secret, secret.data, secret.len);
+    sha256(c->secret, c->secret_len, c->conf.secret_hash);
+    buf_wipe(&secret);
+}
+
+static void client_read_ids(struct client_reader *r, struct client *c)
+{
+    int line;
+    char *v = client_value(r, "key_id", &line);
+    char *id = key_id_normalise(v ? v : "");
+    free(v);
+    if (!*id) {
+        log_warn("client %s has no key_id: it can never be identified", c->name);
+    } else if (hex_decode(id, c->key_bin, 32) < 0) {
+        diag_error(r->diag, line, "[%s] key_id \"%s\": expected 64 hexadecimal digits",
+                   r->sec->name, id);
+    } else if (streq(id, EMPTY_KEY_ID)) {
+        log_warn("client %s has the key_id of an empty key (a buggy 1.8.0 client): "
+                 "it will never match", c->name);
+    } else {
+        c->indexed = true;
+    }
+    snprintf(c->key_id, sizeof c->key_id, "%s", strlen(id) <= 64 ? id : "");
+    free(id);
+    v = client_value(r, "fingerprint", NULL);
+    c->fingerprint = key_id_normalise(v ? v : "");
+    free(v);
+}
+
+/* Build one client from its section; errors go to r->diag. */
+static struct client *client_from_section(struct client_reader *r)
+{
+    struct client *c = xcalloc(1, sizeof *c);
+    c->name = xstrdup(r->sec->name);
+    c->config_line = r->sec->line;
+    c->heap_pos = NO_HEAP;
+    c->last_checker_status = -2;
+    /* Every key is interpolated, unknown ones included, so that a broken
+     * %(name)s anywhere in the section is reported. */
+    for (size_t k = 0; k < r->sec->nkeys; k++)
+        free(client_value(r, r->sec->keys[k].name, NULL));
+    client_read_ids(r, c);
+    client_read_secret(r, c);
+    char *host = client_value(r, "host", NULL);
+    c->conf.host = host ? host : xstrdup("");
+    int line;
+    char *checker = client_value(r, "checker", &line);
+    char why[200];
+    if (checker && checker_validate(checker, why, sizeof why) < 0)
+        diag_error(r->diag, line, "[%s] checker: %s", r->sec->name, why);
+    c->conf.checker = checker ? checker : xstrdup("");
+    client_read_duration(r, "timeout", &c->conf.timeout);
+    client_read_duration(r, "extended_timeout", &c->conf.extended_timeout);
+    client_read_duration(r, "interval", &c->conf.interval);
+    client_read_duration(r, "approval_delay", &c->conf.approval_delay);
+    client_read_duration(r, "approval_duration", &c->conf.approval_duration);
+    client_read_bool(r, "approved_by_default", &c->conf.approved_by_default);
+    client_read_bool(r, "enabled", &c->conf.enabled);
+    for (size_t f = 0; f < N_SETTINGS; f++) {
+        char *text = client_value(r, settings_fields[f].name, NULL);
+        c->conf_text[f] = text ? text : xstrdup("");
+    }
+    settings_copy(&c->cur, &c->conf);
+    return c;
+}
+
+/* Parse clients.conf bytes into a table of fresh clients.  Returns the
+ * number of errors (all reported through `diag`). */
+static int clients_from_buffer(const char *data, size_t len, const char *configdir,
+                               struct diag *diag, struct client_table *out)
+{
+    struct ini ini;
+    ini_init(&ini);
+    ini_parse_buffer(&ini, data, len, diag);
+    struct client_reader r = { &ini, NULL, diag, configdir };
+    for (size_t i = 1; i < ini.n; i++) {
+        r.sec = &ini.sections[i];
+        struct client *c = client_from_section(&r);
+        grow((void **)&out->v, &out->cap, out->n + 1, sizeof *out->v);
+        out->v[out->n++] = c;
+    }
+    /* Two clients with one key_id: the reference picks one at random. */
+    client_table_reindex(out);
+    for (size_t i = 0; i < out->n; i++) {
+        struct client *c = out->v[i];
+        struct client *first = c->indexed ? client_find_by_key_id(out, c->key_bin) : NULL;
+        if (first && first != c) {
+            /* the bucket chain holds later clients first */
+            diag_error(diag, first->config_line > c->config_line ? first->config_line
+                       : c->config_line, "[%s] and [%s] have the same key_id %s",
+                       c->config_line < first->config_line ? c->name : first->name,
+                       c->config_line < first->config_line ? first->name : c->name,
+                       c->key_id);
+        }
+    }
+    ini_free(&ini);
+    return diag->count;
+}
+
+static void client_table_clear(struct client_table *t)
+{
+    for (size_t i = 0; i < t->n; i++)
+        client_free(t->v[i]);
+    free(t->v);
+    free(t->buckets);
+    free(t->heap);
+    memset(t, 0, sizeof *t);
+}
+
+/* Read <configdir>/clients.conf.  A missing file means no clients. */
+static int clients_load(const char *configdir, struct diag *diag, struct client_table *out)
+{
+    struct buf path = { 0 }, data = { 0 };
+    buf_printf(&path, "%s/clients.conf", configdir);
+    diag->file = path.data;
+    if (read_file(path.data, &data) < 0 && errno != ENOENT) {
+        diag_error(diag, 0, "cannot read: %s", strerror(errno));
+    } else {
+        clients_from_buffer(data.data ? data.data : "", data.len, configdir, diag, out);
+    }
+    buf_wipe(&data);
+    int errors = diag->count;
+    diag->file = NULL;
+    buf_free(&path);
+    return errors;
+}
+
+/* ===================================================================== */
+/* 6. Checkers                                                           */
+/*    Each enabled client's checker command runs every `interval` through */
+/*    /bin/sh -c in its own process group.  %(name)s in the command is    */
+/*    expanded at each run with the client's attributes, shell-quoted.    */
+/* ===================================================================== */
+
+#include <spawn.h>
+
+/* Names usable as %(name)s in a checker at run time. */
+static const char *const checker_names[] = {
+    "approval_delay", "approval_duration", "created", "dbus_object_path",
+    "enabled", "expires", "fingerprint", "host", "interval", "key_id",
+    "last_approval_request", "last_checked_ok", "last_enabled", "name",
+    "timeout",
+};
+
+static bool checker_name_known(const char *name, size_t n)
+{
+    for (size_t i = 0; i < sizeof checker_names / sizeof checker_names[0]; i++)
+        if (strlen(checker_names[i]) == n && memcmp(checker_names[i], name, n) == 0)
+            return true;
+    return false;
+}
+
+/* Walk a checker command: calls `emit` for literal text and for each
+ * %(name)s.  Returns -1 with `why` on a reference we cannot expand. */
+static int checker_walk(const char *cmd, char *why, size_t whylen,
+                        void (*emit)(void *ctx, const char *text, size_t n, bool is_name),
+                        void *ctx)
+{
+    const char *p = cmd;
+    while (*p) {
+        const char *pct = strchr(p, '%');
+        if (!pct) {
+            emit(ctx, p, strlen(p), false);
+            break;
+        }
+        emit(ctx, p, (size_t)(pct - p), false);
+        if (pct[1] == '%') {
+            emit(ctx, "%", 1, false);
+            p = pct + 2;
+            continue;
+        }
+        const char *close = pct[1] == '(' ? strchr(pct + 2, ')') : NULL;
+        if (!close || close[1] != 's') {
+            snprintf(why, whylen, "cannot expand \"%.30s\" at run time "
+                     "(write %%%%(name)s for an attribute, %%%%%%%% for a literal %%)", pct);
+            return -1;
+        }
+        size_t n = (size_t)(close - pct - 2);
+        if (!checker_name_known(pct + 2, n)) {
+            snprintf(why, whylen, "unknown attribute %%(%.*s)s (known: approval_delay, "
+                     "approval_duration, created, enabled, expires, fingerprint, host, "
+                     "interval, key_id, last_approval_request, last_checked_ok, "
+                     "last_enabled, name, timeout)", (int)(n > 40 ? 40 : n), pct + 2);
+            return -1;
+        }
+        emit(ctx, pct + 2, n, true);
+        p = close + 2;
+    }
+    return 0;
+}
+
+static void checker_ignore(void *ctx, const char *text, size_t n, bool is_name)
+{
+    (void)ctx; (void)text; (void)n; (void)is_name;
+}
+
+/* Start-up check, so a bad command is a config error, not a silent stop. */
+static int checker_validate(const char *cmd, char *why, size_t whylen)
+{
+    return checker_walk(cmd, why, whylen, checker_ignore, NULL);
+}
+
+/* POSIX shell quoting: bare if only safe characters, else '...'. */
+static void shell_quote(const char *s, size_t n, struct buf *out)
+{
+    bool safe = n > 0;
+    for (size_t i = 0; i < n && safe; i++)
+        safe = isalnum((unsigned char)s[i]) || strchr("_@%+=:,./-", s[i]);
+    if (safe) {
+        buf_add(out, s, n);
+        return;
+    }
+    buf_addc(out, '\'');
+    for (size_t i = 0; i < n; i++) {
+        if (s[i] == '\'')
+            buf_adds(out, "'\"'\"'");
+        else
+            buf_addc(out, s[i]);
+    }
+    buf_addc(out, '\'');
+}
+
+/* D-Bus object path of a client: '.' and '-' become '_'. */
+static void client_object_path(const struct client *c, struct buf *out)
+{
+    buf_adds(out, "/clients/");
+    for (const char *p = c->name; *p; p++)
+        buf_addc(out, *p == '.' || *p == '-' ? '_' : *p);
+}
+
+/* A monotonic deadline as wall-clock µs, for display and saving. */
+static int64_t mono_to_wall(int64_t mono, int64_t now_mono, int64_t now_wall)
+{
+    return now_wall + (mono - now_mono) * 1000;
+}
+
+static void render_time_or_none(int64_t us, struct buf *out)
+{
+    if (us)
+        timestamp_render(us, ' ', out);
+    else
+        buf_adds(out, "None");
+}
+
+/* One attribute's value as the reference renders it (before quoting). */
+static void checker_attribute(const struct client *c, const char *name, struct buf *out)
+{
+    int64_t now = mono_ms();
+    if (streq(name, "name")) buf_adds(out, c->name);
+    else if (streq(name, "host")) buf_adds(out, c->cur.host);
+    else if (streq(name, "key_id")) buf_adds(out, c->key_id);
+    else if (streq(name, "fingerprint")) buf_adds(out, c->fingerprint);
+    else if (streq(name, "enabled")) buf_adds(out, c->cur.enabled ? "True" : "False");
+    else if (streq(name, "timeout")) duration_render(c->cur.timeout, out);
+    else if (streq(name, "interval")) duration_render(c->cur.interval, out);
+    else if (streq(name, "approval_delay")) duration_render(c->cur.approval_delay, out);
+    else if (streq(name, "approval_duration")) duration_render(c->cur.approval_duration, out);
+    else if (streq(name, "created")) render_time_or_none(c->created, out);
+    else if (streq(name, "last_enabled")) render_time_or_none(c->last_enabled, out);
+    else if (streq(name, "last_checked_ok")) render_time_or_none(c->last_checked_ok, out);
+    else if (streq(name, "last_approval_request")) render_time_or_none(c->last_approval_request, out);
+    else if (streq(name, "expires"))
+        render_time_or_none(c->expires ? mono_to_wall(c->expires, now, wall_us()) : 0, out);
+    else if (streq(name, "dbus_object_path")) client_object_path(c, out);
+}
+
+struct expand_ctx {
+    const struct client *client;
+    struct buf *out;
+};
+
+static void checker_emit(void *ctx, const char *text, size_t n, bool is_name)
+{
+    struct expand_ctx *e = ctx;
+    if (!is_name) {
+        buf_add(e->out, text, n);
+        return;
+    }
+    char name[64];
+    struct buf value = { 0 };
+    snprintf(name, sizeof name, "%.*s", (int)n, text);
+    buf_adds(&value, "");
+    checker_attribute(e->client, name, &value);
+    shell_quote(value.data, value.len, e->out);
+    buf_free(&value);
+}
+
+/* The command a checker runs now, %(name)s expanded and quoted. */
+static int checker_expand(const struct client *c, struct buf *out)
+{
+    char why[300];
+    struct expand_ctx e = { c, out };
+    buf_adds(out, "");
+    return checker_walk(c->cur.checker, why, sizeof why, checker_emit, &e);
+}
+
+static void checker_start(struct server *srv, struct client *c, int64_t now)
+{
+    (void)now;
+    struct buf cmd = { 0 };
+    if (checker_expand(c, &cmd) < 0) {
+        /* only reachable when a control interface set a bad command */
+        log_err("Could not expand checker \"%s\" for %s", c->cur.checker, c->name);
+        buf_free(&cmd);
+        return;
+    }
+    log_info("Starting checker '%s' for %s", cmd.data, c->name);
+    posix_spawnattr_t attr;
+    posix_spawn_file_actions_t fa;
+    sigset_t all, none;
+    sigfillset(&all);
+    sigemptyset(&none);
+    posix_spawnattr_init(&attr);
+    /* own process group (so stopping it kills the shell's children too),
+     * default signal dispositions, nothing blocked */
+    posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGDEF
+                             | POSIX_SPAWN_SETSIGMASK);
+    posix_spawnattr_setpgroup(&attr, 0);
+    posix_spawnattr_setsigdefault(&attr, &all);
+    posix_spawnattr_setsigmask(&attr, &none);
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
+    if (!srv->debug_checkers) {
+        posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_WRONLY, 0);
+        posix_spawn_file_actions_adddup2(&fa, 1, 2);
+    }
+    char *argv[] = { "sh", "-c", cmd.data, NULL };
+    extern char **environ;
+    pid_t pid;
+    int rc = posix_spawn(&pid, "/bin/sh", &fa, &attr, argv, environ);
+    posix_spawn_file_actions_destroy(&fa);
+    posix_spawnattr_destroy(&attr);
+    if (rc != 0) {
+        log_err("Could not start checker for %s: %s", c->name, strerror(rc));
+    } else {
+        c->checker_pid = pid;
+    }
+    buf_free(&cmd);
+}
+
+/* Kill the checker's whole process group; the loop reaps the shell. */
+static void checker_stop(struct server *srv, struct client *c)
+{
+    (void)srv;
+    if (!c->checker_pid)
+        return;
+    log_debug("Stopping checker for %s", c->name);
+    kill(-c->checker_pid, SIGKILL);
+    kill(c->checker_pid, SIGKILL);   /* in case it had not set its group yet */
+    c->checker_pid = 0;
+}
+
+static void checker_finished(struct server *srv, struct client *c, int status)
+{
+    c->checker_pid = 0;
+    if (WIFEXITED(status)) {
+        c->last_checker_status = WEXITSTATUS(status);
+        if (c->last_checker_status == 0) {
+            log_info("Checker for %s succeeded", c->name);
+            client_checked_ok(srv, c, mono_ms());
+        } else {
+            log_info("Checker for %s failed", c->name);
+        }
+    } else if (WIFSIGNALED(status)) {
+        c->last_checker_status = -1;
+        c->last_checker_signal = WTERMSIG(status);
+        log_warn("Checker for %s crashed? (signal %d)", c->name, WTERMSIG(status));
+    }
+}
+
+/* Collect every finished child; called when SIGCHLD arrived. */
+static void checker_reap(struct server *srv)
+{
+    for (int rounds = 0; rounds < 100000; rounds++) {
+        int status;
+        pid_t pid = waitpid(-1, &status, WNOHANG);
+        if (pid <= 0)
+            break;
+        for (size_t i = 0; i < srv->clients.n; i++) {
+            struct client *c = srv->clients.v[i];
+            if (c->checker_pid == pid) {
+                checker_finished(srv, c, status);
+                break;
+            }
+        }
+    }
+}
+
+/* ===================================================================== */
+/* 7. Persistence                                                        */
+/*    <statedir>/clients.state: our own line-based text format, written   */
+/*    atomically after every change that matters, so a kill -9 loses      */
+/*    nothing.  Never a secret; only a hash of the configured one.        */
+/* ===================================================================== */
+
+#define STATE_FILE "clients.state"
+#define STATE_MAGIC "mandos-c-state 1"
+
+/* Escape a value onto one line: \\, \n, \t and \xHH for other controls. */
+static void state_escape(const char *s, struct buf *out)
+{
+    for (; *s; s++) {
+        unsigned char ch = (unsigned char)*s;
+        if (ch == '\\') buf_adds(out, "\\\\");
+        else if (ch == '\n') buf_adds(out, "\\n");
+        else if (ch == '\t') buf_adds(out, "\\t");
+        else if (ch < 0x20 || ch == 0x7f) buf_printf(out, "\\x%02X", ch);
+        else buf_addc(out, (char)ch);
+    }
+}
+
+static int state_unescape(const char *s, struct buf *out)
+{
+    buf_adds(out, "");
+    for (; *s; s++) {
+        if (*s != '\\') {
+            buf_addc(out, *s);
+            continue;
+        }
+        s++;
+        if (*s == '\\') buf_addc(out, '\\');
+        else if (*s == 'n') buf_addc(out, '\n');
+        else if (*s == 't') buf_addc(out, '\t');
+        else if (*s == 'x' && hex_value((unsigned char)s[1]) >= 0
+                 && hex_value((unsigned char)s[2]) >= 0) {
+            char ch = (char)(hex_value((unsigned char)s[1]) << 4 | hex_value((unsigned char)s[2]));
+            if (ch == '\0')
+                return -1;
+            buf_addc(out, ch);
+            s += 2;
+        } else
+            return -1;
+    }
+    return 0;
+}
+
+static void state_put_str(struct buf *out, const char *key, const char *value)
+{
+    buf_printf(out, "%s ", key);
+    state_escape(value, out);
+    buf_addc(out, '\n');
+}
+
+static void state_put_settings(struct buf *out, const char *prefix,
+                               const struct client_settings *s)
+{
+    for (size_t f = 0; f < N_SETTINGS; f++) {
+        const struct settings_field *fd = &settings_fields[f];
+        const char *base = (const char *)s + fd->offset;
+        char key[64];
+        snprintf(key, sizeof key, "%s%s", prefix, fd->name);
+        if (fd->type == FIELD_STR)
+            state_put_str(out, key, *(char *const *)(const void *)base);
+        else if (fd->type == FIELD_MS)
+            buf_printf(out, "%s %" PRId64 "\n", key, *(const int64_t *)(const void *)base);
+        else
+            buf_printf(out, "%s %d\n", key, *(const bool *)(const void *)base ? 1 : 0);
+    }
+}
+
+/* Serialise every client's state (no secrets). */
+static void state_serialise(const struct client_table *t, int64_t now_mono,
+                            int64_t now_wall, struct buf *out)
+{
+    buf_adds(out, STATE_MAGIC "\n# Written by mandos.c; the server rewrites it on "
+             "every change.  No secrets here.\n");
+    for (size_t i = 0; i < t->n; i++) {
+        const struct client *c = t->v[i];
+        char hash[65];
+        state_put_str(out, "client", c->name);
+        for (size_t f = 0; f < N_SETTINGS; f++) {
+            char key[64];
+            snprintf(key, sizeof key, "text.%s", settings_fields[f].name);
+            state_put_str(out, key, c->conf_text[f]);
+        }
+        state_put_settings(out, "cur.", &c->cur);
+        hex_encode_upper(c->conf.secret_hash, 32, hash);
+        buf_printf(out, "secret_sha256 %s\n", hash);
+        buf_printf(out, "created %" PRId64 "\n", c->created);
+        buf_printf(out, "last_enabled %" PRId64 "\n", c->last_enabled);
+        buf_printf(out, "last_checked_ok %" PRId64 "\n", c->last_checked_ok);
+        buf_printf(out, "last_approval_request %" PRId64 "\n", c->last_approval_request);
+        buf_printf(out, "expires %" PRId64 "\n",
+                   c->expires ? mono_to_wall(c->expires, now_mono, now_wall) : 0);
+        buf_printf(out, "last_checker_status %d\n", c->last_checker_status);
+        buf_printf(out, "last_checker_signal %d\n", c->last_checker_signal);
+        buf_adds(out, "end\n");
+    }
+}
+
+static int write_all(int fd, const char *p, size_t n)
+{
+    while (n) {
+        ssize_t w = write(fd, p, n);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w < 0)
+            return -1;
+        p += w;
+        n -= (size_t)w;
+    }
+    return 0;
+}
+
+/* Write the state file atomically: temp file, fsync, rename, fsync dir. */
+static int state_save(struct server *srv)
+{
+    if (srv->state_dirfd < 0)
+        return 0;
+    struct buf data = { 0 };
+    state_serialise(&srv->clients, mono_ms(), wall_us(), &data);
+    char tmp[64];
+    snprintf(tmp, sizeof tmp, "%s.tmp-%ld", STATE_FILE, (long)getpid());
+    int fd = openat(srv->state_dirfd, tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    int rc = -1;
+    if (fd < 0)
+        goto fail;
+    if (write_all(fd, data.data, data.len) < 0 || fsync(fd) < 0) {
+        close(fd);
+        goto fail_unlink;
+    }
+    if (close(fd) < 0 || renameat(srv->state_dirfd, tmp, srv->state_dirfd, STATE_FILE) < 0)
+        goto fail_unlink;
+    fsync(srv->state_dirfd);
+    rc = 0;
+    srv->state_dirty = srv->state_urgent = false;
+    srv->state_saved_at = mono_ms();
+    goto done;
+fail_unlink:
+    {
+        int e = errno;
+        unlinkat(srv->state_dirfd, tmp, 0);
+        errno = e;
+    }
+fail:
+    log_err("Could not save state to %s/%s: %s", srv->set.statedir, STATE_FILE,
+            strerror(errno));
+    /* try again later rather than in a tight loop */
+    srv->state_saved_at = mono_ms();
+    srv->state_urgent = false;
+done:
+    buf_free(&data);
+    return rc;
+}
+
+/* Parse one "key value" line into the client being read. */
+static int state_read_field(struct client *c, const char *key, const char *val,
+                            struct buf *scratch)
+{
+    long long n;
+    bool overflow;
+    if (strncmp(key, "text.", 5) == 0 || strncmp(key, "cur.", 4) == 0) {
+        bool text = key[0] == 't';
+        const char *name = key + (text ? 5 : 4);
+        for (size_t f = 0; f < N_SETTINGS; f++) {
+            const struct settings_field *fd = &settings_fields[f];
+            if (!streq(fd->name, name))
+                continue;
+            if (text || fd->type == FIELD_STR) {
+                if (state_unescape(val, scratch) < 0)
+                    return -1;
+                char **slot = text ? &c->conf_text[f]
+                    : (char **)(void *)((char *)&c->cur + fd->offset);
+                free(*slot);
+                *slot = xstrdup(scratch->data);
+                scratch->len = 0;
+                return 0;
+            }
+            if (parse_pyint(val, strlen(val), &n, &overflow) < 0 || overflow || n < 0)
+                return -1;
+            if (fd->type == FIELD_MS)
+                *(int64_t *)(void *)((char *)&c->cur + fd->offset) = n;
+            else if (n == 0 || n == 1)
+                *(bool *)(void *)((char *)&c->cur + fd->offset) = n == 1;
+            else
+                return -1;
+            return 0;
+        }
+        return -1;
+    }
+    if (streq(key, "secret_sha256"))
+        return hex_decode(val, c->conf.secret_hash, 32);
+    if (parse_pyint(val, strlen(val), &n, &overflow) < 0 || overflow)
+        return -1;
+    if (streq(key, "created")) c->created = n;
+    else if (streq(key, "last_enabled")) c->last_enabled = n;
+    else if (streq(key, "last_checked_ok")) c->last_checked_ok = n;
+    else if (streq(key, "last_approval_request")) c->last_approval_request = n;
+    else if (streq(key, "expires")) c->expires = n;           /* wall µs here */
+    else if (streq(key, "last_checker_status")) c->last_checker_status = (int)n;
+    else if (streq(key, "last_checker_signal")) c->last_checker_signal = (int)n;
+    else return -1;
+    return 0;
+}
+
+static struct client *state_new_record(const char *name)
+{
+    struct client *c = xcalloc(1, sizeof *c);
+    c->name = xstrdup(name);
+    c->heap_pos = NO_HEAP;
+    c->cur.host = xstrdup("");
+    c->cur.checker = xstrdup("");
+    for (size_t f = 0; f < N_SETTINGS; f++)
+        c->conf_text[f] = xstrdup("");
+    return c;
+}
+
+/* Parse a state file's bytes into client records (their `expires` is in
+ * wall-clock µs).  Errors name the line; returns the error count. */
+static int state_parse(const char *data, size_t len, struct diag *diag,
+                       struct client_table *out)
+{
+    struct client *cur = NULL;
+    struct buf line = { 0 }, scratch = { 0 };
+    int lineno = 0;
+    size_t i = 0;
+    bool magic = false;
+    while (i < len && diag->count == 0) {
+        size_t start = i;
+        while (i < len && data[i] != '\n')
+            i++;
+        lineno++;
+        line.len = 0;
+        buf_add(&line, data + start, i - start);
+        if (i < len)
+            i++;
+        if (memchr(line.data, '\0', line.len)) {
+            diag_error(diag, lineno, "NUL byte in state file");
+            break;
+        }
+        if (!magic) {
+            if (!streq(line.data, STATE_MAGIC))
+                diag_error(diag, lineno, "not a mandos.c state file (expected \"%s\")",
+                           STATE_MAGIC);
+            magic = true;
+            continue;
+        }
+        if (line.len == 0 || line.data[0] == '#')
+            continue;
+        char *sp = strchr(line.data, ' ');
+        const char *val = sp ? sp + 1 : "";
+        if (sp)
+            *sp = '\0';
+        if (streq(line.data, "client")) {
+            if (cur || state_unescape(val, &scratch) < 0 || !*scratch.data) {
+                diag_error(diag, lineno, "bad \"client\" line");
+                break;
+            }
+            cur = state_new_record(scratch.data);
+            scratch.len = 0;
+        } else if (streq(line.data, "end") && cur) {
+            grow((void **)&out->v, &out->cap, out->n + 1, sizeof *out->v);
+            out->v[out->n++] = cur;
+            cur = NULL;
+        } else if (!cur || state_read_field(cur, line.data, val, &scratch) < 0) {
+            diag_error(diag, lineno, "unexpected or malformed line \"%.40s\"", line.data);
+        }
+    }
+    if (diag->count == 0 && !magic && len > 0)
+        diag_error(diag, 1, "not a mandos.c state file");
+    if (diag->count == 0 && cur)
+        diag_error(diag, lineno, "incomplete: the last client has no \"end\" line");
+    client_free(cur);
+    buf_free(&line);
+    buf_free(&scratch);
+    return diag->count;
+}
+
+/* Carry a client's run-time values over from `saved` (the state file, or
+ * the previous configuration on reload).  Settings whose clients.conf text
+ * is unchanged keep their run-time value; edited ones take the new one. */
+static void client_reconcile(struct client *fresh, const struct client *saved)
+{
+    fresh->created = saved->created;
+    fresh->last_enabled = saved->last_enabled;
+    fresh->last_checked_ok = saved->last_checked_ok;
+    fresh->last_approval_request = saved->last_approval_request;
+    fresh->last_checker_status = saved->last_checker_status;
+    fresh->last_checker_signal = saved->last_checker_signal;
+    for (size_t f = 0; f < N_SETTINGS; f++) {
+        const struct settings_field *fd = &settings_fields[f];
+        if (!streq(fresh->conf_text[f], saved->conf_text[f]))
+            continue;           /* edited: the config value stands */
+        char *dst = (char *)&fresh->cur + fd->offset;
+        const char *src = (const char *)&saved->cur + fd->offset;
+        if (fd->type == FIELD_STR) {
+            free(*(char **)(void *)dst);
+            *(char **)(void *)dst = xstrdup(*(char *const *)(const void *)src);
+        } else if (fd->type == FIELD_MS) {
+            *(int64_t *)(void *)dst = *(const int64_t *)(const void *)src;
+        } else {
+            *(bool *)(void *)dst = *(const bool *)(const void *)src;
+        }
+    }
+}
+
+/* After restoring: an enabled client whose expiry passed while we were
+ * down stays enabled only if its last checker succeeded. */
+static void client_check_restored_expiry(struct client *c, int64_t saved_expires_wall,
+                                         int64_t now_wall)
+{
+    if (!c->cur.enabled || !saved_expires_wall || saved_expires_wall > now_wall)
+        return;
+    if (!c->last_checked_ok) {
+        log_warn("disabling client %s - Client never performed a successful checker", c->name);
+        c->cur.enabled = false;
+    } else if (c->last_checker_status != 0) {
+        log_warn("disabling client %s - Client last checker failed with error code %d",
+                 c->name, c->last_checker_status);
+        c->cur.enabled = false;
+    } else {
+        log_debug("Last checker succeeded, keeping %s enabled", c->name);
+    }
+}
+
+/* Apply saved state to freshly read clients.  `saved` is consumed. */
+static void state_apply(struct client_table *clients, struct client_table *saved)
+{
+    int64_t now_wall = wall_us();
+    for (size_t i = 0; i < clients->n; i++) {
+        struct client *c = clients->v[i];
+        struct client *s = client_find_by_name(saved, c->name);
+        if (!s)
+            continue;
+        bool was_enabled = s->cur.enabled;
+        client_reconcile(c, s);
+        if (c->cur.enabled && !was_enabled)
+            c->last_enabled = now_wall;      /* re-enabled by an edit */
+        else
+            client_check_restored_expiry(c, s->expires, now_wall);
+    }
+    client_table_clear(saved);
+}
+
+/* Load the state file into `clients`.  A missing file is fine; a broken
+ * one is fatal, because silently re-enabling every client would undo
+ * exactly what the state protects. */
+static void state_restore(struct server *srv)
+{
+    struct buf data = { 0 };
+    char path[PATH_MAX];
+    snprintf(path, sizeof path, "%s/%s", srv->set.statedir, STATE_FILE);
+    int fd = openat(srv->state_dirfd, STATE_FILE, O_RDONLY | O_CLOEXEC);
+    if (fd < 0 && errno == ENOENT) {
+        log_info("No saved state in %s; starting fresh", path);
+        return;
+    }
+    if (fd < 0)
+        fatal("%s: cannot read saved state: %s (start with --no-restore to ignore it)",
+              path, strerror(errno));
+    close(fd);
+    char fdpath[64];
+    snprintf(fdpath, sizeof fdpath, "/dev/fd/%d", srv->state_dirfd);
+    struct buf full = { 0 };
+    buf_printf(&full, "%s/%s", srv->set.statedir, STATE_FILE);
+    if (read_file(full.data, &data) < 0) {
+        /* the directory may sit under a path we cannot traverse */
+        fd = openat(srv->state_dirfd, STATE_FILE, O_RDONLY | O_CLOEXEC);
+        char chunk[4096];
+        ssize_t r;
+        while (fd >= 0 && (r = read(fd, chunk, sizeof chunk)) > 0)
+            buf_add(&data, chunk, (size_t)r);
+        if (fd >= 0)
+            close(fd);
+    }
+    buf_free(&full);
+    struct client_table saved = { 0 };
+    struct diag diag = { path, 0, false, NULL };
+    if (state_parse(data.data ? data.data : "", data.len, &diag, &saved) > 0) {
+        client_table_clear(&saved);
+        fatal("%s: the saved state is corrupt (see above); refusing to start, since "
+              "disabled clients would come back enabled.  Move the file away or start "
+              "with --no-restore to ignore it", path);
+    }
+    buf_free(&data);
+    log_debug("Restoring state of %zu clients from %s", saved.n, path);
+    state_apply(&srv->clients, &saved);
+}
+
+/* ===================================================================== */
+/* 8. Network and TLS connections                                        */
+/*    The listening socket, and one struct conn per peer advanced by      */
+/*    conn_advance() through the protocol: version line, TLS handshake    */
+/*    (we are the TLS client), key lookup, approval, secret, close.       */
+/* ===================================================================== */
+
+#define DEFAULT_PRIORITY "SECURE128:!CTYPE-X.509:+CTYPE-RAWPK:!RSA:!VERS-ALL:+VERS-TLS1.3:%PROFILE_ULTRA"
+#define VERSION_LINE_MAX 64      /* "1\r\n" is all a real client sends */
+
+enum step { STEP_WAIT, STEP_NEXT, STEP_CLOSE };
+
+static const char *conn_state_name(enum conn_state s)
+{
+    switch (s) {
+    case CONN_VERSION: return "reading the protocol version";
+    case CONN_HANDSHAKE: return "TLS handshake";
+    case CONN_APPROVAL: return "waiting for approval";
+    case CONN_SEND: return "sending the secret";
+    case CONN_BYE: return "closing TLS";
+    default: return "closed";
+    }
+}
+
+/* Every line about a connection names the peer and, once known, the client. */
+PRINTF_LIKE(3, 4)
+static void conn_log(const struct conn *cn, int level, const char *fmt, ...)
+{
+    char msg[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    if (cn->client)
+        log_msg(level, "%s (%s): %s", cn->peer, cn->client->name, msg);
+    else
+        log_msg(level, "%s: %s", cn->peer, msg);
+}
+
+static void format_peer(const struct sockaddr_storage *ss, char *out, size_t n)
+{
+    char host[INET6_ADDRSTRLEN] = "?";
+    unsigned port = 0;
+    if (ss->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *s6 = (const void *)ss;
+        inet_ntop(AF_INET6, &s6->sin6_addr, host, sizeof host);
+        port = ntohs(s6->sin6_port);
+        if (s6->sin6_scope_id) {
+            char ifname[IF_NAMESIZE] = "";
+            if (if_indextoname(s6->sin6_scope_id, ifname))
+                snprintf(out, n, "[%s%%%s]:%u", host, ifname, port);
+            else
+                snprintf(out, n, "[%s%%%u]:%u", host, (unsigned)s6->sin6_scope_id, port);
+            return;
+        }
+        snprintf(out, n, "[%s]:%u", host, port);
+        return;
+    }
+    if (ss->ss_family == AF_INET) {
+        const struct sockaddr_in *s4 = (const void *)ss;
+        inet_ntop(AF_INET, &s4->sin_addr, host, sizeof host);
+        port = ntohs(s4->sin_port);
+    }
+    snprintf(out, n, "%s:%u", host, port);
+}
+
+/* Split "fe80::1%eth0" into an address and a scope; -1 on a bad literal. */
+static int parse_address(const char *text, bool ipv6, const char *interface,
+                         struct sockaddr_storage *ss, socklen_t *len)
+{
+    memset(ss, 0, sizeof *ss);
+    if (!ipv6) {
+        struct sockaddr_in *s4 = (void *)ss;
+        s4->sin_family = AF_INET;
+        *len = sizeof *s4;
+        return inet_pton(AF_INET, text, &s4->sin_addr) == 1 ? 0 : -1;
+    }
+    struct sockaddr_in6 *s6 = (void *)ss;
+    s6->sin6_family = AF_INET6;
+    *len = sizeof *s6;
+    char addr[INET6_ADDRSTRLEN + IF_NAMESIZE + 2];
+    snprintf(addr, sizeof addr, "%s", text);
+    char *pct = strchr(addr, '%');
+    if (pct)
+        *pct++ = '\0';
+    if (inet_pton(AF_INET6, addr, &s6->sin6_addr) != 1)
+        return -1;
+    const char *scope = pct ? pct : NULL;
+    /* A link-local address needs a scope: take it from --interface. */
+    if (!scope && IN6_IS_ADDR_LINKLOCAL(&s6->sin6_addr) && interface && *interface)
+        scope = interface;
+    if (scope) {
+        s6->sin6_scope_id = if_nametoindex(scope);
+        if (!s6->sin6_scope_id)
+            return -1;
+    }
+    return 0;
+}
+
+static void listen_bind_device(int fd, const char *interface)
+{
+    if (shim_bind_to_device(fd, interface) == 0)
+        return;
+    if (errno == EPERM)
+        log_err("No permission to bind to interface %s", interface);
+    else if (errno == ENOPROTOOPT)
+        log_err("SO_BINDTODEVICE not available; cannot bind to interface %s", interface);
+    else if (errno == ENODEV)
+        log_err("Interface %s does not exist, cannot bind", interface);
+    else
+        fatal("cannot bind to interface %s: %s", interface, strerror(errno));
+}
+
+/* Create (or adopt, with --socket) the listening socket, bind it and
+ * start listening.  Runs as root, before privileges are dropped. */
+static void listen_open(struct server *srv)
+{
+    const struct settings *set = &srv->set;
+    int family = set->use_ipv6 ? AF_INET6 : AF_INET;
+    int fd;
+    if (set->socket_fd >= 0) {
+        /* keep it clear of stdin/stdout/stderr, which daemonizing replaces */
+        fd = fcntl(set->socket_fd, F_DUPFD_CLOEXEC, 3);
+        if (fd < 0)
+            fatal("--socket %d: %s", set->socket_fd, strerror(errno));
+        close(set->socket_fd);
+    } else {
+        fd = socket(family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (fd < 0)
+            fatal("cannot create a socket: %s", strerror(errno));
+    }
+    if (set_nonblock_cloexec(fd) < 0)
+        fatal("cannot set up the listening socket: %s", strerror(errno));
+    if (*set->interface)
+        listen_bind_device(fd, set->interface);
+    if (*set->address || set->port > 0) {
+        struct sockaddr_storage ss;
+        socklen_t len;
+        const char *addr = *set->address ? set->address : (set->use_ipv6 ? "::" : "0.0.0.0");
+        if (parse_address(addr, set->use_ipv6, set->interface, &ss, &len) < 0)
+            fatal("bad address \"%s\" (an IP%s literal%s)", addr, set->use_ipv6 ? "v6" : "v4",
+                  set->use_ipv6 ? ", optionally with %interface" : "");
+        if (set->port > 0) {
+            int one = 1;
+            setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        }
+        if (family == AF_INET6)
+            ((struct sockaddr_in6 *)(void *)&ss)->sin6_port = htons((uint16_t)(set->port > 0 ? set->port : 0));
+        else
+            ((struct sockaddr_in *)(void *)&ss)->sin_port = htons((uint16_t)(set->port > 0 ? set->port : 0));
+        if (bind(fd, (struct sockaddr *)&ss, len) < 0)
+            fatal("cannot bind to address %s port %d: %s", addr, set->port > 0 ? set->port : 0,
+                  strerror(errno));
+    }
+    if (listen(fd, SOMAXCONN) < 0)
+        fatal("cannot listen: %s", strerror(errno));
+    struct sockaddr_storage ss;
+    socklen_t len = sizeof ss;
+    if (getsockname(fd, (struct sockaddr *)&ss, &len) < 0)
+        fatal("getsockname: %s", strerror(errno));
+    char where[INET6_ADDRSTRLEN + 32];
+    format_peer(&ss, where, sizeof where);
+    srv->port = ss.ss_family == AF_INET6 ? ntohs(((struct sockaddr_in6 *)(void *)&ss)->sin6_port)
+        : ntohs(((struct sockaddr_in *)(void *)&ss)->sin_port);
+    srv->listen_fd = fd;
+    log_info("Now listening on %s, port %d", where, srv->port);
+}
+
+/* ---- connection bookkeeping ---------------------------------------------- */
+
+static void conn_leave_approval(struct conn *cn)
+{
+    if (cn->counted_pending && cn->client) {
+        cn->client->approvals_pending--;
+        cn->counted_pending = false;
+    }
+}
+
+/* Release everything now; the struct itself is freed by conn_sweep(), so
+ * pointers held during a loop turn stay valid. */
+static void conn_close(struct server *srv, struct conn *cn)
+{
+    if (cn->state == CONN_CLOSED)
+        return;
+    srv->nconns--;
+    conn_leave_approval(cn);
+    if (cn->secret) {
+        wipe(cn->secret, cn->secret_len);
+        free(cn->secret);
+        cn->secret = NULL;
+    }
+    if (cn->tls)
+        gnutls_deinit(cn->tls);
+    cn->tls = NULL;
+    close(cn->fd);
+    cn->fd = -1;
+    cn->state = CONN_CLOSED;
+}
+
+static void conn_sweep(struct server *srv)
+{
+    struct conn *cn = srv->conns_head;
+    while (cn) {
+        struct conn *next = cn->next;
+        if (cn->state == CONN_CLOSED) {
+            if (cn->prev) cn->prev->next = cn->next;
+            else srv->conns_head = cn->next;
+            if (cn->next) cn->next->prev = cn->prev;
+            else srv->conns_tail = cn->prev;
+            free(cn);
+        }
+        cn = next;
+    }
+}
+
+/* Which way a GnuTLS call that said "again" wants to go. */
+static short tls_poll_events(gnutls_session_t tls)
+{
+    return gnutls_record_get_direction(tls) ? POLLOUT : POLLIN;
+}
+
+/* ---- the protocol steps ---------------------------------------------------- */
+
+/* The reference's rule: the first word must be an integer <= 1. */
+static bool version_line_accepted(const char *line, size_t n, char *why, size_t whylen)
+{
+    const char *p = line;
+    while (n && is_blank((unsigned char)*p)) {
+        p++;
+        n--;
+    }
+    size_t w = 0;
+    while (w < n && !is_blank((unsigned char)p[w]))
+        w++;
+    long long v;
+    bool overflow;
+    if (w == 0) {
+        snprintf(why, whylen, "empty version line");
+        return false;
+    }
+    if (parse_pyint(p, w, &v, &overflow) < 0) {
+        snprintf(why, whylen, "not an integer: \"%.*s\"", (int)(w > 20 ? 20 : w), p);
+        return false;
+    }
+    if (v > 1) {
+        snprintf(why, whylen, "version %.*s is newer than 1", (int)(w > 20 ? 20 : w), p);
+        return false;
+    }
+    return true;
+}
+
+static enum step conn_tls_setup(struct server *srv, struct conn *cn)
+{
+    int rc = gnutls_init(&cn->tls, GNUTLS_CLIENT | GNUTLS_NO_TICKETS | GNUTLS_ENABLE_RAWPK
+                         | GNUTLS_NONBLOCK);
+    if (rc == GNUTLS_E_SUCCESS)
+        rc = gnutls_priority_set(cn->tls, srv->priority);
+    if (rc == GNUTLS_E_SUCCESS)
+        rc = gnutls_credentials_set(cn->tls, GNUTLS_CRD_CERTIFICATE, srv->cred);
+    if (rc != GNUTLS_E_SUCCESS) {
+        conn_log(cn, LOG_ERR, "cannot set up TLS: %s", gnutls_strerror(rc));
+        return STEP_CLOSE;
+    }
+    gnutls_transport_set_int(cn->tls, cn->fd);
+    /* our own deadline bounds the handshake, not GnuTLS's default */
+    gnutls_handshake_set_timeout(cn->tls, 0);
+    cn->state = CONN_HANDSHAKE;
+    return STEP_NEXT;
+}
+
+/* Read the version line one byte at a time: whatever follows the newline
+ * is the peer's TLS traffic and must stay in the socket. */
+static enum step conn_do_version(struct server *srv, struct conn *cn)
+{
+    for (;;) {
+        char ch;
+        ssize_t r = recv(cn->fd, &ch, 1, 0);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            return STEP_WAIT;
+        }
+        if (r <= 0) {
+            conn_log(cn, LOG_WARNING, "closed before sending a protocol version%s%s",
+                     r < 0 ? ": " : "", r < 0 ? strerror(errno) : "");
+            return STEP_CLOSE;
+        }
+        if (ch == '\n')
+            break;
+        if (cn->line_len + 1 >= sizeof cn->line) {
+            conn_log(cn, LOG_WARNING, "Unknown protocol version: line longer than %d bytes",
+                     VERSION_LINE_MAX);
+            return STEP_CLOSE;
+        }
+        cn->line[cn->line_len++] = ch;
+    }
+    cn->line[cn->line_len] = '\0';
+    conn_log(cn, LOG_DEBUG, "Protocol version: '%s'", cn->line);
+    char why[80];
+    if (!version_line_accepted(cn->line, cn->line_len, why, sizeof why)) {
+        conn_log(cn, LOG_ERR, "Unknown protocol version: %s", why);
+        return STEP_CLOSE;
+    }
+    return conn_tls_setup(srv, cn);
+}
+
+/* The peer's key_id: SHA-256 of its DER SubjectPublicKeyInfo. */
+static int conn_peer_key_id(struct conn *cn, unsigned char key_id[32])
+{
+    if (gnutls_certificate_type_get2(cn->tls, GNUTLS_CTYPE_PEERS) != GNUTLS_CRT_RAWPK) {
+        conn_log(cn, LOG_WARNING, "Bad certificate: peer did not present a raw public key");
+        return -1;
+    }
+    unsigned int n = 0;
+    const gnutls_datum_t *certs = gnutls_certificate_get_peers(cn->tls, &n);
+    if (!certs || n == 0) {
+        conn_log(cn, LOG_WARNING, "Bad certificate: no public key received");
+        return -1;
+    }
+    gnutls_pubkey_t pk;
+    size_t size = 32;
+    int rc = gnutls_pubkey_init(&pk);
+    if (rc == GNUTLS_E_SUCCESS) {
+        rc = gnutls_pubkey_import(pk, &certs[0], GNUTLS_X509_FMT_DER);
+        if (rc == GNUTLS_E_SUCCESS)
+            rc = gnutls_pubkey_get_key_id(pk, GNUTLS_KEYID_USE_SHA256, key_id, &size);
+        gnutls_pubkey_deinit(pk);
+    }
+    if (rc != GNUTLS_E_SUCCESS || size != 32) {
+        conn_log(cn, LOG_WARNING, "Bad certificate: %s", gnutls_strerror(rc));
+        return -1;
+    }
+    return 0;
+}
+
+static void conn_start_bye(struct server *srv, struct conn *cn, int64_t now)
+{
+    cn->state = CONN_BYE;
+    cn->deadline = now + srv->set.connection_timeout;
+}
+
+static enum step conn_do_handshake(struct server *srv, struct conn *cn, int64_t now)
+{
+    int rc = gnutls_handshake(cn->tls);
+    if (rc == GNUTLS_E_AGAIN || rc == GNUTLS_E_INTERRUPTED) {
+        return STEP_WAIT;
+    }
+    if (rc < 0) {
+        conn_log(cn, LOG_WARNING, "Handshake failed: %s", gnutls_strerror(rc));
+        return STEP_CLOSE;
+    }
+    conn_log(cn, LOG_DEBUG, "Handshake succeeded");
+    unsigned char key[32];
+    char hex[65];
+    if (conn_peer_key_id(cn, key) < 0) {
+        conn_start_bye(srv, cn, now);
+        return STEP_NEXT;
+    }
+    hex_encode_upper(key, 32, hex);
+    conn_log(cn, LOG_DEBUG, "Key ID: %s", hex);
+    struct client *c = client_find_by_key_id(&srv->clients, key);
+    if (!c) {
+        conn_log(cn, LOG_INFO, "Client not found for key ID: %s", hex);
+        conn_start_bye(srv, cn, now);
+        return STEP_NEXT;
+    }
+    cn->client = c;
+    cn->state = CONN_APPROVAL;
+    return STEP_NEXT;
+}
+
+/* The approval rules, evaluated on entry and whenever something changes
+ * (approve/deny, enable/disable, the deadline, the peer hanging up). */
+static enum step conn_do_approval(struct server *srv, struct conn *cn, int64_t now,
+                                  short revents)
+{
+    struct client *c = cn->client;
+    if (revents & (POLLIN | POLLHUP | POLLERR)) {
+        char scratch[256];
+        ssize_t r = gnutls_record_recv(cn->tls, scratch, sizeof scratch);
+        wipe(scratch, sizeof scratch);
+        if (r == 0 || (r < 0 && r != GNUTLS_E_AGAIN && r != GNUTLS_E_INTERRUPTED)) {
+            conn_log(cn, LOG_INFO, "peer went away while waiting for approval");
+            return STEP_CLOSE;
+        }
+    }
+    if (!c->cur.enabled) {
+        conn_log(cn, LOG_INFO, "Client %s is disabled", c->name);
+        conn_start_bye(srv, cn, now);
+        return STEP_NEXT;
+    }
+    if (c->approved == APPROVAL_GRANTED || c->cur.approval_delay == 0) {
+        cn->state = CONN_SEND;
+        cn->deadline = now + srv->set.connection_timeout;
+        return STEP_NEXT;
+    }
+    if (c->approved == APPROVAL_DENIED) {
+        conn_log(cn, LOG_WARNING, "Client %s was not approved", c->name);
+        conn_start_bye(srv, cn, now);
+        return STEP_NEXT;
+    }
+    if (!cn->counted_pending) {
+        cn->counted_pending = true;
+        c->approvals_pending++;
+        c->last_approval_request = wall_us();
+        cn->deadline = now + c->cur.approval_delay;
+        state_changed(srv, false);
+        conn_log(cn, LOG_INFO, "Client %s needs approval", c->name);
+    }
+    if (now < cn->deadline) {
+        return STEP_WAIT;
+    }
+    if (!c->cur.approved_by_default) {
+        conn_log(cn, LOG_WARNING, "Client %s timed out while waiting for approval", c->name);
+        conn_start_bye(srv, cn, now);
+        return STEP_NEXT;
+    }
+    cn->state = CONN_SEND;
+    cn->deadline = now + srv->set.connection_timeout;
+    return STEP_NEXT;
+}
+
+static enum step conn_do_send(struct server *srv, struct conn *cn, int64_t now)
+{
+    struct client *c = cn->client;
+    conn_leave_approval(cn);
+    if (!cn->secret) {
+        /* a private copy: a reload or a new secret must not change the
+         * bytes of a send that is under way */
+        cn->secret_len = c->secret_len;
+        cn->secret = xcalloc(1, c->secret_len + 1);
+        memcpy(cn->secret, c->secret, c->secret_len);
+        cn->secret_sent = 0;
+    }
+    while (cn->secret_sent < cn->secret_len) {
+        ssize_t r = gnutls_record_send(cn->tls, cn->secret + cn->secret_sent,
+                                       cn->secret_len - cn->secret_sent);
+        if (r == GNUTLS_E_AGAIN || r == GNUTLS_E_INTERRUPTED) {
+            return STEP_WAIT;
+        }
+        if (r < 0) {
+            conn_log(cn, LOG_WARNING, "gnutls send failed: %s", gnutls_strerror((int)r));
+            return STEP_CLOSE;
+        }
+        cn->secret_sent += (size_t)r;
+    }
+    wipe(cn->secret, cn->secret_len);
+    free(cn->secret);
+    cn->secret = NULL;
+    conn_log(cn, LOG_INFO, "Sending secret to %s", c->name);
+    client_bump(srv, c, c->cur.extended_timeout, now);
+    conn_start_bye(srv, cn, now);
+    return STEP_NEXT;
+}
+
+static enum step conn_do_bye(struct conn *cn)
+{
+    int rc = gnutls_bye(cn->tls, GNUTLS_SHUT_RDWR);
+    if (rc == GNUTLS_E_AGAIN || rc == GNUTLS_E_INTERRUPTED) {
+        return STEP_WAIT;
+    }
+    if (rc < 0)
+        conn_log(cn, LOG_DEBUG, "GnuTLS bye failed: %s", gnutls_strerror(rc));
+    return STEP_CLOSE;
+}
+
+/* Advance a connection as far as it can go without waiting.  `revents`
+ * is what poll() reported (0 when woken for another reason). */
+static void conn_advance(struct server *srv, struct conn *cn, short revents, int64_t now)
+{
+    for (int guard = 0; guard < 16 && cn->state != CONN_CLOSED; guard++) {
+        enum step r = STEP_CLOSE;
+        switch (cn->state) {
+        case CONN_VERSION: r = conn_do_version(srv, cn); break;
+        case CONN_HANDSHAKE: r = conn_do_handshake(srv, cn, now); break;
+        case CONN_APPROVAL: r = conn_do_approval(srv, cn, now, revents); break;
+        case CONN_SEND: r = conn_do_send(srv, cn, now); break;
+        case CONN_BYE: r = conn_do_bye(cn); break;
+        case CONN_CLOSED: return;
+        }
+        revents = 0;
+        if (r == STEP_WAIT)
+            return;
+        if (r == STEP_CLOSE) {
+            conn_close(srv, cn);
+            return;
+        }
+    }
+}
+
+/* Per-connection poll events, remembered between loop turns. */
+static short conn_events(const struct conn *cn)
+{
+    if (cn->state == CONN_VERSION || cn->state == CONN_APPROVAL || !cn->tls)
+        return POLLIN;
+    return tls_poll_events(cn->tls);
+}
+
+static void conn_expire(struct server *srv, struct conn *cn, int64_t now)
+{
+    if (cn->state == CONN_APPROVAL) {
+        conn_advance(srv, cn, 0, now);
+        return;
+    }
+    conn_log(cn, LOG_WARNING, "timed out while %s", conn_state_name(cn->state));
+    conn_close(srv, cn);
+}
+
+/* Something changed for client c: let its waiting connections re-decide. */
+static void conn_approval_wakeup(struct server *srv, struct client *c, int64_t now)
+{
+    for (struct conn *cn = srv->conns_head; cn; cn = cn->next)
+        if (cn->client == c && cn->state == CONN_APPROVAL) {
+            conn_advance(srv, cn, 0, now);
+        }
+}
+
+/* The client is going away (reload removed it): so do its connections. */
+static void conn_drop_for_client(struct server *srv, struct client *c)
+{
+    for (struct conn *cn = srv->conns_head; cn; cn = cn->next)
+        if (cn->client == c && cn->state != CONN_CLOSED) {
+            conn_log(cn, LOG_INFO, "client removed from the configuration; closing");
+            conn_close(srv, cn);
+        }
+}
+
+/* When full, the oldest peer that has not yet proven who it is makes
+ * room: a crowd of silent peers cannot lock out a real client. */
+static bool conn_make_room(struct server *srv)
+{
+    if (srv->nconns < (size_t)srv->set.max_connections)
+        return true;
+    for (struct conn *cn = srv->conns_head; cn; cn = cn->next)
+        if (cn->state == CONN_VERSION || cn->state == CONN_HANDSHAKE) {
+            conn_log(cn, LOG_WARNING, "dropped to make room (%ld connections open)",
+                     srv->set.max_connections);
+            conn_close(srv, cn);
+            return true;
+        }
+    return false;
+}
+
+static void conn_accept(struct server *srv, int64_t now)
+{
+    for (int i = 0; i < 64; i++) {
+        struct sockaddr_storage ss;
+        socklen_t len = sizeof ss;
+        int fd = accept(srv->listen_fd, (struct sockaddr *)&ss, &len);
+        if (fd < 0) {
+            if (errno == EINTR || errno == ECONNABORTED)
+                continue;
+            if (errno != EAGAIN && errno != EWOULDBLOCK)
+                log_warn("accept: %s", strerror(errno));
+            return;
+        }
+        char peer[sizeof ((struct conn *)0)->peer];
+        format_peer(&ss, peer, sizeof peer);
+        if (!conn_make_room(srv) || set_nonblock_cloexec(fd) < 0) {
+            log_warn("%s: refused: %zu connections open", peer, srv->nconns);
+            close(fd);
+            continue;
+        }
+        int one = 1;
+        /* the secret is one small record: send it now, not after an ACK */
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        struct conn *cn = xcalloc(1, sizeof *cn);
+        cn->fd = fd;
+        cn->state = CONN_VERSION;
+        cn->deadline = now + srv->set.connection_timeout;
+        memcpy(cn->peer, peer, sizeof cn->peer);
+        cn->prev = srv->conns_tail;
+        if (srv->conns_tail) srv->conns_tail->next = cn;
+        else srv->conns_head = cn;
+        srv->conns_tail = cn;
+        srv->nconns++;
+        log_info("TCP connection from: %s", cn->peer);
+        conn_advance(srv, cn, POLLIN, now);
+    }
+}
+
+static void conn_close_all(struct server *srv)
+{
+    for (struct conn *cn = srv->conns_head; cn; cn = cn->next)
+        conn_close(srv, cn);
+    conn_sweep(srv);
+}
+
+/* ===================================================================== */
+/* 9. Zeroconf                                                           */
+/*    Announces _mandos._tcp on the bound port.  Every back end provides  */
+/*    the same zc_* functions; the loop sees only file descriptors and a  */
+/*    deadline.  Chosen at build time: avahi, dnssd, or none.             */
+/* ===================================================================== */
+
+#define ZC_MAX_FDS 8             /* poll slots a back end may use */
+
+#if !HAVE_AVAHI && !HAVE_DNS_SD
+
+/* No Zeroconf: clients must be given the address (--connect). */
+static void zc_start(struct server *srv)
+{
+    if (srv->set.zeroconf)
+        log_warn("built without Zeroconf support: not announcing the service");
+}
+
+static size_t zc_pollfds(struct server *srv, struct pollfd *fds, size_t max)
+{
+    (void)srv; (void)fds; (void)max;
+    return 0;
+}
+
+static void zc_process(struct server *srv, const struct pollfd *fds, size_t n, int64_t now)
+{
+    (void)srv; (void)fds; (void)n; (void)now;
+}
+
+static int64_t zc_deadline(const struct server *srv)
+{
+    (void)srv;
+    return 0;
+}
+
+static void zc_stop(struct server *srv)
+{
+    (void)srv;
+}
+
+#endif /* no Zeroconf */
+
+/* ===================================================================== */
+/* 10. Main and options                                                  */
+/*    Command line and mandos.conf, start-up in a fixed order (validate   */
+/*    everything, open sockets as root, drop privileges, daemonize), the  */
+/*    poll() loop, signals, SIGHUP reload, systemd notification.          */
+/* ===================================================================== */
+
+enum opt_id {
+    OPT_HELP, OPT_VERSION, OPT_INTERFACE, OPT_ADDRESS, OPT_PORT, OPT_CHECK,
+    OPT_DEBUG, OPT_DEBUGLEVEL, OPT_PRIORITY, OPT_SERVICENAME, OPT_CONFIGDIR,
+    OPT_NO_DBUS, OPT_NO_IPV6, OPT_NO_RESTORE, OPT_SOCKET, OPT_STATEDIR,
+    OPT_FOREGROUND, OPT_NO_ZEROCONF, OPT_COUNT
+};
+
+struct option_spec {
+    const char *name;
+    char short_name;             /* 0 = none */
+    const char *arg;             /* argument name, or NULL for a flag */
+    const char *help;
+};
+
+static const struct option_spec option_specs[OPT_COUNT] = {
+    [OPT_HELP] = { "help", 'h', NULL, "show this help and exit" },
+    [OPT_VERSION] = { "version", 'v', NULL, "show the version and exit" },
+    [OPT_INTERFACE] = { "interface", 'i', "IF", "bind to and announce on this interface only" },
+    [OPT_ADDRESS] = { "address", 'a', "ADDR", "listen on this address (fe80::1%IF allowed)" },
+    [OPT_PORT] = { "port", 'p', "PORT", "listen on this TCP port (default: any free one)" },
+    [OPT_CHECK] = { "check", 0, NULL, "run the built-in self-tests and exit" },
+    [OPT_DEBUG] = { "debug", 0, NULL, "stay in the foreground and log everything to stderr" },
+    [OPT_DEBUGLEVEL] = { "debuglevel", 0, "LEVEL", "log threshold: CRITICAL ERROR WARNING INFO DEBUG" },
+    [OPT_PRIORITY] = { "priority", 0, "STRING", "GnuTLS priority string" },
+    [OPT_SERVICENAME] = { "servicename", 0, "NAME", "Zeroconf service name (default Mandos)" },
+    [OPT_CONFIGDIR] = { "configdir", 0, "DIR", "where mandos.conf and clients.conf are (default /etc/mandos)" },
+    [OPT_NO_DBUS] = { "no-dbus", 0, NULL, "no D-Bus control interface" },
+    [OPT_NO_IPV6] = { "no-ipv6", 0, NULL, "use IPv4 only" },
+    [OPT_NO_RESTORE] = { "no-restore", 0, NULL, "ignore the saved client state" },
+    [OPT_SOCKET] = { "socket", 0, "FD", "use this inherited listening socket" },
+    [OPT_STATEDIR] = { "statedir", 0, "DIR", "where the client state is kept (default /var/lib/mandos)" },
+    [OPT_FOREGROUND] = { "foreground", 0, NULL, "do not become a daemon" },
+    [OPT_NO_ZEROCONF] = { "no-zeroconf", 0, NULL, "do not announce the service with Zeroconf" },
+};
+
+struct cmdline {
+    const char *value[OPT_COUNT];
+    bool given[OPT_COUNT];
+};
+
+static void usage_print(FILE *f)
+{
+    fprintf(f, "Usage: mandos [OPTION]...\n"
+            "Serve encrypted root file system passwords to Mandos clients.\n\n");
+    for (int i = 0; i < OPT_COUNT; i++) {
+        const struct option_spec *o = &option_specs[i];
+        char left[64];
+        if (o->short_name)
+            snprintf(left, sizeof left, "-%c, --%s%s%s", o->short_name, o->name,
+                     o->arg ? " " : "", o->arg ? o->arg : "");
+        else
+            snprintf(left, sizeof left, "    --%s%s%s", o->name, o->arg ? " " : "",
+                     o->arg ? o->arg : "");
+        fprintf(f, "  %-28s %s\n", left, o->help);
+    }
+    fprintf(f, "\nSettings also come from CONFIGDIR/mandos.conf; options given here win.\n"
+            "See mandos(8), mandos.conf(5) and mandos-clients.conf(5).\n");
+}
+
+/* Find a long option by exact name or unambiguous prefix. */
+static int option_lookup(const char *name, size_t n, char *err, size_t errlen)
+{
+    int found = -1, matches = 0;
+    for (int i = 0; i < OPT_COUNT; i++) {
+        const char *o = option_specs[i].name;
+        if (strlen(o) == n && strncmp(o, name, n) == 0)
+            return i;
+        if (strncmp(o, name, n) == 0) {
+            found = i;
+            matches++;
+        }
+    }
+    if (matches == 1)
+        return found;
+    if (matches == 0)
+        snprintf(err, errlen, "unrecognized option --%.*s", (int)n, name);
+    else
+        snprintf(err, errlen, "ambiguous option --%.*s", (int)n, name);
+    return -1;
+}
+
+/* Parse argv into `cl`; -1 with a one-line reason in `err`. */
+static int cmdline_parse(int argc, char **argv, struct cmdline *cl, char *err, size_t errlen)
+{
+    memset(cl, 0, sizeof *cl);
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        const char *inline_value = NULL;
+        int id = -1;
+        if (a[0] == '-' && a[1] == '-' && a[2]) {
+            const char *eq = strchr(a + 2, '=');
+            size_t n = eq ? (size_t)(eq - a - 2) : strlen(a + 2);
+            id = option_lookup(a + 2, n, err, errlen);
+            if (id < 0)
+                return -1;
+            if (eq)
+                inline_value = eq + 1;
+        } else if (a[0] == '-' && a[1] && a[1] != '-') {
+            for (int k = 0; k < OPT_COUNT; k++)
+                if (option_specs[k].short_name == a[1])
+                    id = k;
+            if (id < 0) {
+                snprintf(err, errlen, "unrecognized option -%c", a[1]);
+                return -1;
+            }
+            if (a[2] && option_specs[id].arg)
+                inline_value = a + 2;
+            else if (a[2]) {
+                snprintf(err, errlen, "option -%c takes no argument", a[1]);
+                return -1;
+            }
+        } else {
+            snprintf(err, errlen, "unexpected argument \"%s\"", a);
+            return -1;
+        }
+        const struct option_spec *o = &option_specs[id];
+        if (o->arg && !inline_value) {
+            if (i + 1 >= argc) {
+                snprintf(err, errlen, "option --%s needs an argument (%s)", o->name, o->arg);
+                return -1;
+            }
+            inline_value = argv[++i];
+        } else if (!o->arg && inline_value) {
+            snprintf(err, errlen, "option --%s takes no argument", o->name);
+            return -1;
+        }
+        cl->given[id] = true;
+        cl->value[id] = inline_value;
+    }
+    return 0;
+}
+
+/* Every mandos.conf key we understand (the manual's consistency test
+ * reads this table). */
+static const struct cfg_key server_keys[] = {
+    { "interface", "" },
+    { "address", "" },
+    { "port", "" },
+    { "debug", "False" },
+    { "debuglevel", "" },
+    { "priority", DEFAULT_PRIORITY },
+    { "servicename", "Mandos" },
+    { "use_dbus", "True" },
+    { "use_ipv6", "True" },
+    { "restore", "True" },
+    { "socket", "" },
+    { "statedir", "/var/lib/mandos" },
+    { "foreground", "False" },
+    { "zeroconf", "True" },
+    { "max_connections", "1024" },
+    { "connection_timeout", "PT10S" },
+};
+
+#define N_SERVER_KEYS (sizeof server_keys / sizeof server_keys[0])
+
+static int parse_log_level(const char *s, int *level)
+{
+    static const struct { const char *name; int level; } levels[] = {
+        { "CRITICAL", LOG_CRIT }, { "FATAL", LOG_CRIT }, { "ERROR", LOG_ERR },
+        { "WARNING", LOG_WARNING }, { "WARN", LOG_WARNING }, { "INFO", LOG_INFO },
+        { "DEBUG", LOG_DEBUG }, { "NOTSET", LOG_DEBUG },
+    };
+    if (!*s) {
+        *level = LOG_WARNING;
+        return 0;
+    }
+    for (size_t i = 0; i < sizeof levels / sizeof levels[0]; i++)
+        if (streq_nocase(s, levels[i].name)) {
+            *level = levels[i].level;
+            return 0;
+        }
+    return -1;
+}
+
+static void settings_defaults(struct settings *set)
+{
+    memset(set, 0, sizeof *set);
+    set->interface = xstrdup("");
+    set->address = xstrdup("");
+    set->priority = xstrdup(DEFAULT_PRIORITY);
+    set->servicename = xstrdup("Mandos");
+    set->statedir = xstrdup("/var/lib/mandos");
+    set->configdir = xstrdup("/etc/mandos");
+    set->port = -1;
+    set->socket_fd = -1;
+    set->use_dbus = set->use_ipv6 = set->restore = set->zeroconf = true;
+    set->debuglevel = LOG_WARNING;
+    set->max_connections = 1024;
+    set->connection_timeout = 10 * MS_PER_SECOND;
+}
+
+static void set_string(char **slot, const char *value)
+{
+    free(*slot);
+    *slot = xstrdup(value);
+}
+
+/* port, socket, max_connections: Python-style integers with a range. */
+static int parse_int_range(const char *s, long lo, long hi, long *out)
+{
+    long long v;
+    bool overflow;
+    if (parse_pyint(s, strlen(s), &v, &overflow) < 0 || overflow || v < lo || v > hi)
+        return -1;
+    *out = (long)v;
+    return 0;
+}
+
+/* Apply one mandos.conf key.  Returns NULL or what is wrong with it. */
+static const char *settings_apply_key(struct settings *set, const char *key,
+                                      const char *raw, const char *interp)
+{
+    long n;
+    bool *flag = streq(key, "debug") ? &set->debug : streq(key, "use_dbus") ? &set->use_dbus
+        : streq(key, "use_ipv6") ? &set->use_ipv6 : streq(key, "restore") ? &set->restore
+        : streq(key, "foreground") ? &set->foreground : streq(key, "zeroconf") ? &set->zeroconf
+        : NULL;
+    if (flag)
+        return parse_bool(interp, flag) < 0 ? "not a boolean (use true or false)" : NULL;
+    if (streq(key, "port") || streq(key, "socket")) {
+        if (!*interp)
+            return NULL;
+        bool port = key[0] == 'p';
+        if (parse_int_range(interp, port ? 0 : 0, port ? 65535 : INT_MAX, &n) < 0)
+            return port ? "not a port number (0 to 65535)" : "not a file descriptor number";
+        *(port ? &set->port : &set->socket_fd) = (int)n;
+        return NULL;
+    }
+    if (streq(key, "max_connections")) {
+        if (parse_int_range(interp, 1, 1000000, &n) < 0)
+            return "not a number from 1 to 1000000";
+        set->max_connections = n;
+        return NULL;
+    }
+    if (streq(key, "connection_timeout")) {
+        const char *why;
+        int64_t ms;
+        if (duration_parse(interp, &ms, &why) < 0)
+            return why;
+        if (ms <= 0)
+            return "must be longer than zero";
+        set->connection_timeout = ms;
+        return NULL;
+    }
+    if (streq(key, "debuglevel"))
+        return parse_log_level(raw, &set->debuglevel) < 0
+            ? "not a log level (CRITICAL, ERROR, WARNING, INFO or DEBUG)" : NULL;
+    char **str = streq(key, "interface") ? &set->interface : streq(key, "address") ? &set->address
+        : streq(key, "priority") ? &set->priority : streq(key, "servicename") ? &set->servicename
+        : streq(key, "statedir") ? &set->statedir : NULL;
+    if (str) {
+        set_string(str, raw);
+        return NULL;
+    }
+    return "unknown key (ignored)";
+}
+
+static bool server_key_interpolated(const char *key)
+{
+    return !(streq(key, "interface") || streq(key, "address") || streq(key, "priority")
+             || streq(key, "servicename") || streq(key, "statedir") || streq(key, "debuglevel"));
+}
+
+/* Apply mandos.conf's [DEFAULT] section from a buffer. */
+static void server_conf_from_buffer(struct settings *set, const char *data, size_t len,
+                                    struct diag *diag)
+{
+    struct ini ini;
+    ini_init(&ini);
+    ini_parse_buffer(&ini, data, len, diag);
+    static struct ini_default builtins[N_SERVER_KEYS + 1];
+    for (size_t i = 0; i < N_SERVER_KEYS; i++)
+        builtins[i] = (struct ini_default){ server_keys[i].name, server_keys[i].builtin };
+    struct ini_section *def = &ini.sections[0];
+    for (size_t k = 0; k < def->nkeys; k++) {
+        struct ini_key *key = &def->keys[k];
+        struct buf v = { 0 };
+        char why[200];
+        buf_adds(&v, "");
+        if (server_key_interpolated(key->name)
+            && ini_interpolate(&ini, def, key->value, builtins, 1, &v, why, sizeof why) < 0) {
+            diag_error(diag, key->line, "%s: %s", key->name, why);
+            buf_free(&v);
+            continue;
+        }
+        const char *problem = settings_apply_key(set, key->name, key->value, v.data);
+        if (problem && streq(problem, "unknown key (ignored)"))
+            log_warn("%s:%d: unknown key \"%s\" ignored", diag->file, key->line, key->name);
+        else if (problem)
+            diag_error(diag, key->line, "%s = \"%s\": %s", key->name, key->value, problem);
+        buf_free(&v);
+    }
+    ini_free(&ini);
+}
+
+static int server_conf_load(struct settings *set, struct diag *diag)
+{
+    struct buf path = { 0 }, data = { 0 };
+    buf_printf(&path, "%s/mandos.conf", set->configdir);
+    diag->file = path.data;
+    if (read_file(path.data, &data) == 0)
+        server_conf_from_buffer(set, data.data ? data.data : "", data.len, diag);
+    else if (errno != ENOENT)
+        diag_error(diag, 0, "cannot read: %s", strerror(errno));
+    buf_free(&data);
+    diag->file = NULL;
+    buf_free(&path);
+    return diag->count;
+}
+
+/* Command-line values over mandos.conf.  Flags only ever switch one way. */
+static int settings_apply_cmdline(struct settings *set, const struct cmdline *cl,
+                                  char *err, size_t errlen)
+{
+    static const struct { enum opt_id id; const char *key; } valued[] = {
+        { OPT_INTERFACE, "interface" }, { OPT_ADDRESS, "address" }, { OPT_PORT, "port" },
+        { OPT_DEBUGLEVEL, "debuglevel" }, { OPT_PRIORITY, "priority" },
+        { OPT_SERVICENAME, "servicename" }, { OPT_SOCKET, "socket" },
+        { OPT_STATEDIR, "statedir" },
+    };
+    for (size_t i = 0; i < sizeof valued / sizeof valued[0]; i++) {
+        if (!cl->given[valued[i].id])
+            continue;
+        const char *v = cl->value[valued[i].id];
+        const char *problem = settings_apply_key(set, valued[i].key, v, v);
+        if ((valued[i].id == OPT_PORT || valued[i].id == OPT_SOCKET) && !*v)
+            problem = "needs a number";
+        if (problem) {
+            snprintf(err, errlen, "--%s \"%s\": %s", option_specs[valued[i].id].name, v, problem);
+            return -1;
+        }
+    }
+    if (cl->given[OPT_DEBUG]) set->debug = true;
+    if (cl->given[OPT_FOREGROUND]) set->foreground = true;
+    if (cl->given[OPT_NO_DBUS]) set->use_dbus = false;
+    if (cl->given[OPT_NO_IPV6]) set->use_ipv6 = false;
+    if (cl->given[OPT_NO_RESTORE]) set->restore = false;
+    if (cl->given[OPT_NO_ZEROCONF]) set->zeroconf = false;
+    if (set->debug) {
+        set->foreground = true;
+        set->debuglevel = LOG_DEBUG;
+    }
+    if (!set->zeroconf && set->port <= 0 && set->socket_fd < 0) {
+        snprintf(err, errlen, "Needs port or socket to work without Zeroconf");
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- process set-up ------------------------------------------------------ */
+
+/* Inherited descriptors must not leak into checkers. */
+static void fds_mark_cloexec(int keep)
+{
+    DIR *d = opendir("/dev/fd");
+    if (!d)
+        return;
+    int self = dirfd(d);
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        long n;
+        if (parse_int_range(e->d_name, 3, INT_MAX, &n) < 0 || n == self || n == keep)
+            continue;
+        int fl = fcntl((int)n, F_GETFD);
+        if (fl >= 0)
+            fcntl((int)n, F_SETFD, fl | FD_CLOEXEC);
+    }
+    closedir(d);
+}
+
+/* The account to run as: _mandos, mandos, or nobody. */
+static void privileges_choose(struct server *srv)
+{
+    static const char *const names[] = { "_mandos", "mandos", "nobody" };
+    srv->run_uid = 65534;
+    srv->run_gid = 65534;
+    for (size_t i = 0; i < 3; i++) {
+        struct passwd *pw = getpwnam(names[i]);
+        if (pw) {
+            srv->run_uid = pw->pw_uid;
+            srv->run_gid = pw->pw_gid;
+            return;
+        }
+    }
+}
+
+static void privileges_drop(struct server *srv)
+{
+    if (geteuid() != 0) {
+        log_warn("not started as root: running as uid %ld, not dropping privileges",
+                 (long)geteuid());
+        srv->run_uid = geteuid();
+        srv->run_gid = getegid();
+        return;
+    }
+    if (setgroups(0, NULL) != 0)
+        fatal("cannot clear supplementary groups: %s", strerror(errno));
+    if (shim_set_ids(srv->run_uid, srv->run_gid) != 0)
+        fatal("cannot switch to uid %ld gid %ld: %s", (long)srv->run_uid,
+              (long)srv->run_gid, strerror(errno));
+    if (srv->run_uid != 0 && (setuid(0) == 0 || seteuid(0) == 0))
+        fatal("dropped privileges but could get root back; refusing to run");
+    log_debug("Did setuid/setgid to %ld:%ld", (long)srv->run_uid, (long)srv->run_gid);
+}
+
+/* Open (creating if needed) the state directory as root, so that later
+ * saves work through the descriptor whatever the path's parents allow. */
+static void statedir_open(struct server *srv)
+{
+    bool created = false;
+    if (mkdir(srv->set.statedir, 0700) == 0)
+        created = true;
+    else if (errno != EEXIST)
+        fatal("cannot create state directory %s: %s", srv->set.statedir, strerror(errno));
+    srv->state_dirfd = open(srv->set.statedir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (srv->state_dirfd < 0)
+        fatal("cannot open state directory %s: %s", srv->set.statedir, strerror(errno));
+    if (created && geteuid() == 0 && fchown(srv->state_dirfd, srv->run_uid, srv->run_gid) != 0)
+        fatal("cannot hand state directory %s to uid %ld: %s", srv->set.statedir,
+              (long)srv->run_uid, strerror(errno));
+}
+
+/* After dropping privileges: can we still save?  Better to say so now
+ * than to lose state later. */
+static void statedir_check_writable(struct server *srv)
+{
+    const char *probe = "clients.state.probe";
+    int fd = openat(srv->state_dirfd, probe, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0)
+        fatal("state directory %s is not writable by uid %ld (%s); give it to that "
+              "user, e.g. chown _mandos: %s", srv->set.statedir, (long)geteuid(),
+              strerror(errno), srv->set.statedir);
+    close(fd);
+    unlinkat(srv->state_dirfd, probe, 0);
+}
+
+/* Daemon mode keeps a tiny root process that waits for the daemon, so the
+ * PID file in /run can be removed when the daemon exits. */
+static volatile sig_atomic_t monitor_child;
+
+static void monitor_forward(int sig)
+{
+    if (monitor_child > 0)
+        kill((pid_t)monitor_child, sig);
+}
+
+static void monitor_run(pid_t child, const char *pidfile, int pidfd)
+{
+    monitor_child = child;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = monitor_forward;
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGHUP, &sa, NULL);
+    char text[32];
+    int n = snprintf(text, sizeof text, "%ld\n", (long)child);
+    if (pidfd >= 0 && (write_all(pidfd, text, (size_t)n) < 0 || close(pidfd) < 0))
+        syslog(LOG_ERR, "ERROR: Could not write to file '%s' with PID %ld", pidfile, (long)child);
+    int status = 0;
+    while (waitpid(child, &status, 0) < 0 && errno == EINTR)
+        ;
+    if (pidfd >= 0)
+        unlink(pidfile);
+    _exit(WIFEXITED(status) ? WEXITSTATUS(status) : 1);
+}
+
+static void daemonize(struct server *srv)
+{
+    const char *pidfile = srv->pidfile;
+    int pidfd = open(pidfile, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (pidfd < 0)
+        log_err("Could not open file '%s': %s", pidfile, strerror(errno));
+    pid_t pid = fork();
+    if (pid < 0)
+        fatal("fork: %s", strerror(errno));
+    if (pid > 0)
+        _exit(0);
+    setsid();
+    pid = fork();
+    if (pid < 0)
+        fatal("fork: %s", strerror(errno));
+    if (pid > 0) {
+        close(srv->listen_fd);
+        close(srv->state_dirfd);
+        monitor_run(pid, pidfile, pidfd);
+    }
+    if (pidfd >= 0)
+        close(pidfd);
+    int null = open("/dev/null", O_RDWR);
+    if (null >= 0) {
+        dup2(null, 0);
+        dup2(null, 1);
+        dup2(null, 2);
+        if (null > 2)
+            close(null);
+    }
+}
+
+/* systemd's readiness protocol: one datagram to $NOTIFY_SOCKET. */
+static void notify_open(struct server *srv)
+{
+    srv->notify_fd = -1;
+    const char *path = getenv("NOTIFY_SOCKET");
+    if (!path || (path[0] != '/' && path[0] != '@'))
+        return;
+    srv->notify_fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+}
+
+static void notify_send(struct server *srv, const char *msg)
+{
+    const char *path = getenv("NOTIFY_SOCKET");
+    if (srv->notify_fd < 0 || !path)
+        return;
+    struct sockaddr_un sun;
+    memset(&sun, 0, sizeof sun);
+    sun.sun_family = AF_UNIX;
+    size_t n = strlen(path);
+    if (n >= sizeof sun.sun_path)
+        return;
+    memcpy(sun.sun_path, path, n);
+    if (sun.sun_path[0] == '@')
+        sun.sun_path[0] = '\0';            /* abstract namespace */
+    socklen_t len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + n);
+    if (sendto(srv->notify_fd, msg, strlen(msg), MSG_NOSIGNAL, (struct sockaddr *)&sun, len) < 0)
+        log_debug("could not notify systemd: %s", strerror(errno));
+}
+
+/* ---- signals ------------------------------------------------------------- */
+
+static int signal_pipe_write = -1;  /* the handler's only state */
+
+static void signal_to_pipe(int sig)
+{
+    int saved = errno;
+    unsigned char b = (unsigned char)sig;
+    if (write(signal_pipe_write, &b, 1) < 0) {
+        /* pipe full: a wakeup is already pending */
+    }
+    errno = saved;
+}
+
+static void signals_install(struct server *srv)
+{
+    if (pipe(srv->signal_pipe) < 0 || set_nonblock_cloexec(srv->signal_pipe[0]) < 0
+        || set_nonblock_cloexec(srv->signal_pipe[1]) < 0)
+        fatal("pipe: %s", strerror(errno));
+    signal_pipe_write = srv->signal_pipe[1];
+    struct sigaction sa, old;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = signal_to_pipe;
+    sa.sa_flags = SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGHUP, &sa, NULL);
+    sigaction(SIGCHLD, &sa, NULL);
+    /* an inherited "ignore SIGINT" (e.g. from nohup) is kept */
+    sigaction(SIGINT, NULL, &old);
+    if (old.sa_handler != SIG_IGN)
+        sigaction(SIGINT, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
+}
+
+/* ---- reload (SIGHUP) ----------------------------------------------------- */
+
+/* Carry run-time state from the client being replaced to its successor. */
+static void reload_carry_over(struct server *srv, struct client *n, struct client *old,
+                              int64_t now)
+{
+    client_reconcile(n, old);
+    n->checker_pid = old->checker_pid;
+    old->checker_pid = 0;
+    n->approved = old->approved;
+    n->approval_reset = old->approval_reset;
+    n->approvals_pending = old->approvals_pending;
+    n->expires = old->expires;
+    n->next_checker = old->next_checker;
+    if (memcmp(n->conf.secret_hash, old->conf.secret_hash, 32) == 0) {
+        /* config secret unchanged: keep one set at run time, if any */
+        unsigned char *s = n->secret;
+        size_t sl = n->secret_len;
+        n->secret = old->secret;
+        n->secret_len = old->secret_len;
+        old->secret = s;
+        old->secret_len = sl;
+    }
+    if (old->cur.enabled && !n->cur.enabled) {
+        log_info("Disabling client %s: disabled in clients.conf", n->name);
+        n->expires = n->next_checker = 0;
+        checker_stop(srv, n);
+    } else if (!old->cur.enabled && n->cur.enabled) {
+        log_info("Enabling client %s: enabled in clients.conf", n->name);
+        n->last_enabled = wall_us();
+        n->next_checker = now + n->cur.interval;
+        n->expires = now + 2 * n->cur.interval;
+    }
+    for (struct conn *cn = srv->conns_head; cn; cn = cn->next)
+        if (cn->client == old)
+            cn->client = n;
+}
+
+static void server_reload(struct server *srv)
+{
+    notify_send(srv, "RELOADING=1");
+    log_info("Reloading clients.conf");
+    struct client_table fresh = { 0 };
+    struct diag diag = { NULL, 0, true, NULL };
+    int errors = clients_load(srv->set.configdir, &diag, &fresh);
+    if (errors) {
+        log_err("Reload refused: %d error%s in %s/clients.conf; the previous configuration "
+                "stays in force", errors, errors == 1 ? "" : "s", srv->set.configdir);
+        client_table_clear(&fresh);
+        notify_send(srv, "READY=1");
+        return;
+    }
+    int64_t now = mono_ms();
+    for (size_t i = 0; i < fresh.n; i++) {
+        struct client *n = fresh.v[i];
+        struct client *old = client_find_by_name(&srv->clients, n->name);
+        if (old) {
+            reload_carry_over(srv, n, old, now);
+        } else {
+            log_info("Adding client %s", n->name);
+            client_schedule_first_checker(srv, n, now);
+        }
+    }
+    for (size_t i = 0; i < srv->clients.n; i++) {
+        struct client *old = srv->clients.v[i];
+        if (!client_find_by_name(&fresh, old->name)) {
+            log_info("Removing client %s", old->name);
+            checker_stop(srv, old);
+            conn_drop_for_client(srv, old);
+        }
+    }
+    client_table_clear(&srv->clients);
+    srv->clients = fresh;
+    client_table_reindex(&srv->clients);
+    for (size_t i = 0; i < srv->clients.n; i++)
+        client_reschedule(&srv->clients, srv->clients.v[i]);
+    state_changed(srv, true);
+    log_info("Reloaded: %zu clients", srv->clients.n);
+    notify_send(srv, "READY=1");
+}
+
+/* ---- the loop ------------------------------------------------------------- */
+
+static void signals_drain(struct server *srv)
+{
+    unsigned char sigs[64];
+    ssize_t n;
+    while ((n = read(srv->signal_pipe[0], sigs, sizeof sigs)) > 0) {
+        for (ssize_t i = 0; i < n; i++) {
+            if (sigs[i] == SIGTERM || sigs[i] == SIGINT) {
+                log_debug("Server received %s", sigs[i] == SIGINT ? "SIGINT" : "SIGTERM");
+                srv->quitting = true;
+            } else if (sigs[i] == SIGHUP) {
+                server_reload(srv);
+            } else if (sigs[i] == SIGCHLD) {
+                checker_reap(srv);
+            }
+        }
+    }
+}
+
+/* Milliseconds poll() may sleep: until the nearest deadline, at most 60 s. */
+static int loop_timeout(const struct server *srv, int64_t now)
+{
+    int64_t next = now + 60000;
+    if (srv->clients.heap_n) {
+        int64_t t = client_next_event(srv->clients.heap[0]);
+        if (t < next) next = t;
+    }
+    for (const struct conn *cn = srv->conns_head; cn; cn = cn->next)
+        if (cn->state != CONN_CLOSED && cn->deadline < next)
+            next = cn->deadline;
+    if (srv->state_dirty) {
+        int64_t t = srv->state_urgent ? now : srv->state_saved_at + STATE_SAVE_DELAY_MS;
+        if (t < next) next = t;
+    }
+    int64_t z = zc_deadline(srv);
+    if (z && z < next)
+        next = z;
+    return next <= now ? 0 : (int)(next - now);
+}
+
+static void loop_run_timers(struct server *srv, int64_t now)
+{
+    for (struct conn *cn = srv->conns_head; cn; cn = cn->next)
+        if (cn->state != CONN_CLOSED && cn->deadline <= now)
+            conn_expire(srv, cn, now);
+    /* bounded: each client runs at most once per turn */
+    for (size_t guard = srv->clients.heap_n; guard > 0 && srv->clients.heap_n; guard--) {
+        struct client *c = srv->clients.heap[0];
+        if (client_next_event(c) > now)
+            break;
+        client_run_timers(srv, c, now);
+    }
+    if (srv->state_dirty
+        && (srv->state_urgent || now >= srv->state_saved_at + STATE_SAVE_DELAY_MS))
+        state_save(srv);
+}
+
+static void server_loop(struct server *srv)
+{
+    struct pollfd *fds = NULL;
+    struct conn **owner = NULL;
+    size_t cap = 0, owner_cap = 0;
+    log_debug("Starting main loop");
+    while (!srv->quitting) {
+        int64_t now = mono_ms();
+        size_t need = 2 + ZC_MAX_FDS + srv->nconns;
+        grow((void **)&fds, &cap, need, sizeof *fds);
+        grow((void **)&owner, &owner_cap, srv->nconns + 1, sizeof *owner);
+        size_t n = 0;
+        fds[n++] = (struct pollfd){ srv->signal_pipe[0], POLLIN, 0 };
+        fds[n++] = (struct pollfd){ srv->listen_fd, POLLIN, 0 };
+        size_t zc_first = n;
+        n += zc_pollfds(srv, fds + n, ZC_MAX_FDS);
+        size_t conn_first = n;
+        for (struct conn *cn = srv->conns_head; cn; cn = cn->next)
+            if (cn->state != CONN_CLOSED) {
+                owner[n - conn_first] = cn;
+                fds[n++] = (struct pollfd){ cn->fd, conn_events(cn), 0 };
+            }
+        int rc = poll(fds, (nfds_t)n, loop_timeout(srv, now));
+        if (rc < 0 && errno != EINTR)
+            log_err("poll: %s", strerror(errno));
+        now = mono_ms();
+        if (rc > 0) {
+            for (size_t i = conn_first; i < n; i++)
+                if (fds[i].revents && owner[i - conn_first]->state != CONN_CLOSED)
+                    conn_advance(srv, owner[i - conn_first], fds[i].revents, now);
+            zc_process(srv, fds + zc_first, conn_first - zc_first, now);
+            if (fds[1].revents)
+                conn_accept(srv, now);
+            if (fds[0].revents)
+                signals_drain(srv);
+        } else {
+            zc_process(srv, fds + zc_first, 0, now);
+        }
+        loop_run_timers(srv, now);
+        conn_sweep(srv);
+    }
+    free(fds);
+    free(owner);
+}
+
+static void server_shutdown(struct server *srv)
+{
+    notify_send(srv, "STOPPING=1");
+    zc_stop(srv);
+    conn_close_all(srv);
+    for (size_t i = 0; i < srv->clients.n; i++) {
+        struct client *c = srv->clients.v[i];
+        pid_t pid = c->checker_pid;
+        checker_stop(srv, c);
+        if (pid)
+            waitpid(pid, NULL, 0);
+    }
+    state_save(srv);
+    log_debug("Server exiting");
+}
+
+/* ---- start-up --------------------------------------------------------------- */
+
+static void tls_setup(struct server *srv)
+{
+    const char *errpos = NULL;
+    int rc = gnutls_priority_init(&srv->priority, srv->set.priority, &errpos);
+    if (rc != GNUTLS_E_SUCCESS || !*srv->set.priority)
+        fatal("bad priority string \"%s\": %s%s%s", srv->set.priority,
+              *srv->set.priority ? gnutls_strerror(rc) : "empty",
+              errpos ? " at " : "", errpos ? errpos : "");
+    if (strstr(srv->set.priority, "CTYPE-OPENPGP"))
+        log_warn("priority \"%s\" asks for OpenPGP certificates, which this GnuTLS (%s) "
+                 "does not have: only raw public keys work, old clients will fail",
+                 srv->set.priority, gnutls_check_version(NULL));
+    if (gnutls_certificate_allocate_credentials(&srv->cred) != GNUTLS_E_SUCCESS)
+        fatal("cannot allocate TLS credentials");
+}
+
+static void clients_conf_check_mode(const char *configdir)
+{
+    struct buf path = { 0 };
+    struct stat st;
+    buf_printf(&path, "%s/clients.conf", configdir);
+    if (stat(path.data, &st) == 0 && (st.st_mode & (S_IRGRP | S_IROTH)))
+        log_warn("%s is readable by others than its owner, but it holds secrets "
+                 "(chmod 600 it)", path.data);
+    buf_free(&path);
+}
+
+/* Read everything; any error stops us here, before serving or forking. */
+static void server_configure(struct server *srv, const struct cmdline *cl)
+{
+    char err[300];
+    settings_defaults(&srv->set);
+    if (cl->given[OPT_CONFIGDIR])
+        set_string(&srv->set.configdir, cl->value[OPT_CONFIGDIR]);
+    struct diag diag = { NULL, 0, false, NULL };
+    if (server_conf_load(&srv->set, &diag) > 0)
+        fatal("%d error%s in %s/mandos.conf; not starting", diag.count,
+              diag.count == 1 ? "" : "s", srv->set.configdir);
+    if (settings_apply_cmdline(&srv->set, cl, err, sizeof err) < 0) {
+        fprintf(stderr, "mandos: error: %s\n", err);
+        exit(2);
+    }
+    char real[PATH_MAX];
+    if (realpath(srv->set.configdir, real))
+        set_string(&srv->set.configdir, real);
+    log_cfg.threshold = srv->set.debuglevel;
+    log_cfg.console = srv->set.debug;
+    log_open_syslog(srv->set.servicename);
+    if (srv->set.debug)
+        gnutls_global_set_log_function(log_gnutls_line), gnutls_global_set_log_level(11);
+    int errors = clients_load(srv->set.configdir, &diag, &srv->clients);
+    if (errors)
+        fatal("%d error%s in %s/clients.conf; not starting", errors, errors == 1 ? "" : "s",
+              srv->set.configdir);
+    if (srv->clients.n == 0)
+        log_warn("No clients defined");
+    clients_conf_check_mode(srv->set.configdir);
+    tls_setup(srv);
+}
+
+static void server_start(struct server *srv)
+{
+    privileges_choose(srv);
+    fds_mark_cloexec(srv->set.socket_fd);
+    srv->state_dirfd = -1;
+    statedir_open(srv);
+    if (srv->set.restore)
+        state_restore(srv);
+    listen_open(srv);
+    notify_open(srv);
+    if (!srv->set.foreground) {
+        struct stat st;
+        srv->pidfile = xstrdup(stat("/run/.", &st) == 0 && S_ISDIR(st.st_mode)
+                               ? "/run/mandos.pid" : "/var/run/mandos.pid");
+        daemonize(srv);
+    }
+    privileges_drop(srv);
+    srv->debug_checkers = srv->set.debug;
+    statedir_check_writable(srv);
+    if (chdir("/") != 0)
+        log_warn("chdir /: %s", strerror(errno));
+    shim_pledge("stdio rpath wpath cpath inet unix dns proc exec");
+    int64_t now = mono_ms();
+    for (size_t i = 0; i < srv->clients.n; i++)
+        client_schedule_first_checker(srv, srv->clients.v[i], now);
+    signals_install(srv);
+    zc_start(srv);
+    state_changed(srv, true);
+    state_save(srv);
+    notify_send(srv, "READY=1");
+}
+
+static int run_self_tests(void);
+
+int main(int argc, char **argv)
+{
+    const char *slash = strrchr(argv[0], '/');
+    log_cfg.progname = slash ? slash + 1 : argv[0];
+    for (int i = 1; i < argc; i++)
+        if (streq(argv[i], "--check"))
+            return run_self_tests();
+    struct cmdline cl;
+    char err[300];
+    if (cmdline_parse(argc, argv, &cl, err, sizeof err) < 0) {
+        fprintf(stderr, "mandos: error: %s (see mandos --help)\n", err);
+        return 2;
+    }
+    if (cl.given[OPT_HELP]) {
+        usage_print(stdout);
+        return 0;
+    }
+    if (cl.given[OPT_VERSION]) {
+        printf("mandos %s\nmandos.c %s; GnuTLS %s; Zeroconf: %s\n", MANDOS_VERSION,
+               MANDOS_C_VERSION, gnutls_check_version(NULL), ZEROCONF_NAME);
+        return 0;
+    }
+    struct server srv;
+    memset(&srv, 0, sizeof srv);
+    srv.listen_fd = srv.notify_fd = -1;
+    server_configure(&srv, &cl);
+    server_start(&srv);
+    server_loop(&srv);
+    server_shutdown(&srv);
+    return 0;
+}
+
+/* ===================================================================== */
+/* 11. Self-tests                                                        */
+/*    `mandos --check` runs this table: the reference's own examples for  */
+/*    durations, INI quirks, base64 and key IDs, plus our own rules.      */
+/* ===================================================================== */
+
+static int test_failures;        /* failures within the running test */
+
+#define CHECK(cond) check_true((cond), #cond, __LINE__)
+
+static void check_true(bool ok, const char *what, int line)
+{
+    if (!ok) {
+        test_failures++;
+        printf("    line %d: %s\n", line, what);
+    }
+}
+
+static void check_str(const char *got, const char *want, const char *what)
+{
+    if (!got || !streq(got, want)) {
+        test_failures++;
+        printf("    %s: got \"%s\", want \"%s\"\n", what, got ? got : "(null)", want);
+    }
+}
+
+static void test_durations(void)
+{
+    static const struct { const char *in; int64_t ms; } good[] = {
+        { "PT5M", 5 * MS_PER_MINUTE }, { "P1DT2H", 26 * MS_PER_HOUR },
+        { "P1Y2M3DT4H5M6S", (364 + 56 + 3) * MS_PER_DAY + 4 * MS_PER_HOUR + 5 * MS_PER_MINUTE + 6000 },
+        { "5m", 5 * MS_PER_MINUTE }, { "1h 30m", 90 * MS_PER_MINUTE },
+        { "30s 1h", 3630 * MS_PER_SECOND }, { "1d 1d", 2 * MS_PER_DAY }, { "", 0 },
+        { "  ", 0 }, { "PT0S", 0 }, { "P0D", 0 }, { "P2W", 14 * MS_PER_DAY },
+        { "PT1H0M1S", MS_PER_HOUR + 1000 }, { "P1M", 28 * MS_PER_DAY }, { "1_0s", 10000 },
+        { "PT1S", 1000 }, { "P1Y", 364 * MS_PER_DAY },
+    };
+    static const char *const bad[] = {
+        "PT", "P", "P1D2H", "pt5m", "P1Y1D", "P1WT1H", "1h30m", "5", "5M", "1.5h",
+        "5 m", "PT1H1S", "P1YT1H", "P1Y2MT1H", "-5m", "PT5M ", "P1DT", "x", "PT-1S",
+        "99999999999999999999s",
+    };
+    for (size_t i = 0; i < sizeof good / sizeof good[0]; i++) {
+        int64_t ms = -1;
+        const char *why;
+        bool ok = duration_parse(good[i].in, &ms, &why) == 0 && ms == good[i].ms;
+        if (!ok)
+            printf("    \"%s\" -> %" PRId64 ", want %" PRId64 "\n", good[i].in, ms, good[i].ms);
+        CHECK(ok);
+    }
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        int64_t ms;
+        const char *why;
+        bool refused = duration_parse(bad[i], &ms, &why) < 0;
+        if (!refused)
+            printf("    \"%s\" was accepted\n", bad[i]);
+        CHECK(refused);
+    }
+}
+
+static void test_duration_render(void)
+{
+    static const struct { int64_t ms; const char *want; } cases[] = {
+        { 5 * MS_PER_MINUTE, "0:05:00" }, { 2 * MS_PER_DAY + MS_PER_HOUR + 62000, "2 days, 1:01:02" },
+        { MS_PER_DAY, "1 day, 0:00:00" }, { 1500, "0:00:01.500000" }, { 0, "0:00:00" },
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        struct buf b = { 0 };
+        duration_render(cases[i].ms, &b);
+        check_str(b.data, cases[i].want, "duration_render");
+        buf_free(&b);
+    }
+    struct buf t = { 0 };
+    timestamp_render(1675859696789012LL, ' ', &t);
+    check_str(t.data, "2023-02-08 12:34:56.789012", "timestamp_render");
+    buf_free(&t);
+    timestamp_render(1675859696000000LL, ' ', &t);
+    check_str(t.data, "2023-02-08 12:34:56", "timestamp_render, whole second");
+    buf_free(&t);
+}
+
+/* Parse clients.conf text and return the error report (caller frees). */
+static char *parse_clients(const char *text, struct client_table *out)
+{
+    struct buf errs = { 0 };
+    struct diag d = { "clients.conf", 0, false, &errs };
+    buf_adds(&errs, "");
+    clients_from_buffer(text, strlen(text), "/nonexistent", &d, out);
+    return errs.data;
+}
+
+static void test_ini_dialect(void)
+{
+    struct client_table t = { 0 };
+    char *errs;
+    /* %%%% and %(host)s at start-up, then %%(host)s stays for run time */
+    errs = parse_clients("[c]\nkey_id = " EMPTY_KEY_ID "\nsecret = aGVsbG8=\nhost = h\n"
+                         "checker = echo 100%%%% %%(host)s %(host)s\n", &t);
+    check_str(errs, "", "interpolation errors");
+    CHECK(t.n == 1);
+    if (t.n == 1)
+        check_str(t.v[0]->conf.checker, "echo 100%% %(host)s h", "start-time expansion");
+    free(errs);
+    client_table_clear(&t);
+    /* [DEFAULT] value resolved late with the section's own key */
+    errs = parse_clients("[DEFAULT]\nhost = %(short)s.example.org\n[foo]\nshort = foo\nsecret = aGVsbG8=\n", &t);
+    check_str(errs, "", "late interpolation errors");
+    if (t.n == 1)
+        check_str(t.v[0]->conf.host, "foo.example.org", "late interpolation");
+    free(errs);
+    client_table_clear(&t);
+    /* an indented line continues the secret; host keeps its default */
+    errs = parse_clients("[c]\nsecret = aGVs\n  bG8=\n  host = x\n", &t);
+    if (t.n == 1) {
+        CHECK(t.v[0]->secret_len == 5 && memcmp(t.v[0]->secret, "hello", 5) == 0);
+        check_str(t.v[0]->conf.host, "", "continuation swallows host");
+    }
+    free(errs);
+    client_table_clear(&t);
+    /* header rules: text after the last ']' ignored; names keep case */
+    errs = parse_clients("[a]b] junk\nsecret =\n[Foo]\nsecret=\n[foo]\nsecret:\n", &t);
+    check_str(errs, "", "headers");
+    CHECK(t.n == 3);
+    if (t.n == 3) {
+        check_str(t.v[0]->name, "a]b", "last-bracket header");
+        check_str(t.v[1]->name, "Foo", "case kept");
+    }
+    free(errs);
+    client_table_clear(&t);
+    /* relative indentation: 2 then 3 continues, 2 again is a new key */
+    errs = parse_clients("[c]\n  secret = aGVs\n   bG8=\n  bG8=\n", &t);
+    if (t.n == 1)
+        CHECK(t.v[0]->secret_len == 5);
+    free(errs);
+    client_table_clear(&t);
+}
+
+static void test_ini_errors(void)
+{
+    struct client_table t = { 0 };
+    /* every bad line is reported with its number */
+    char *errs = parse_clients(
+        "[c]\n"                              /* 1 */
+        "secret = aGVsbG8=\n"                /* 2 */
+        "host = a\n"                         /* 3 */
+        "HOST = b\n"                         /* 4: duplicate key */
+        "timeout = PT5M # five\n"            /* 5: inline comments do not exist */
+        "foo = 100%\n"                       /* 6: bad interpolation */
+        "no delimiter here\n"                /* 7 */
+        "enabled = maybe\n"                  /* 8 */
+        "[c]\n"                              /* 9: duplicate section */
+        "[d]\n"                              /* 10 */
+        "secret = aGVsbG8\n"                 /* 11: incorrect padding */
+        "interval = 0s\n"                    /* 12 */
+        "checker = ping %%(nosuch)s\n",      /* 13 */
+        &t);
+    static const char *const want[] = {
+        "clients.conf:4:", "clients.conf:5:", "clients.conf:6:", "clients.conf:7:",
+        "clients.conf:8:", "clients.conf:9:", "clients.conf:11:", "clients.conf:12:",
+        "clients.conf:13:",
+    };
+    for (size_t i = 0; i < sizeof want / sizeof want[0]; i++) {
+        bool found = strstr(errs, want[i]) != NULL;
+        if (!found)
+            printf("    no error at %s\n", want[i]);
+        CHECK(found);
+    }
+    free(errs);
+    client_table_clear(&t);
+    errs = parse_clients("key = before any header\n", &t);
+    CHECK(strstr(errs, "clients.conf:1:") != NULL);
+    free(errs);
+    client_table_clear(&t);
+    errs = parse_clients("\xEF\xBB\xBF[DEFAULT]\n", &t);   /* a BOM is not skipped */
+    CHECK(strstr(errs, "clients.conf:1:") != NULL);
+    free(errs);
+    client_table_clear(&t);
+    errs = parse_clients("[a]\nsecret=\nkey_id = 16FADC8E51108E940E1AFAF22B2154F651D203F2A10D991A7F71960ADACCC4D9\n"
+                         "[b]\nsecret=\nkey_id = 16fadc8e51108e940e1afaf22b2154f651d203f2a10d991a7f71960adaccc4d9\n", &t);
+    CHECK(strstr(errs, "[a] and [b] have the same key_id") != NULL);
+    free(errs);
+    client_table_clear(&t);
+    errs = parse_clients("[a]\nkey_id = 1234\nsecret=\n", &t);
+    CHECK(strstr(errs, "clients.conf:2:") != NULL);
+    free(errs);
+    client_table_clear(&t);
+    errs = parse_clients("[a]\n", &t);
+    CHECK(strstr(errs, "neither secret nor secfile") != NULL);
+    free(errs);
+    client_table_clear(&t);
+    errs = parse_clients("[a]\nsecret=\nx = %(y)s\ny = %(x)s\n", &t);
+    CHECK(strstr(errs, "nest deeper") != NULL);
+    free(errs);
+    client_table_clear(&t);
+}
+
+static void test_base64(void)
+{
+    static const struct { const char *in; const char *want; } good[] = {
+        { "aGVsbG8=", "hello" }, { "aGVs bG8=", "hello" }, { "aGVsbG8=extra", "hello" },
+        { "aGVs=bG8=", "hello" }, { "", "" }, { "a-G_V*s\nbG8=", "hello" },
+        { "=aGVsbG8=", "hello" }, { "aGVsbA==", "hell" },
+    };
+    static const char *const bad[] = { "aGVsbG8", "a", "aGVsb", "aGVsbA=" };
+    for (size_t i = 0; i < sizeof good / sizeof good[0]; i++) {
+        struct buf b = { 0 };
+        const char *why;
+        buf_adds(&b, "");
+        CHECK(base64_decode_lenient(good[i].in, strlen(good[i].in), &b, &why) == 0);
+        check_str(b.data, good[i].want, good[i].in);
+        buf_free(&b);
+    }
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        struct buf b = { 0 };
+        const char *why;
+        bool refused = base64_decode_lenient(bad[i], strlen(bad[i]), &b, &why) < 0;
+        if (!refused)
+            printf("    \"%s\" was accepted\n", bad[i]);
+        CHECK(refused);
+        buf_free(&b);
+    }
+}
+
+static void test_key_id(void)
+{
+    char *n = key_id_normalise("f33f cbed 11ED");
+    check_str(n, "F33FCBED11ED", "normalise");
+    free(n);
+    n = key_id_normalise("ab\tcd");
+    check_str(n, "AB\tCD", "tabs stay");
+    free(n);
+    /* The SPEC's example: SHA-256 of an Ed25519 SubjectPublicKeyInfo. */
+    const char *spki = "MCowBQYDK2VwAyEA4a38kO3uIwMf2vUrOz86TIjiaQy9YjQ3EkIPGZQdKAs=";
+    struct buf der = { 0 };
+    const char *why;
+    CHECK(base64_decode_lenient(spki, strlen(spki), &der, &why) == 0);
+    gnutls_pubkey_t pk;
+    unsigned char id[32];
+    size_t size = sizeof id;
+    char hex[65] = "";
+    gnutls_datum_t d = { (unsigned char *)der.data, (unsigned)der.len };
+    if (gnutls_pubkey_init(&pk) == 0) {
+        if (gnutls_pubkey_import(pk, &d, GNUTLS_X509_FMT_DER) == 0
+            && gnutls_pubkey_get_key_id(pk, GNUTLS_KEYID_USE_SHA256, id, &size) == 0)
+            hex_encode_upper(id, 32, hex);
+        gnutls_pubkey_deinit(pk);
+    }
+    check_str(hex, "16FADC8E51108E940E1AFAF22B2154F651D203F2A10D991A7F71960ADACCC4D9", "key_id");
+    buf_free(&der);
+}
+
+static void test_version_line(void)
+{
+    static const char *const accepted[] = { "1", "0", "-7", "+1", "1 extra words", " 1 ", "1_0_0" };
+    static const char *const refused[] = { "2", "abc", "", "  ", "1.0", "99999999999999999999999" };
+    char why[80];
+    for (size_t i = 0; i < sizeof accepted / sizeof accepted[0] - 1; i++)
+        CHECK(version_line_accepted(accepted[i], strlen(accepted[i]), why, sizeof why));
+    CHECK(!version_line_accepted("1_0_0", 5, why, sizeof why));   /* 100 > 1 */
+    for (size_t i = 0; i < sizeof refused / sizeof refused[0]; i++) {
+        bool ok = !version_line_accepted(refused[i], strlen(refused[i]), why, sizeof why);
+        if (!ok)
+            printf("    \"%s\" was accepted\n", refused[i]);
+        CHECK(ok);
+    }
+    CHECK(version_line_accepted("-99999999999999999999999", 24, why, sizeof why));
+}
+
+static void test_options(void)
+{
+    struct cmdline cl;
+    char err[200];
+    char *a1[] = { "mandos", "--fore", "-p1025", "--address=::1", "--debuglevel", "info", NULL };
+    CHECK(cmdline_parse(6, a1, &cl, err, sizeof err) == 0);
+    CHECK(cl.given[OPT_FOREGROUND] && cl.given[OPT_PORT] && streq(cl.value[OPT_PORT], "1025"));
+    CHECK(cl.given[OPT_ADDRESS] && streq(cl.value[OPT_ADDRESS], "::1"));
+    CHECK(cl.given[OPT_DEBUGLEVEL] && streq(cl.value[OPT_DEBUGLEVEL], "info"));
+    char *a2[] = { "mandos", "--deb", NULL };
+    CHECK(cmdline_parse(2, a2, &cl, err, sizeof err) < 0 && strstr(err, "ambiguous"));
+    char *a3[] = { "mandos", "stray", NULL };
+    CHECK(cmdline_parse(2, a3, &cl, err, sizeof err) < 0);
+    char *a4[] = { "mandos", "--port", NULL };
+    CHECK(cmdline_parse(2, a4, &cl, err, sizeof err) < 0 && strstr(err, "needs an argument"));
+    char *a5[] = { "mandos", "--no-z", "-p", "1_025", NULL };
+    struct settings set;
+    settings_defaults(&set);
+    CHECK(cmdline_parse(4, a5, &cl, err, sizeof err) == 0);
+    CHECK(settings_apply_cmdline(&set, &cl, err, sizeof err) == 0 && set.port == 1025);
+    CHECK(!set.zeroconf);
+    char *a6[] = { "mandos", "--no-zeroconf", NULL };
+    settings_defaults(&set);
+    CHECK(cmdline_parse(2, a6, &cl, err, sizeof err) == 0);
+    CHECK(settings_apply_cmdline(&set, &cl, err, sizeof err) < 0 && strstr(err, "Needs port"));
+    char *a7[] = { "mandos", "--port", "0x10", NULL };
+    settings_defaults(&set);
+    CHECK(cmdline_parse(3, a7, &cl, err, sizeof err) == 0);
+    CHECK(settings_apply_cmdline(&set, &cl, err, sizeof err) < 0);
+    /* mandos.conf: strings raw, booleans interpolated, and flags one way */
+    struct buf errs = { 0 };
+    struct diag d = { "mandos.conf", 0, false, &errs };
+    const char *conf = "[DEFAULT]\npriority = NORMAL:%COMPAT\nx = no\nuse_ipv6 = %(x)s\n"
+                       "debug = maybe\nport = 1_025\n";
+    settings_defaults(&set);
+    server_conf_from_buffer(&set, conf, strlen(conf), &d);
+    check_str(set.priority, "NORMAL:%COMPAT", "raw priority");
+    CHECK(!set.use_ipv6 && set.port == 1025);
+    CHECK(d.count == 1 && errs.data && strstr(errs.data, "mandos.conf:5:"));
+    buf_free(&errs);
+}
+
+static void test_checker_expansion(void)
+{
+    struct client_table t = { 0 };
+    char *errs = parse_clients("[foo.bar]\nsecret=\nhost = it's a \"host\"\n"
+                               "checker = echo %%(name)s %%(host)s %%(last_checked_ok)s "
+                               "%%(timeout)s 100%%%% %%(dbus_object_path)s\n", &t);
+    check_str(errs, "", "checker config");
+    free(errs);
+    if (t.n == 1) {
+        struct buf cmd = { 0 };
+        CHECK(checker_expand(t.v[0], &cmd) == 0);
+        check_str(cmd.data, "echo foo.bar 'it'\"'\"'s a \"host\"' None 0:05:00 100% "
+                  "/clients/foo_bar", "expansion and quoting");
+        buf_free(&cmd);
+    }
+    client_table_clear(&t);
+    struct buf q = { 0 };
+    shell_quote("", 0, &q);
+    check_str(q.data, "''", "empty quotes");
+    buf_free(&q);
+    char why[300];
+    CHECK(checker_validate("fping -q -- %(host)s", why, sizeof why) == 0);
+    CHECK(checker_validate("x %(nosuch)s", why, sizeof why) < 0);
+    CHECK(checker_validate("x %(host)d", why, sizeof why) < 0);
+    CHECK(checker_validate("100%", why, sizeof why) < 0);
+}
+
+static void test_state_round_trip(void)
+{
+    struct client_table t = { 0 }, back = { 0 };
+    char *errs = parse_clients("[a b]\nsecret = aGVsbG8=\nhost = h\\x\nchecker = a\n\tb\n"
+                               "[c]\nsecret = aGVsbG8=\nenabled = no\n", &t);
+    free(errs);
+    CHECK(t.n == 2);
+    if (t.n != 2)
+        return;
+    t.v[0]->last_checked_ok = 1675859696789012LL;
+    t.v[0]->last_checker_status = 3;
+    set_string(&t.v[0]->cur.host, "changed at run time");
+    t.v[0]->cur.timeout = 42;
+    struct buf data = { 0 };
+    state_serialise(&t, 1000, 2000000, &data);
+    CHECK(strstr(data.data, "aGVsbG8") == NULL && strstr(data.data, "hello") == NULL);
+    struct buf derr = { 0 };
+    struct diag d = { "clients.state", 0, false, &derr };
+    CHECK(state_parse(data.data, data.len, &d, &back) == 0);
+    CHECK(back.n == 2);
+    if (back.n == 2) {
+        check_str(back.v[0]->name, "a b", "name");
+        check_str(back.v[0]->conf_text[1], "a\nb", "checker text");
+        check_str(back.v[0]->cur.host, "changed at run time", "cur.host");
+        CHECK(back.v[0]->cur.timeout == 42 && back.v[0]->last_checker_status == 3);
+        CHECK(back.v[0]->last_checked_ok == 1675859696789012LL);
+        CHECK(!back.v[1]->cur.enabled);
+    }
+    /* corrupt input is refused with a line number */
+    struct client_table junk = { 0 };
+    struct diag d2 = { "clients.state", 0, false, &derr };
+    const char *bad = STATE_MAGIC "\nclient x\ncreated notanumber\nend\n";
+    CHECK(state_parse(bad, strlen(bad), &d2, &junk) > 0 && strstr(derr.data, "clients.state:3:"));
+    client_table_clear(&junk);
+    struct diag d3 = { "clients.state", 0, false, &derr };
+    CHECK(state_parse("garbage", 7, &d3, &junk) > 0);
+    client_table_clear(&junk);
+    buf_free(&derr);
+    buf_free(&data);
+    client_table_clear(&back);
+    client_table_clear(&t);
+}
+
+static void test_reconcile(void)
+{
+    struct client_table saved = { 0 }, now = { 0 };
+    char *e1 = parse_clients("[a]\nsecret=\nhost = one\ntimeout = PT5M\n"
+                             "[b]\nsecret=\n", &saved);
+    char *e2 = parse_clients("[a]\nsecret=\nhost = one\ntimeout = PT9M\n"
+                             "[new]\nsecret=\n", &now);
+    free(e1);
+    free(e2);
+    /* at run time: a was disabled and its host changed */
+    saved.v[0]->cur.enabled = false;
+    set_string(&saved.v[0]->cur.host, "runtime");
+    saved.v[0]->cur.timeout = 1;
+    state_apply(&now, &saved);
+    struct client *a = client_find_by_name(&now, "a");
+    CHECK(a && !a->cur.enabled);                      /* stays disabled */
+    CHECK(a && streq(a->cur.host, "runtime"));        /* unedited: run-time value */
+    CHECK(a && a->cur.timeout == 9 * MS_PER_MINUTE);  /* edited: config wins */
+    CHECK(client_find_by_name(&now, "new") && client_find_by_name(&now, "new")->cur.enabled);
+    CHECK(!client_find_by_name(&now, "b"));
+    client_table_clear(&now);
+    /* an edited enabled line re-enables */
+    e1 = parse_clients("[a]\nsecret=\nenabled = true\n", &saved);
+    e2 = parse_clients("[a]\nsecret=\nenabled = yes\n", &now);
+    free(e1);
+    free(e2);
+    saved.v[0]->cur.enabled = false;
+    state_apply(&now, &saved);
+    CHECK(now.v[0]->cur.enabled);
+    client_table_clear(&now);
+}
+
+static void test_timer_heap(void)
+{
+    struct client_table t = { 0 };
+    struct client c[5];
+    memset(c, 0, sizeof c);
+    const int64_t when[5] = { 50, 10, 40, 20, 30 };
+    for (int i = 0; i < 5; i++) {
+        c[i].heap_pos = NO_HEAP;
+        c[i].expires = when[i];
+        client_reschedule(&t, &c[i]);
+    }
+    CHECK(t.heap_n == 5 && t.heap[0] == &c[1]);
+    c[1].expires = 0;
+    client_reschedule(&t, &c[1]);
+    CHECK(t.heap_n == 4 && t.heap[0] == &c[3]);
+    c[0].expires = 1;
+    client_reschedule(&t, &c[0]);
+    CHECK(t.heap[0] == &c[0]);
+    free(t.heap);
+}
+
+/* The life-cycle entry points a control interface calls. */
+static void test_client_lifecycle(void)
+{
+    struct server srv;
+    memset(&srv, 0, sizeof srv);
+    srv.state_dirfd = -1;
+    char *errs = parse_clients("[a]\nsecret=\napproval_duration = PT2S\n", &srv.clients);
+    free(errs);
+    struct client *c = srv.clients.v[0];
+    int64_t now = mono_ms();
+    client_schedule_first_checker(&srv, c, now);
+    CHECK(c->next_checker >= now && c->next_checker <= now + c->cur.interval);
+    CHECK(c->expires == c->next_checker + c->cur.interval);
+    client_approve(&srv, c, true);
+    CHECK(c->approved == APPROVAL_GRANTED && c->approval_reset >= now + 2000);
+    client_run_timers(&srv, c, c->approval_reset);
+    CHECK(c->approved == APPROVAL_NONE);
+    client_disable(&srv, c, "test");
+    CHECK(!c->cur.enabled && !c->expires && !c->next_checker && srv.state_urgent);
+    client_enable(&srv, c, now);
+    CHECK(c->cur.enabled && c->expires == now + 2 * c->cur.interval && c->last_enabled);
+    client_checked_ok(&srv, c, now);
+    CHECK(c->expires == now + c->cur.timeout && c->last_checker_status == 0);
+    client_run_timers(&srv, c, c->expires);       /* nothing checked it since */
+    CHECK(!c->cur.enabled);
+    client_table_clear(&srv.clients);
+}
+
+static const struct {
+    const char *name;
+    void (*fn)(void);
+} self_tests[] = {
+    { "client life cycle: approve, disable, enable, expire", test_client_lifecycle },
+    { "durations: both syntaxes, the reference's examples", test_durations },
+    { "durations and timestamps: rendering", test_duration_render },
+    { "INI dialect: interpolation, continuations, headers", test_ini_dialect },
+    { "INI errors: every bad line as FILE:LINE", test_ini_errors },
+    { "base64: lenient decoding", test_base64 },
+    { "key_id: normalisation and SHA-256 of the SPKI", test_key_id },
+    { "protocol version line rule", test_version_line },
+    { "options and mandos.conf", test_options },
+    { "checker expansion and shell quoting", test_checker_expansion },
+    { "state file: round trip, corruption", test_state_round_trip },
+    { "state: three-way reconciliation", test_reconcile },
+    { "timer heap ordering", test_timer_heap },
+};
+
+static int run_self_tests(void)
+{
+    int passed = 0, failed = 0;
+    log_cfg.threshold = -1;      /* the tests provoke warnings on purpose */
+    for (size_t i = 0; i < sizeof self_tests / sizeof self_tests[0]; i++) {
+        test_failures = 0;
+        self_tests[i].fn();
+        printf("%s %s\n", test_failures ? "FAIL" : "ok  ", self_tests[i].name);
+        if (test_failures)
+            failed++;
+        else
+            passed++;
+    }
+    printf("%d passed, %d failed\n", passed, failed);
+    return failed ? 1 : 0;
+}

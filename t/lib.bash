@@ -1,0 +1,433 @@
+# t/lib.bash: shared helpers for the mandos.c Bats tests.
+#
+# Every .bats file does `load lib`.  The helpers start the server under test
+# on [::1]:PORT, make key sets with mandos-keygen (cached across runs), drive
+# the real mandos-client, and play hostile peers with small Python snippets.
+# Everything started here is remembered by PID and stopped by the default
+# teardown (mandos_teardown); every wait is bounded.
+#
+# Works with ./mandos (default) or, for cross-checking, with the reference
+# server: MANDOS_BIN=/usr/sbin/mandos bats t/.  The reference needs a system
+# D-Bus even with --no-dbus, so a private dbus-daemon is started for it.
+
+MANDOS_BIN=${MANDOS_BIN:-"$BATS_TEST_DIRNAME/../mandos"}
+REAL_CLIENT=${REAL_CLIENT:-/usr/lib/x86_64-linux-gnu/mandos/plugins.d/mandos-client}
+MANDOS_TEST_CACHE=${MANDOS_TEST_CACHE:-/tmp/mandos-c-test-cache}
+if [[ -x /usr/bin/python3 ]]; then PYTHON=${PYTHON:-/usr/bin/python3}; else PYTHON=${PYTHON:-python3}; fi
+
+SERVER_PID=
+SERVER_LOG=
+DBUS_PID=
+MANDOS_BG_PIDS=()
+
+# ---------------------------------------------------------------- skips
+
+need_root() {
+	[[ $(id -u) -eq 0 ]] || skip "needs root: ${1:-runs the real mandos-client}"
+}
+
+need_client() {
+	need_root "the real mandos-client needs root"
+	[[ -x $REAL_CLIENT ]] || skip "real client not installed: $REAL_CLIENT"
+	command -v mandos-keygen >/dev/null || skip "mandos-keygen not installed"
+}
+
+# True when MANDOS_BIN is the Python reference server (a script), not ours.
+is_reference() {
+	local first
+	first=$(head -c 2 "$MANDOS_BIN" 2>/dev/null) || return 1
+	[[ $first == '#!' ]]
+}
+
+# Skip a test of our own decided interface when running the reference.
+need_ours() {
+	if is_reference; then skip "reference server differs: ${1:-mandos.c interface}"; fi
+}
+
+need_server_bin() {
+	[[ -x $MANDOS_BIN ]] || skip "server binary not built: $MANDOS_BIN"
+}
+
+# ---------------------------------------------------------------- keys
+
+# keys_for NAME: echo a directory holding a key set for NAME, creating it once
+# (cached across test files and runs; flock guards concurrent creation).
+keys_for() {
+	local name=$1 base="$MANDOS_TEST_CACHE/keys" dir tmp
+	dir="$base/$name"
+	if [[ ! -e $dir/.done ]]; then
+		mkdir -p "$base" || return 1
+		(
+			flock -w 120 9 || { echo "keys_for: lock timeout" >&2; exit 1; }
+			if [[ ! -e $dir/.done ]]; then
+				tmp=$(mktemp -d "$base/.new-$name.XXXXXX") || exit 1
+				if ! mandos-keygen --dir "$tmp" --name "$name" --force >"$tmp/.keygen.log" 2>&1 </dev/null; then
+					cat "$tmp/.keygen.log" >&2
+					rm -rf "$tmp"
+					exit 1
+				fi
+				touch "$tmp/.done"
+				rm -rf "$dir"
+				mv "$tmp" "$dir"
+			fi
+		) 9>"$base/.lock" || return 1
+	fi
+	echo "$dir"
+}
+
+# client_section NAME PASSWORD [LINE...]: print a clients.conf section for the
+# key set NAME whose secret decrypts to PASSWORD (bytes as given, no newline
+# added), then the extra "key = value" LINEs.
+client_section() {
+	local name=$1 password=$2 dir passfile
+	shift 2
+	dir=$(keys_for "$name") || return 1
+	passfile=$(mktemp "${BATS_TEST_TMPDIR:-/tmp}/pass.XXXXXX") || return 1
+	printf '%s' "$password" >"$passfile"
+	if ! mandos-keygen --password --passfile "$passfile" --dir "$dir" --name "$name" --no-ssh </dev/null; then
+		rm -f "$passfile"
+		return 1
+	fi
+	rm -f "$passfile"
+	local line
+	for line in "$@"; do printf '%s\n' "$line"; done
+}
+
+# make_confdir [DIR]: create (default "$BATS_TEST_TMPDIR/conf") an empty
+# config directory with an empty clients.conf; echo it.
+make_confdir() {
+	local d=${1:-"$BATS_TEST_TMPDIR/conf"}
+	mkdir -p "$d" && : >>"$d/clients.conf" && chmod 755 "$d" && echo "$d"
+}
+
+# ---------------------------------------------------------------- ports
+
+# free_port: print a TCP port that is currently free on ::1.
+free_port() {
+	"$PYTHON" -c '
+import socket
+s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+s.bind(("::1", 0))
+print(s.getsockname()[1])
+s.close()'
+}
+
+# port_listening PORT: true if something listens on ::1 (or ::) port PORT.
+port_listening() {
+	local out
+	out=$(ss -Hltn "sport = :$1" 2>/dev/null) || return 1
+	[[ -n $out ]]
+}
+
+# ---------------------------------------------------------------- D-Bus
+
+# start_private_dbus: a private "system" bus for the reference server; sets
+# and exports DBUS_SYSTEM_BUS_ADDRESS.  The directory is world-readable since
+# the reference drops privileges before it connects.
+start_private_dbus() {
+	local d i
+	d=$(mktemp -d /tmp/mandos-test-dbus.XXXXXX) || return 1
+	chmod 755 "$d"
+	cat >"$d/bus.conf" <<-EOF
+	<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+	 "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+	<busconfig>
+	  <type>system</type>
+	  <listen>unix:path=$d/bus</listen>
+	  <auth>EXTERNAL</auth>
+	  <policy context="default">
+	    <allow user="*"/>
+	    <allow own="*"/>
+	    <allow send_destination="*"/>
+	    <allow receive_sender="*"/>
+	  </policy>
+	</busconfig>
+	EOF
+	dbus-daemon --config-file="$d/bus.conf" --nofork --nopidfile \
+		>"$d/dbus.log" 2>&1 </dev/null 3>&- &
+	DBUS_PID=$!
+	DBUS_DIR=$d
+	for ((i = 0; i < 200; i++)); do
+		[[ -S $d/bus ]] && break
+		pid_running "$DBUS_PID" || break
+		sleep 0.05
+	done
+	if [[ ! -S $d/bus ]]; then
+		echo "private dbus-daemon did not start:" >&2
+		cat "$d/dbus.log" >&2
+		return 1
+	fi
+	chmod 777 "$d/bus" 2>/dev/null
+	export DBUS_SYSTEM_BUS_ADDRESS="unix:path=$d/bus"
+}
+
+stop_private_dbus() {
+	if [[ -n $DBUS_PID ]]; then
+		stop_pid "$DBUS_PID"
+		DBUS_PID=
+	fi
+	if [[ -n ${DBUS_DIR:-} && -d $DBUS_DIR ]]; then rm -rf "$DBUS_DIR"; fi
+	DBUS_DIR=
+}
+
+# ---------------------------------------------------------------- processes
+
+# pid_running PID: the process exists and is not a zombie (kill -0 alone
+# also succeeds on an exited child that has not been reaped yet).
+pid_running() {
+	local stat
+	[[ -n $1 ]] || return 1
+	stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+	stat=${stat##*) }
+	[[ ${stat%% *} != Z ]]
+}
+
+# stop_pid PID [SECONDS]: SIGTERM, wait (bounded), SIGKILL; reap if our child.
+stop_pid() {
+	local pid=$1 secs=${2:-10} i
+	[[ -n $pid ]] || return 0
+	kill -TERM "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
+	for ((i = 0; i < secs * 20; i++)); do
+		pid_running "$pid" || break
+		sleep 0.05
+	done
+	if pid_running "$pid"; then
+		echo "# pid $pid ignored SIGTERM for ${secs}s, sending SIGKILL" >&2
+		kill -KILL "$pid" 2>/dev/null
+	fi
+	wait "$pid" 2>/dev/null || true
+	return 0
+}
+
+# track_pid PID: have mandos_teardown stop this background process.
+track_pid() {
+	MANDOS_BG_PIDS+=("$1")
+}
+
+# ---------------------------------------------------------------- server
+
+# start_server CONFDIR [ARG...]: start the server in the foreground with
+# --debug on [::1]:$PORT (PORT chosen by free_port unless set), log in
+# $BATS_TEST_TMPDIR/server.log ($SERVER_LOG), PID in $SERVER_PID; return once
+# the port listens (at most ~10 s), fail with the log if the server dies.
+start_server() {
+	local confdir=$1 i state="$BATS_TEST_TMPDIR/state"
+	shift
+	need_server_bin
+	[[ -n ${PORT:-} ]] || PORT=$(free_port) || return 1
+	if is_reference; then
+		# The reference drops privileges before it touches the state
+		# directory and the bus; the Bats temp tree is private (0700).
+		[[ -n ${REF_STATE_DIR:-} ]] || REF_STATE_DIR=$(mktemp -d /tmp/mandos-test-state.XXXXXX) || return 1
+		chmod 777 "$REF_STATE_DIR"
+		state=$REF_STATE_DIR
+		[[ -n $DBUS_PID ]] || start_private_dbus || return 1
+	fi
+	mkdir -p "$state"
+	SERVER_LOG="$BATS_TEST_TMPDIR/server.log"
+	"$MANDOS_BIN" --foreground --debug --no-zeroconf --no-dbus \
+		--configdir "$confdir" --statedir "$state" \
+		--address ::1 --port "$PORT" "$@" \
+		>"$SERVER_LOG" 2>&1 </dev/null 3>&- &
+	SERVER_PID=$!
+	for ((i = 0; i < 200; i++)); do
+		if ! pid_running "$SERVER_PID"; then
+			local st=0
+			wait "$SERVER_PID" || st=$?
+			echo "server exited with status $st before listening; log tail:" >&2
+			tail -n 60 "$SERVER_LOG" >&2
+			SERVER_PID=
+			return 1
+		fi
+		port_listening "$PORT" && return 0
+		sleep 0.05
+	done
+	echo "server did not listen on port $PORT within 10 s; log tail:" >&2
+	tail -n 60 "$SERVER_LOG" >&2
+	return 1
+}
+
+stop_server() {
+	if [[ -n $SERVER_PID ]]; then
+		stop_pid "$SERVER_PID" 10
+		SERVER_PID=
+	fi
+}
+
+# server_alive: the server process still exists (not a zombie we reaped).
+server_alive() {
+	pid_running "$SERVER_PID"
+}
+
+# assert_server_alive: fail with the log tail when the server is gone.
+assert_server_alive() {
+	if ! server_alive; then
+		echo "server (pid ${SERVER_PID:-none}) is not running; log tail:" >&2
+		tail -n 40 "$SERVER_LOG" >&2
+		return 1
+	fi
+}
+
+# ---------------------------------------------------------------- client
+
+# run_client NAME [TIMEOUT]: run the real client against [::1]:$PORT with the
+# key set NAME; its stdout (the password, no newline) is ours, its stderr goes
+# to $BATS_TEST_TMPDIR/client-NAME.err.  Returns the client's (or timeout's)
+# exit status.
+run_client() {
+	local name=$1 secs=${2:-30} keys hooks
+	keys=$(keys_for "$name") || return 1
+	hooks="$BATS_TEST_TMPDIR/no-hooks"
+	mkdir -p "$hooks"
+	timeout -k 5 "$secs" "$REAL_CLIENT" \
+		--connect="[::1]:$PORT" --interface=none \
+		--network-hook-dir="$hooks" --retry=1 \
+		--pubkey="$keys/pubkey.txt" --seckey="$keys/seckey.txt" \
+		--tls-pubkey="$keys/tls-pubkey.pem" \
+		--tls-privkey="$keys/tls-privkey.pem" \
+		2>"$BATS_TEST_TMPDIR/client-$name.err" </dev/null 3>&-
+}
+
+# client_gets NAME PASSWORD [TIMEOUT]: run the client, compare its output
+# with PASSWORD byte for byte; explain on failure.
+client_gets() {
+	local name=$1 want=$2 secs=${3:-30} out="$BATS_TEST_TMPDIR/got-$1" rc=0
+	run_client "$name" "$secs" >"$out" || rc=$?
+	if [[ $rc -ne 0 ]] || ! printf '%s' "$want" | cmp -s - "$out"; then
+		echo "client $name: exit $rc, got $(od -An -c "$out" | head -c 300)" >&2
+		echo "--- client stderr (tail):" >&2
+		tail -n 15 "$BATS_TEST_TMPDIR/client-$name.err" >&2
+		echo "--- server log (tail):" >&2
+		tail -n 30 "$SERVER_LOG" >&2
+		return 1
+	fi
+}
+
+# ---------------------------------------------------------------- peers
+
+# peer ACTION...: one scripted TCP peer against [::1]:$PORT (Python).
+# Actions, done in order:
+#   send:TEXT    send TEXT (backslash escapes as in Python bytes: \r \n \x00)
+#   rand:N       send N random bytes
+#   sleep:SECS   pause
+#   read:SECS    read whatever arrives within SECS (stop early at EOF)
+#   recv:N:SECS  read until N more bytes arrived, EOF, or SECS passed
+#   wait_eof:SECS  read until the server closes, at most SECS (= read)
+#   shut         half-close (shutdown write side)
+# Prints one summary line "received=N first=XX eof=yes|no" (first byte hex
+# or "-") and exits 0; exit 3 if the connection could not be made.
+peer() {
+	"$PYTHON" - "$PORT" "$@" <<-'EOF'
+	import os, socket, sys, time
+	port = int(sys.argv[1])
+	try:
+	    s = socket.create_connection(("::1", port), timeout=10)
+	except OSError as e:
+	    print("connect failed:", e)
+	    sys.exit(3)
+	got = b""
+	eof = False
+	def read_for(secs, want=None):
+	    global got, eof
+	    end = time.monotonic() + secs
+	    while not eof and (want is None or len(got) < want):
+	        left = end - time.monotonic()
+	        if left <= 0:
+	            return
+	        s.settimeout(left)
+	        try:
+	            b = s.recv(65536)
+	        except socket.timeout:
+	            return
+	        except OSError:
+	            eof = True
+	            return
+	        if not b:
+	            eof = True
+	            return
+	        got += b
+	for act in sys.argv[2:]:
+	    kind, _, arg = act.partition(":")
+	    try:
+	        if kind == "send":
+	            s.sendall(arg.encode("utf-8").decode("unicode_escape").encode("latin-1"))
+	        elif kind == "rand":
+	            s.sendall(os.urandom(int(arg)))
+	        elif kind == "sleep":
+	            time.sleep(float(arg))
+	        elif kind in ("read", "wait_eof"):
+	            read_for(float(arg))
+	        elif kind == "recv":
+	            n, _, secs = arg.partition(":")
+	            read_for(float(secs), len(got) + int(n))
+	        elif kind == "shut":
+	            s.shutdown(socket.SHUT_WR)
+	        else:
+	            print("bad action", act)
+	            sys.exit(2)
+	    except (BrokenPipeError, ConnectionResetError):
+	        eof = True
+	s.close()
+	print("received=%d first=%s eof=%s" % (len(got), "%02x" % got[0] if got else "-",
+	                                       "yes" if eof else "no"))
+	EOF
+}
+
+# tls_probe: send a valid version line; print the first byte the server
+# sends back as hex ("16" = a TLS handshake record, i.e. a ClientHello).
+tls_probe() {
+	local out
+	out=$(peer 'send:1\r\n' recv:1:8) || return 1
+	out=${out#*first=}
+	echo "${out%% *}"
+}
+
+# hold_silent_peers N [SECONDS]: open N connections that never send a byte,
+# in the background (tracked), for at most SECONDS (default 120); return once
+# all are connected.  HOLD_PID is the holder's PID.
+hold_silent_peers() {
+	local n=$1 secs=${2:-120} ready="$BATS_TEST_TMPDIR/hold.ready.$RANDOM" i
+	"$PYTHON" - "$PORT" "$n" "$secs" "$ready" >"$ready.log" 2>&1 3>&- <<-'EOF' &
+	import socket, sys, time
+	port, n, secs, ready = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+	socks = [socket.create_connection(("::1", port), timeout=10) for _ in range(n)]
+	open(ready, "w").close()
+	time.sleep(secs)
+	EOF
+	HOLD_PID=$!
+	track_pid "$HOLD_PID"
+	for ((i = 0; i < 400; i++)); do
+		[[ -e $ready ]] && return 0
+		pid_running "$HOLD_PID" || break
+		sleep 0.05
+	done
+	echo "could not open $n silent connections:" >&2
+	cat "$ready.log" >&2
+	return 1
+}
+
+# ---------------------------------------------------------------- asserts
+
+# refute_in_file STRING FILE: fail (showing the hit) if FILE contains STRING.
+refute_in_file() {
+	if grep -anF -- "$1" "$2" >&2; then
+		echo "unexpected: '$1' found in $2" >&2
+		return 1
+	fi
+}
+
+# ---------------------------------------------------------------- teardown
+
+mandos_teardown() {
+	local pid
+	for pid in "${MANDOS_BG_PIDS[@]}"; do stop_pid "$pid" 5; done
+	MANDOS_BG_PIDS=()
+	stop_server
+	stop_private_dbus
+	if [[ -n ${REF_STATE_DIR:-} && -d $REF_STATE_DIR ]]; then rm -rf "$REF_STATE_DIR"; fi
+	REF_STATE_DIR=
+}
+
+teardown() {
+	mandos_teardown
+}

@@ -1,0 +1,311 @@
+#!/usr/bin/env bats
+# Zeroconf end to end: the server publishes _mandos._tcp through a private
+# avahi-daemon in one network namespace, and the real mandos-client, given
+# no address, finds it by multicast DNS over a veth from another namespace.
+# The world (namespaces, private D-Bus, avahi-daemon) is built by
+# t/netns.bash and torn down after every test, pass or fail.
+#
+# Binaries: MANDOS_BIN (default ./mandos; the reference /usr/sbin/mandos
+# works too), MANDOS_DNSSD_BIN (a ZEROCONF=dnssd build), MANDOS_NONE_BIN (a
+# ZEROCONF=none build).  Set ZC_TIMINGS=FILE to append the measured times
+# there; they are also printed as "# ..." lines.  NSW_KEEP=1 keeps the
+# world's temporary directory (logs) after the run.
+
+load lib
+load netns
+
+PW_ZC='zeroconf pässword ✓ with  spaces'
+
+setup() {
+	need_root "builds network namespaces and runs the real mandos-client"
+	local tool
+	for tool in ip avahi-daemon avahi-browse dbus-daemon dbus-send unshare timeout ss; do
+		command -v "$tool" >/dev/null || skip "needs $tool (not installed)"
+	done
+	need_client
+	ZC_CLIENT_KEYS=$(keys_for zcalpha) || return 1
+}
+
+teardown() {
+	if [[ -z ${BATS_TEST_COMPLETED:-} && -n ${NSW_DIR:-} ]]; then
+		zc_dump_logs >&2
+	fi
+	nsw_down
+	mandos_teardown
+}
+
+# ---------------------------------------------------------------- helpers
+
+# zc_world: build the world and a config directory holding the client
+# section for key set zcalpha with password $PW_ZC.  Sets ZC_CONF.
+zc_world() {
+	nsw_up || return 1
+	ZC_CONF=$NSW_DIR/conf
+	mkdir -p "$ZC_CONF" "$NSW_DIR/no-hooks" || return 1
+	chmod 755 "$ZC_CONF"
+	client_section zcalpha "$PW_ZC" >"$ZC_CONF/clients.conf" || return 1
+}
+
+# zc_start_server BIN LABEL [ARG...]: start a server in the server
+# namespace with its own state directory; log in $NSW_DIR/LABEL.log.
+# Sets ZC_PID.  No --address, no --port unless given in ARGs.
+zc_start_server() {
+	local bin=$1 label=$2 state
+	shift 2
+	[[ -x $bin ]] || { echo "not executable: $bin" >&2; return 1; }
+	state=$NSW_DIR/state-$label
+	mkdir -p "$state" || return 1
+	# the reference drops privileges before it writes its state
+	chmod 777 "$state"
+	nsw_spawn srv "$NSW_DIR/$label.log" "$bin" --foreground --debug \
+		--no-dbus --configdir "$ZC_CONF" --statedir "$state" "$@"
+	ZC_PID=$NSW_PID
+}
+
+# zc_client OUTFILE SECS [ARG...]: run the real client in the client
+# namespace on the client-side veth, with no --connect unless given; its
+# stdout goes to OUTFILE, its stderr to OUTFILE.err.
+zc_client() {
+	local out=$1 secs=$2 k=$ZC_CLIENT_KEYS
+	shift 2
+	nsw_cli timeout -k 5 "$secs" "$REAL_CLIENT" \
+		--interface="$NSW_VCLI" --network-hook-dir="$NSW_DIR/no-hooks" \
+		--retry=1 --debug \
+		--pubkey="$k/pubkey.txt" --seckey="$k/seckey.txt" \
+		--tls-pubkey="$k/tls-pubkey.pem" --tls-privkey="$k/tls-privkey.pem" \
+		"$@" >"$out" 2>"$out.err" </dev/null 3>&-
+}
+
+# zc_expect_password OUTFILE RC: the client exited 0 and printed $PW_ZC
+# exactly (no newline added).
+zc_expect_password() {
+	local out=$1 rc=$2
+	if [[ $rc -eq 0 ]] && printf '%s' "$PW_ZC" | cmp -s - "$out"; then
+		return 0
+	fi
+	echo "client: exit $rc (124 = timed out), got: $(od -An -c "$out" | head -c 300)" >&2
+	echo "--- client stderr, without GnuTLS lines (tail):" >&2
+	grep -av -e 'GnuTLS' -e 'Unlinking' -e 'Wait until first server' \
+		"$out.err" | tail -n 25 >&2
+	return 1
+}
+
+# zc_unescape TEXT: undo avahi-browse -p escaping of a service name
+# ("\032" is a decimal byte value: "Mandos\032\0352" is "Mandos #2").
+zc_unescape() {
+	local s=$1 out='' d
+	while [[ $s =~ ^([^\\]*)\\([0-9][0-9][0-9])(.*)$ ]]; do
+		d=$((10#${BASH_REMATCH[2]}))
+		out+=${BASH_REMATCH[1]}$(printf '%b' "\\0$(printf '%03o' "$d")")
+		s=${BASH_REMATCH[3]}
+	done
+	printf '%s' "$out$s"
+}
+
+# zc_resolved: print one line "NAME|PORT|TXT" per resolved _mandos._tcp
+# service seen by avahi-daemon in the server namespace.
+zc_resolved() {
+	local line f
+	while IFS= read -r line; do
+		[[ $line == '='* ]] || continue
+		IFS=';' read -r -a f <<<"$line"
+		printf '%s|%s|%s\n' "$(zc_unescape "${f[3]}")" "${f[8]}" "${f[9]:-}"
+	done < <(nsw_browse)
+}
+
+# zc_has_names NAME...: every NAME is currently published (resolved).
+zc_has_names() {
+	local seen n
+	seen=$(zc_resolved) || return 1
+	for n in "$@"; do
+		grep -qxF -- "$n" <<<"$(cut -d'|' -f1 <<<"$seen")" || return 1
+	done
+}
+
+# zc_port_of PID: the TCP port the process PID listens on in the server
+# namespace (first one found).
+zc_port_of() {
+	nsw_srv ss -Hltnp 2>/dev/null |
+		awk -v want="pid=$1," 'index($0, want) {
+			n = split($4, a, ":"); print a[n]; exit }'
+}
+
+zc_alive() {
+	[[ -n $1 ]] && ! nsw_gone "$1"
+}
+
+zc_assert_alive() {
+	local pid=$1 label=$2
+	if ! zc_alive "$pid"; then
+		echo "server $label (pid $pid) is gone; log tail:" >&2
+		zc_log_tail "$NSW_DIR/$label.log" >&2
+		return 1
+	fi
+}
+
+# zc_log_tail FILE: the end of a server log without the reference
+# server's syslog tracebacks (no /dev/log in a test box) and TLS noise.
+zc_log_tail() {
+	grep -av -e 'GnuTLS' -e '^  ' -e '^Traceback' -e '^--- Logging error' \
+		-e '^[A-Za-z]*Error:' -e '^During handling' -e '^Call stack' \
+		-e '^Message:' -e '^Arguments:' -e '^$' "$1" 2>/dev/null | tail -n 30
+}
+
+zc_dump_logs() {
+	local f
+	echo "--- world logs in $NSW_DIR"
+	for f in "$NSW_DIR"/*.log; do
+		[[ -e $f ]] || continue
+		echo "--- $(basename "$f") (tail)"
+		zc_log_tail "$f"
+	done
+	echo "--- avahi-browse now:"
+	nsw_browse
+}
+
+# zc_timing TEXT: report one measurement.
+zc_timing() {
+	echo "# $*" >&3
+	if [[ -n ${ZC_TIMINGS:-} ]]; then
+		echo "$(date '+%F %T') $*" >>"$ZC_TIMINGS"
+	fi
+}
+
+# zc_discovery BIN LABEL: the whole discovery scenario for one binary.
+zc_discovery() {
+	local bin=$1 label=$2 t0 t1 rc=0 port seen
+	zc_world || return 1
+	t0=$(nsw_now_ms)
+	zc_start_server "$bin" "$label" || return 1
+	zc_client "$NSW_DIR/got" 30 || rc=$?
+	t1=$(nsw_now_ms)
+	zc_expect_password "$NSW_DIR/got" "$rc" || return 1
+	zc_timing "zeroconf discovery ($label: $(basename "$bin")): server start -> password $((t1 - t0)) ms"
+	zc_assert_alive "$ZC_PID" "$label" || return 1
+	# What avahi publishes: name Mandos, the port the server listens on,
+	# and no TXT record.
+	port=$(zc_port_of "$ZC_PID")
+	[[ -n $port ]] || { echo "cannot see the server's listening port" >&2; return 1; }
+	nsw_wait 10 zc_has_names Mandos || { echo "Mandos not in avahi-browse" >&2; return 1; }
+	seen=$(zc_resolved)
+	if ! grep -qxF "Mandos|$port|" <<<"$seen"; then
+		echo "expected 'Mandos|$port|' (name|port|TXT) in:" >&2
+		echo "$seen" >&2
+		return 1
+	fi
+}
+
+# ---------------------------------------------------------------- tests
+
+@test "zeroconf: real client with no --connect finds the server by mDNS and gets its password" {
+	need_server_bin
+	zc_discovery "$MANDOS_BIN" server
+}
+
+@test "zeroconf: two servers with one service name publish 'Mandos' and 'Mandos #2'; client still served" {
+	need_server_bin
+	zc_world
+	local t0 t1 rc=0 p1 p2
+	t0=$(nsw_now_ms)
+	zc_start_server "$MANDOS_BIN" first
+	p1=$ZC_PID
+	# let the first one claim the name before the second asks for it
+	nsw_wait 15 zc_has_names Mandos
+	zc_start_server "$MANDOS_BIN" second
+	p2=$ZC_PID
+	if ! nsw_wait 20 zc_has_names Mandos 'Mandos #2'; then
+		echo "expected both 'Mandos' and 'Mandos #2'; avahi-browse shows:" >&2
+		zc_resolved >&2
+		return 1
+	fi
+	t1=$(nsw_now_ms)
+	zc_timing "zeroconf collision: first start -> both names published $((t1 - t0)) ms"
+	zc_client "$NSW_DIR/got" 30 || rc=$?
+	zc_expect_password "$NSW_DIR/got" "$rc"
+	zc_assert_alive "$p1" first
+	zc_assert_alive "$p2" second
+	# each name points at a different listening port
+	local seen1 seen2
+	seen1=$(zc_resolved | grep -F 'Mandos|' | cut -d'|' -f2)
+	seen2=$(zc_resolved | grep -F 'Mandos #2|' | cut -d'|' -f2)
+	[[ -n $seen1 && -n $seen2 && $seen1 != "$seen2" ]] || {
+		echo "ports: Mandos='$seen1' Mandos #2='$seen2'" >&2
+		return 1
+	}
+}
+
+@test "zeroconf: after avahi-daemon is killed and restarted the service is published again" {
+	need_server_bin
+	zc_world
+	local t0 t1 rc=0
+	zc_start_server "$MANDOS_BIN" server
+	if ! nsw_wait 15 zc_has_names Mandos; then
+		echo "service never published before the restart" >&2
+		return 1
+	fi
+	t0=$(nsw_now_ms)
+	nsw_avahi_stop
+	# give the server a moment to notice the daemon is gone
+	sleep 1
+	zc_assert_alive "$ZC_PID" server
+	nsw_avahi_start
+	if ! nsw_wait 15 zc_has_names Mandos; then
+		echo "service not back within 15 s of avahi-daemon's restart" >&2
+		is_reference && echo "(MANDOS_BIN is the reference server)" >&2
+		return 1
+	fi
+	t1=$(nsw_now_ms)
+	zc_timing "zeroconf avahi restart: kill -> service published again $((t1 - t0)) ms (includes 1 s pause)"
+	zc_assert_alive "$ZC_PID" server
+	# and a client can still find and use it
+	zc_client "$NSW_DIR/got" 30 || rc=$?
+	zc_expect_password "$NSW_DIR/got" "$rc"
+}
+
+@test "zeroconf: ZEROCONF=dnssd build (MANDOS_DNSSD_BIN) is found by the real client" {
+	[[ -n ${MANDOS_DNSSD_BIN:-} ]] || skip "MANDOS_DNSSD_BIN not set (path of a ZEROCONF=dnssd build)"
+	[[ -x $MANDOS_DNSSD_BIN ]] || skip "MANDOS_DNSSD_BIN=$MANDOS_DNSSD_BIN is not an executable"
+	zc_discovery "$MANDOS_DNSSD_BIN" dnssd
+}
+
+@test "zeroconf: ZEROCONF=none build (MANDOS_NONE_BIN) needs a port, then serves without publishing" {
+	[[ -n ${MANDOS_NONE_BIN:-} ]] || skip "MANDOS_NONE_BIN not set (path of a ZEROCONF=none build)"
+	[[ -x $MANDOS_NONE_BIN ]] || skip "MANDOS_NONE_BIN=$MANDOS_NONE_BIN is not an executable"
+	zc_world
+	local rc=0 err=$NSW_DIR/none-noport.err port=40123 ll
+	# No --no-zeroconf, no port: a usage error (exit 2), and nothing runs.
+	nsw_srv timeout -k 2 10 "$MANDOS_NONE_BIN" --foreground --debug --no-dbus \
+		--configdir "$ZC_CONF" --statedir "$NSW_DIR" \
+		</dev/null >/dev/null 2>"$err" 3>&- || rc=$?
+	if [[ $rc -ne 2 ]]; then
+		echo "without a port: exit $rc, want 2 (124 or 137 = it kept running); stderr:" >&2
+		tail -n 10 "$err" >&2
+		return 1
+	fi
+	grep -q '^mandos: error: ' "$err" || {
+		echo "no 'mandos: error: ...' line on stderr:" >&2
+		cat "$err" >&2
+		return 1
+	}
+	# With a port it serves, across the veth, and publishes nothing.
+	zc_start_server "$MANDOS_NONE_BIN" none --port "$port"
+	nsw_wait 10 zc_port_is "$ZC_PID" "$port" || {
+		echo "none build not listening on port $port" >&2
+		return 1
+	}
+	ll=$(nsw_ll_addr "$NSW_SRV" "$NSW_VSRV")
+	rc=0
+	zc_client "$NSW_DIR/got" 30 --connect="[$ll]:$port" || rc=$?
+	zc_expect_password "$NSW_DIR/got" "$rc"
+	zc_assert_alive "$ZC_PID" none
+	if [[ -n $(zc_resolved) ]]; then
+		echo "the none build published something:" >&2
+		zc_resolved >&2
+		return 1
+	fi
+}
+
+# zc_port_is PID PORT: PID listens on PORT in the server namespace.
+zc_port_is() {
+	[[ $(zc_port_of "$1") == "$2" ]]
+}
