@@ -97,6 +97,7 @@
 #else
 #define ZEROCONF_NAME "none"
 #endif
+#define ZEROCONF_BUILT (HAVE_AVAHI || HAVE_DNS_SD)
 
 #if defined(__GNUC__) || defined(__clang__)
 #define PRINTF_LIKE(f, a) __attribute__((format(printf, f, a)))
@@ -425,10 +426,11 @@ static void sha256(const void *data, size_t n, unsigned char out[32])
     gnutls_hash_fast(GNUTLS_DIG_SHA256, data, n, out);
 }
 
-/* Read a whole file into a buffer; -1 with errno on failure. */
-static int read_file(const char *path, struct buf *out)
+/* Read a whole file into a buffer; -1 with errno on failure.  A relative
+ * path is taken relative to the directory `dirfd` (or AT_FDCWD). */
+static int read_file_at(int dirfd, const char *path, struct buf *out)
 {
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int fd = openat(dirfd, path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
         return -1;
     char chunk[8192];
@@ -450,6 +452,11 @@ static int read_file(const char *path, struct buf *out)
     wipe(chunk, sizeof chunk);
     close(fd);
     return 0;
+}
+
+static int read_file(const char *path, struct buf *out)
+{
+    return read_file_at(AT_FDCWD, path, out);
 }
 
 static int set_nonblock_cloexec(int fd)
@@ -1263,6 +1270,7 @@ struct server {
     int port;                    /* the port actually bound */
     int signal_pipe[2];          /* written by signal handlers, read by the loop */
     int state_dirfd;             /* the state directory, opened before dropping root */
+    int config_dirfd;            /* the config directory, likewise (for reloads) */
     bool state_dirty, state_urgent;
     int64_t state_saved_at;      /* monotonic ms */
     bool quitting;
@@ -1505,7 +1513,7 @@ static void client_approve(struct server *srv, struct client *c, bool approve)
 
 /* First checker at a random point within one interval, so a thousand
  * clients do not all run their checkers in the same second. */
-static void client_schedule_first_checker(struct server *srv, struct client *c, int64_t now)
+static void client_schedule_first_checker(struct client_table *t, struct client *c, int64_t now)
 {
     if (!c->cur.enabled)
         return;
@@ -1514,7 +1522,7 @@ static void client_schedule_first_checker(struct server *srv, struct client *c, 
     int64_t delay = c->cur.interval > 0 ? (int64_t)(r % (uint64_t)(c->cur.interval + 1)) : 0;
     c->next_checker = now + delay;
     c->expires = now + delay + c->cur.interval;
-    client_reschedule(&srv->clients, c);
+    client_reschedule(t, c);
 }
 
 /* Run whatever of this client's timers are due. */
@@ -1592,7 +1600,8 @@ struct client_reader {
     struct ini *ini;
     struct ini_section *sec;
     struct diag *diag;
-    const char *configdir;
+    const char *configdir;       /* for messages */
+    int config_dirfd;            /* relative secfile paths start here */
 };
 
 /* An interpolated value of this client's section, or NULL if unset. */
@@ -1711,15 +1720,11 @@ static void client_read_secret(struct client_reader *r, struct client *c)
         }
         struct buf path = { 0 };
         path_expand(file, &path);
-        if (path.len && path.data[0] != '/') {
-            /* relative to the config directory, not to wherever we started */
-            struct buf abs = { 0 };
-            buf_printf(&abs, "%s/%s", r->configdir, path.data);
-            buf_free(&path);
-            path = abs;
-        }
-        if (!path.len || read_file(path.data, &secret) < 0)
-            diag_error(r->diag, line, "[%s] secfile \"%s\": %s", r->sec->name,
+        /* relative to the config directory, not to wherever we started */
+        if (!path.len || read_file_at(r->config_dirfd, path.data, &secret) < 0)
+            diag_error(r->diag, line, "[%s] secfile \"%s%s%s\": %s", r->sec->name,
+                       path.len && path.data[0] != '/' ? r->configdir : "",
+                       path.len && path.data[0] != '/' ? "/" : "",
                        path.len ? path.data : "", path.len ? strerror(errno) : "empty path");
         buf_free(&path);
         free(file);
@@ -1796,12 +1801,12 @@ static struct client *client_from_section(struct client_reader *r)
 /* Parse clients.conf bytes into a table of fresh clients.  Returns the
  * number of errors (all reported through `diag`). */
 static int clients_from_buffer(const char *data, size_t len, const char *configdir,
-                               struct diag *diag, struct client_table *out)
+                               int config_dirfd, struct diag *diag, struct client_table *out)
 {
     struct ini ini;
     ini_init(&ini);
     ini_parse_buffer(&ini, data, len, diag);
-    struct client_reader r = { &ini, NULL, diag, configdir };
+    struct client_reader r = { &ini, NULL, diag, configdir, config_dirfd };
     for (size_t i = 1; i < ini.n; i++) {
         r.sec = &ini.sections[i];
         struct client *c = client_from_section(&r);
@@ -1836,16 +1841,22 @@ static void client_table_clear(struct client_table *t)
     memset(t, 0, sizeof *t);
 }
 
-/* Read <configdir>/clients.conf.  A missing file means no clients. */
-static int clients_load(const char *configdir, struct diag *diag, struct client_table *out)
+/* Read <configdir>/clients.conf through the directory descriptor opened
+ * at start-up (a reload runs unprivileged and may not traverse the path).
+ * A missing file means no clients. */
+static int clients_load(const char *configdir, int config_dirfd, struct diag *diag,
+                        struct client_table *out)
 {
     struct buf path = { 0 }, data = { 0 };
     buf_printf(&path, "%s/clients.conf", configdir);
     diag->file = path.data;
-    if (read_file(path.data, &data) < 0 && errno != ENOENT) {
-        diag_error(diag, 0, "cannot read: %s", strerror(errno));
+    if (read_file_at(config_dirfd, "clients.conf", &data) < 0 && errno != ENOENT) {
+        diag_error(diag, 0, "cannot read: %s%s", strerror(errno),
+                   errno == EACCES && geteuid() != 0
+                   ? " (the server runs unprivileged now: let its group read the file)" : "");
     } else {
-        clients_from_buffer(data.data ? data.data : "", data.len, configdir, diag, out);
+        clients_from_buffer(data.data ? data.data : "", data.len, configdir, config_dirfd,
+                            diag, out);
     }
     buf_wipe(&data);
     int errors = diag->count;
@@ -2469,30 +2480,14 @@ static void state_restore(struct server *srv)
     struct buf data = { 0 };
     char path[PATH_MAX];
     snprintf(path, sizeof path, "%s/%s", srv->set.statedir, STATE_FILE);
-    int fd = openat(srv->state_dirfd, STATE_FILE, O_RDONLY | O_CLOEXEC);
-    if (fd < 0 && errno == ENOENT) {
-        log_info("No saved state in %s; starting fresh", path);
-        return;
-    }
-    if (fd < 0)
+    if (read_file_at(srv->state_dirfd, STATE_FILE, &data) < 0) {
+        if (errno == ENOENT) {
+            log_info("No saved state in %s; starting fresh", path);
+            return;
+        }
         fatal("%s: cannot read saved state: %s (start with --no-restore to ignore it)",
               path, strerror(errno));
-    close(fd);
-    char fdpath[64];
-    snprintf(fdpath, sizeof fdpath, "/dev/fd/%d", srv->state_dirfd);
-    struct buf full = { 0 };
-    buf_printf(&full, "%s/%s", srv->set.statedir, STATE_FILE);
-    if (read_file(full.data, &data) < 0) {
-        /* the directory may sit under a path we cannot traverse */
-        fd = openat(srv->state_dirfd, STATE_FILE, O_RDONLY | O_CLOEXEC);
-        char chunk[4096];
-        ssize_t r;
-        while (fd >= 0 && (r = read(fd, chunk, sizeof chunk)) > 0)
-            buf_add(&data, chunk, (size_t)r);
-        if (fd >= 0)
-            close(fd);
     }
-    buf_free(&full);
     struct client_table saved = { 0 };
     struct diag diag = { path, 0, false, NULL };
     if (state_parse(data.data ? data.data : "", data.len, &diag, &saved) > 0) {
@@ -2666,12 +2661,18 @@ static void listen_open(struct server *srv)
     socklen_t len = sizeof ss;
     if (getsockname(fd, (struct sockaddr *)&ss, &len) < 0)
         fatal("getsockname: %s", strerror(errno));
-    char where[INET6_ADDRSTRLEN + 32];
-    format_peer(&ss, where, sizeof where);
-    srv->port = ss.ss_family == AF_INET6 ? ntohs(((struct sockaddr_in6 *)(void *)&ss)->sin6_port)
-        : ntohs(((struct sockaddr_in *)(void *)&ss)->sin_port);
+    char where[INET6_ADDRSTRLEN] = "?";
+    if (ss.ss_family == AF_INET6) {
+        struct sockaddr_in6 *s6 = (void *)&ss;
+        inet_ntop(AF_INET6, &s6->sin6_addr, where, sizeof where);
+        srv->port = ntohs(s6->sin6_port);
+    } else {
+        struct sockaddr_in *s4 = (void *)&ss;
+        inet_ntop(AF_INET, &s4->sin_addr, where, sizeof where);
+        srv->port = ntohs(s4->sin_port);
+    }
     srv->listen_fd = fd;
-    log_info("Now listening on %s, port %d", where, srv->port);
+    log_info("Now listening on address '%s', port %d", where, srv->port);
 }
 
 /* ---- connection bookkeeping ---------------------------------------------- */
@@ -2802,6 +2803,8 @@ static enum step conn_do_version(struct server *srv, struct conn *cn)
         }
         cn->line[cn->line_len++] = ch;
     }
+    if (cn->line_len && cn->line[cn->line_len - 1] == '\r')
+        cn->line_len--;
     cn->line[cn->line_len] = '\0';
     conn_log(cn, LOG_DEBUG, "Protocol version: '%s'", cn->line);
     char why[80];
@@ -3109,7 +3112,7 @@ static void conn_close_all(struct server *srv)
 static void zc_start(struct server *srv)
 {
     if (srv->set.zeroconf)
-        log_warn("built without Zeroconf support: not announcing the service");
+        log_info("built without Zeroconf support: not announcing the service");
 }
 
 static size_t zc_pollfds(struct server *srv, struct pollfd *fds, size_t max)
@@ -3489,6 +3492,10 @@ static int settings_apply_cmdline(struct settings *set, const struct cmdline *cl
         snprintf(err, errlen, "Needs port or socket to work without Zeroconf");
         return -1;
     }
+    if (!ZEROCONF_BUILT && set->port <= 0 && set->socket_fd < 0) {
+        snprintf(err, errlen, "built without Zeroconf: needs --port or --socket");
+        return -1;
+    }
     return 0;
 }
 
@@ -3750,7 +3757,7 @@ static void server_reload(struct server *srv)
     log_info("Reloading clients.conf");
     struct client_table fresh = { 0 };
     struct diag diag = { NULL, 0, true, NULL };
-    int errors = clients_load(srv->set.configdir, &diag, &fresh);
+    int errors = clients_load(srv->set.configdir, srv->config_dirfd, &diag, &fresh);
     if (errors) {
         log_err("Reload refused: %d error%s in %s/clients.conf; the previous configuration "
                 "stays in force", errors, errors == 1 ? "" : "s", srv->set.configdir);
@@ -3766,7 +3773,7 @@ static void server_reload(struct server *srv)
             reload_carry_over(srv, n, old, now);
         } else {
             log_info("Adding client %s", n->name);
-            client_schedule_first_checker(srv, n, now);
+            client_schedule_first_checker(&fresh, n, now);
         }
     }
     for (size_t i = 0; i < srv->clients.n; i++) {
@@ -3924,15 +3931,17 @@ static void tls_setup(struct server *srv)
         fatal("cannot allocate TLS credentials");
 }
 
-static void clients_conf_check_mode(const char *configdir)
+/* clients.conf holds secrets: only its owner, and the group we run as
+ * (so SIGHUP can re-read it), have any business reading it. */
+static void clients_conf_check_mode(const struct server *srv)
 {
-    struct buf path = { 0 };
     struct stat st;
-    buf_printf(&path, "%s/clients.conf", configdir);
-    if (stat(path.data, &st) == 0 && (st.st_mode & (S_IRGRP | S_IROTH)))
-        log_warn("%s is readable by others than its owner, but it holds secrets "
-                 "(chmod 600 it)", path.data);
-    buf_free(&path);
+    if (fstatat(srv->config_dirfd, "clients.conf", &st, 0) != 0)
+        return;
+    if ((st.st_mode & S_IROTH) || ((st.st_mode & S_IRGRP) && st.st_gid != srv->run_gid))
+        log_warn("%s/clients.conf is readable by others than its owner, but it holds "
+                 "secrets (chmod 600 it, or 640 with group of uid %ld)", srv->set.configdir,
+                 (long)srv->run_uid);
 }
 
 /* Read everything; any error stops us here, before serving or forking. */
@@ -3958,19 +3967,24 @@ static void server_configure(struct server *srv, const struct cmdline *cl)
     log_open_syslog(srv->set.servicename);
     if (srv->set.debug)
         gnutls_global_set_log_function(log_gnutls_line), gnutls_global_set_log_level(11);
-    int errors = clients_load(srv->set.configdir, &diag, &srv->clients);
+    srv->config_dirfd = open(srv->set.configdir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (srv->config_dirfd < 0)
+        fatal("cannot open config directory %s: %s", srv->set.configdir, strerror(errno));
+    privileges_choose(srv);
+    int errors = clients_load(srv->set.configdir, srv->config_dirfd, &diag, &srv->clients);
     if (errors)
         fatal("%d error%s in %s/clients.conf; not starting", errors, errors == 1 ? "" : "s",
               srv->set.configdir);
     if (srv->clients.n == 0)
         log_warn("No clients defined");
-    clients_conf_check_mode(srv->set.configdir);
+    clients_conf_check_mode(srv);
     tls_setup(srv);
 }
 
 static void server_start(struct server *srv)
 {
-    privileges_choose(srv);
+    /* before the port opens: a SIGHUP must never find default handling */
+    signals_install(srv);
     fds_mark_cloexec(srv->set.socket_fd);
     srv->state_dirfd = -1;
     statedir_open(srv);
@@ -3992,8 +4006,7 @@ static void server_start(struct server *srv)
     shim_pledge("stdio rpath wpath cpath inet unix dns proc exec");
     int64_t now = mono_ms();
     for (size_t i = 0; i < srv->clients.n; i++)
-        client_schedule_first_checker(srv, srv->clients.v[i], now);
-    signals_install(srv);
+        client_schedule_first_checker(&srv->clients, srv->clients.v[i], now);
     zc_start(srv);
     state_changed(srv, true);
     state_save(srv);
@@ -4121,7 +4134,7 @@ static char *parse_clients(const char *text, struct client_table *out)
     struct buf errs = { 0 };
     struct diag d = { "clients.conf", 0, false, &errs };
     buf_adds(&errs, "");
-    clients_from_buffer(text, strlen(text), "/nonexistent", &d, out);
+    clients_from_buffer(text, strlen(text), "/nonexistent", -1, &d, out);
     return errs.data;
 }
 
@@ -4477,7 +4490,7 @@ static void test_client_lifecycle(void)
     free(errs);
     struct client *c = srv.clients.v[0];
     int64_t now = mono_ms();
-    client_schedule_first_checker(&srv, c, now);
+    client_schedule_first_checker(&srv.clients, c, now);
     CHECK(c->next_checker >= now && c->next_checker <= now + c->cur.interval);
     CHECK(c->expires == c->next_checker + c->cur.interval);
     client_approve(&srv, c, true);

@@ -11,10 +11,11 @@ PW='hostile pässword ✓'
 setup() {
 	need_server_bin
 	CONF=$(make_confdir)
-	if command -v mandos-keygen >/dev/null; then
+	if can_run_client; then
 		client_section alpha "$PW" >"$CONF/clients.conf"
 	else
-		printf '[dummy]\nkey_id = 00\nfingerprint =\nsecret = aGVsbG8=\n' >"$CONF/clients.conf"
+		# Without root only the TLS probe checks that the server serves.
+		printf '[dummy]\nkey_id = %064d\nfingerprint =\nsecret = aGVsbG8=\n' 0 >"$CONF/clients.conf"
 	fi
 }
 

@@ -223,7 +223,9 @@ start_server() {
 		state=$REF_STATE_DIR
 		[[ -n $DBUS_PID ]] || start_private_dbus || return 1
 	fi
-	mkdir -p "$state"
+	# ours creates the state directory itself and gives it to the user it
+	# runs as; a directory made here would belong to root
+	is_reference && mkdir -p "$state"
 	SERVER_LOG="$BATS_TEST_TMPDIR/server.log"
 	"$MANDOS_BIN" --foreground --debug --no-zeroconf --no-dbus \
 		--configdir "$confdir" --statedir "$state" \
