@@ -86,10 +86,17 @@ uninstall:
 	rm -f $(DESTDIR)$(SBINDIR)/mandos $(DESTDIR)$(MANDIR)/man8/mandos.8
 	rm -f $(DESTDIR)$(MANDIR)/man5/mandos.conf.5 $(DESTDIR)$(MANDIR)/man5/mandos-clients.conf.5
 	rm -f $(DESTDIR)$(UNITDIR)/mandos.service $(DESTDIR)$(SYSUSERSDIR)/mandos.conf
-	cmp -s etc/mandos.conf $(DESTDIR)$(SYSCONFDIR)/mandos/mandos.conf && rm -f $(DESTDIR)$(SYSCONFDIR)/mandos/mandos.conf || true
-	cmp -s etc/clients.conf $(DESTDIR)$(SYSCONFDIR)/mandos/clients.conf && rm -f $(DESTDIR)$(SYSCONFDIR)/mandos/clients.conf || true
+	# the example configs go only if nobody edited them
+	if cmp -s etc/mandos.conf $(DESTDIR)$(SYSCONFDIR)/mandos/mandos.conf; then rm -f $(DESTDIR)$(SYSCONFDIR)/mandos/mandos.conf; fi
+	if cmp -s etc/clients.conf $(DESTDIR)$(SYSCONFDIR)/mandos/clients.conf; then rm -f $(DESTDIR)$(SYSCONFDIR)/mandos/clients.conf; fi
 	-rmdir $(DESTDIR)$(SYSCONFDIR)/mandos 2>/dev/null
-	-rmdir -p $(DESTDIR)$(SBINDIR) $(DESTDIR)$(MANDIR)/man8 $(DESTDIR)$(MANDIR)/man5 $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSUSERSDIR) $(DESTDIR)$(SYSCONFDIR) 2>/dev/null
+	# under a DESTDIR, also remove the directories install made, if empty
+	if [ -n "$(DESTDIR)" ]; then \
+	    for d in $(SBINDIR) $(MANDIR)/man8 $(MANDIR)/man5 $(UNITDIR) $(SYSUSERSDIR) $(SYSCONFDIR); do \
+	        d="$(DESTDIR)$$d"; \
+	        while [ "$$d" != "$(DESTDIR)" ] && [ "$$d" != / ] && rmdir "$$d" 2>/dev/null; do d=$$(dirname "$$d"); done; \
+	    done; \
+	fi
 
 clean:
 	rm -f mandos mandos-dnssd mandos-none mandos.8 mandos.conf.5 mandos-clients.conf.5

@@ -182,11 +182,13 @@ pid_running() {
 	[[ ${stat%% *} != Z ]]
 }
 
-# stop_pid PID [SECONDS]: SIGTERM, wait (bounded), SIGKILL; reap if our child.
+# stop_pid PID [SECONDS]: SIGTERM, wait (bounded), SIGKILL; reap if our
+# child, leaving its exit status in STOP_STATUS (127 if not our child).
 stop_pid() {
 	local pid=$1 secs=${2:-10} i
 	[[ -n $pid ]] || return 0
-	kill -TERM "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
+	STOP_STATUS=0
+	kill -TERM "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || STOP_STATUS=$?; return 0; }
 	for ((i = 0; i < secs * 20; i++)); do
 		pid_running "$pid" || break
 		sleep 0.05
@@ -195,7 +197,8 @@ stop_pid() {
 		echo "# pid $pid ignored SIGTERM for ${secs}s, sending SIGKILL" >&2
 		kill -KILL "$pid" 2>/dev/null
 	fi
-	wait "$pid" 2>/dev/null || true
+	STOP_STATUS=0
+	wait "$pid" 2>/dev/null || STOP_STATUS=$?
 	return 0
 }
 
@@ -249,9 +252,13 @@ start_server() {
 	return 1
 }
 
+# stop_server: SIGTERM the server (SIGKILL after 10 s); its exit status is
+# left in SERVER_STATUS (0 = orderly, 143/137 = killed by the signal).
 stop_server() {
 	if [[ -n $SERVER_PID ]]; then
 		stop_pid "$SERVER_PID" 10
+		# shellcheck disable=SC2034  # read by the tests
+		SERVER_STATUS=$STOP_STATUS
 		SERVER_PID=
 	fi
 }

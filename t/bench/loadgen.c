@@ -15,11 +15,15 @@
  * Modes:
  *   loadgen --port P --keys DIR[,DIR...] | --keydir-list FILE
  *           [--host ::1] [--requests N] [--concurrency C] [--timeout S]
- *           [--expect FILE] [--server-pid PID] [--nodelay] [--quiet]
+ *           [--expect FILE] [--server-pid PID] [--max-time S] [--nodelay]
+ *           [--quiet]
  *     Run the load; print a summary and a final line
  *     "RESULT ok=.. fail=.. ... rps=.. p50_ms=.. p99_ms=.. max_ms=..".
  *     With --server-pid, also the CPU time used meanwhile by that process
  *     and its descendants (utime+stime+cutime+cstime, from /proc).
+ *     --max-time bounds the run: no request starts after S seconds (those
+ *     not started are reported as skipped); started ones run to their end
+ *     or their own --timeout.
  *
  *   loadgen --tree-stats PID
  *     Print "TREE pid=.. nproc=.. rss_kb=.. pss_kb=.. cpu_ms=.." for the
@@ -68,6 +72,7 @@ struct opts {
 	long requests;
 	long concurrency;
 	double timeout_s;
+	double max_time_s;		/* 0: unbounded */
 	const char *keys;		/* comma-separated key dirs */
 	const char *keydir_list;	/* file, one key dir a line */
 	const char *expect;		/* overrides DIR/expected.bin */
@@ -87,8 +92,9 @@ static void usage(void)
 	    "usage: loadgen --port P (--keys D1[,D2..] | --keydir-list F)\n"
 	    "         [--host ::1] [--requests N] [--concurrency C] "
 	    "[--timeout S]\n"
-	    "         [--expect FILE] [--server-pid PID] [--priority STR] "
-	    "[--nodelay] [--quiet]\n"
+	    "         [--expect FILE] [--server-pid PID] [--max-time S] "
+	    "[--priority STR]\n"
+	    "         [--nodelay] [--quiet]\n"
 	    "       loadgen --tree-stats PID\n"
 	    "       loadgen --exec-listen --port P --report FILE "
 	    "[--timeout S] -- CMD [ARG...]\n");
@@ -158,6 +164,12 @@ static void parse_opts(int argc, char **argv, struct opts *o)
 
 			o->timeout_s = strtod(v, &end);
 			if (end == v || *end != '\0' || !(o->timeout_s > 0))
+				usage();
+		} else if (strcmp(a, "--max-time") == 0) {
+			char *end;
+
+			o->max_time_s = strtod(v, &end);
+			if (end == v || *end != '\0' || !(o->max_time_s > 0))
 				usage();
 		} else if (strcmp(a, "--keys") == 0) {
 			o->keys = v;
@@ -546,6 +558,7 @@ struct run {
 	struct keyset *ks;
 	size_t nks;
 	long started, finished;
+	long total;			/* requests, less those skipped */
 	long fails[FAIL_KINDS];
 	long timeouts_in[6];		/* timeouts by state */
 	double *lat_ms;			/* successes only */
@@ -944,12 +957,19 @@ static int load_run(const struct opts *o)
 	if (o->server_pid > 0)
 		have_cpu = tree_stats(o->server_pid, &ts0) == 0;
 	t0 = now_s();
-	while (r.finished < o->requests) {
+	r.total = o->requests;
+	while (r.finished < r.total) {
 		double now, next;
 		int npfd = 0, timeout_ms, n;
 
+		/* Past --max-time, start nothing new. */
+		if (o->max_time_s > 0 && r.started < r.total &&
+		    now_s() - t0 > o->max_time_s) {
+			r.total = r.started;
+			continue;
+		}
 		/* Fill free slots. */
-		for (i = 0; i < conc && r.started < o->requests; i++) {
+		for (i = 0; i < conc && r.started < r.total; i++) {
 			if (conns[i].state != CONN_FREE)
 				continue;
 			if (conn_start(&r, &conns[i]) == 0)
@@ -1009,7 +1029,10 @@ static int load_run(const struct opts *o)
 		    "timeout %.0f s)\n", o->requests, conc, r.nks,
 		    r.nks == 1 ? "" : "s", o->timeout_s);
 		printf("successes    %ld\n", ok);
-		printf("failures     %ld:", o->requests - ok);
+		if (r.total < o->requests)
+			printf("skipped      %ld (--max-time %.0f s)\n",
+			    o->requests - r.total, o->max_time_s);
+		printf("failures     %ld:", r.total - ok);
 		for (k = 1; k < FAIL_KINDS; k++)
 			printf(" %s=%ld", fail_names[k], r.fails[k]);
 		printf("\n");
@@ -1032,7 +1055,8 @@ static int load_run(const struct opts *o)
 			    ok > 0 ? (ts1.cpu_ms - ts0.cpu_ms) * 1000.0 /
 			    (double)ok : 0.0);
 	}
-	printf("RESULT ok=%ld fail=%ld", ok, o->requests - ok);
+	printf("RESULT ok=%ld fail=%ld skipped=%ld", ok, r.total - ok,
+	    o->requests - r.total);
 	for (k = 1; k < FAIL_KINDS; k++)
 		printf(" %s=%ld", fail_names[k], r.fails[k]);
 	printf(" conc=%ld wall_s=%.3f rps=%.1f p50_ms=%.2f p99_ms=%.2f "

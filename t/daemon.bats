@@ -1,0 +1,161 @@
+#!/usr/bin/env bats
+# Process behaviour: daemon mode and its PID file, privileges, systemd
+# readiness, socket activation, install/uninstall.
+
+load lib
+
+PIDFILE=/run/mandos.pid
+
+setup() {
+	CONF=$(make_confdir)
+}
+
+teardown() {
+	if [[ -n ${DAEMON_PID:-} ]]; then stop_pid "$DAEMON_PID" 5; fi
+	mandos_teardown
+}
+
+@test "daemon: bad config is reported on stderr before forking, exit 1" {
+	need_server_bin
+	printf '[a]\nsecret = aGVsbG8=\ntimeout = soon\n' >"$CONF/clients.conf"
+	run "$MANDOS_BIN" --no-zeroconf --no-dbus --configdir "$CONF" \
+		--statedir "$BATS_TEST_TMPDIR/state" --address ::1 --port "$(free_port)"
+	[[ $status -eq 1 ]]
+	[[ $output == *"clients.conf:3:"* ]]
+}
+
+@test "daemon: PID file, unprivileged with no supplementary groups, serves, SIGTERM removes the PID file" {
+	need_client
+	[[ ! -e $PIDFILE ]] || skip "$PIDFILE exists already (another mandos?)"
+	client_section alpha 'daemon pw' 'checker = true' >"$CONF/clients.conf"
+	PORT=$(free_port)
+	run "$MANDOS_BIN" --no-zeroconf --no-dbus --configdir "$CONF" \
+		--statedir "$BATS_TEST_TMPDIR/state" --address ::1 --port "$PORT" 3>&-
+	[[ $status -eq 0 ]]
+	local i
+	for ((i = 0; i < 100; i++)); do [[ -s $PIDFILE ]] && break; sleep 0.05; done
+	DAEMON_PID=$(cat "$PIDFILE")
+	pid_running "$DAEMON_PID"
+	for ((i = 0; i < 100; i++)); do port_listening "$PORT" && break; sleep 0.05; done
+	# the process in the PID file is the daemon itself, not the launcher
+	[[ $(ps -o comm= -p "$DAEMON_PID") == mandos ]]
+	local user
+	user=$(ps -o user= -p "$DAEMON_PID")
+	[[ $user == _mandos || $user == mandos || $user == nobody ]]
+	[[ $(awk '/^Groups:/ { print NF - 1 }' "/proc/$DAEMON_PID/status") -eq 0 ]]
+	[[ $(awk '/^Uid:/ { print $2 $3 $4 $5 }' "/proc/$DAEMON_PID/status") != *0* ]] ||
+		[[ $(awk '/^Uid:/ { print ($2 == 0 || $3 == 0 || $4 == 0) }' "/proc/$DAEMON_PID/status") -eq 0 ]]
+	SERVER_LOG=/dev/null
+	client_gets alpha 'daemon pw'
+	kill -TERM "$DAEMON_PID"
+	for ((i = 0; i < 100; i++)); do [[ -e $PIDFILE ]] || break; sleep 0.05; done
+	[[ ! -e $PIDFILE ]]
+	! pid_running "$DAEMON_PID"
+	DAEMON_PID=
+}
+
+# notify_listener SOCKET PORT OUT: record each datagram; on READY=1 note
+# whether the port already accepts connections.
+notify_listener() {
+	"$PYTHON" - "$1" "$2" "$3" <<-'EOF' &
+	import os, socket, sys, time
+	path, port, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+	s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+	s.bind(path)
+	os.chmod(path, 0o777)
+	s.settimeout(60)
+	with open(out, "a", buffering=1) as f:
+	    for _ in range(20):
+	        try:
+	            msg = s.recv(4096).decode()
+	        except socket.timeout:
+	            break
+	        note = ""
+	        if "READY=1" in msg:
+	            c = socket.socket(socket.AF_INET6)
+	            note = " port-open" if c.connect_ex(("::1", port)) == 0 else " port-closed"
+	            c.close()
+	        f.write(msg.replace("\n", ",") + note + "\n")
+	EOF
+	track_pid $!
+}
+
+@test "systemd: READY=1 only once the port accepts; RELOADING=1 then READY=1 on SIGHUP; STOPPING=1" {
+	need_server_bin
+	printf '[a]\nsecret = aGVsbG8=\nchecker = true\n' >"$CONF/clients.conf"
+	local sock="$BATS_TEST_TMPDIR/notify.sock" out="$BATS_TEST_TMPDIR/notify.out" i
+	PORT=$(free_port)
+	notify_listener "$sock" "$PORT" "$out"
+	for ((i = 0; i < 100; i++)); do [[ -S $sock ]] && break; sleep 0.05; done
+	NOTIFY_SOCKET=$sock start_server "$CONF"
+	for ((i = 0; i < 100; i++)); do grep -q READY=1 "$out" 2>/dev/null && break; sleep 0.05; done
+	[[ $(sed -n 1p "$out") == "READY=1 port-open" ]]
+	kill -HUP "$SERVER_PID"
+	for ((i = 0; i < 100; i++)); do [[ $(grep -c READY=1 "$out") -ge 2 ]] && break; sleep 0.05; done
+	[[ $(sed -n 2p "$out") == RELOADING=1* ]]
+	[[ $(sed -n 3p "$out") == "READY=1 port-open" ]]
+	stop_server
+	for ((i = 0; i < 100; i++)); do grep -q STOPPING=1 "$out" && break; sleep 0.05; done
+	grep -q STOPPING=1 "$out"
+}
+
+@test "systemd: --socket uses an inherited listening socket (fd 3)" {
+	need_client
+	client_section alpha 'socket pw' 'checker = true' >"$CONF/clients.conf"
+	local portfile="$BATS_TEST_TMPDIR/port"
+	SERVER_LOG="$BATS_TEST_TMPDIR/server.log"
+	"$PYTHON" - "$portfile" "$MANDOS_BIN" "$CONF" "$BATS_TEST_TMPDIR/state" <<-'EOF' >"$SERVER_LOG" 2>&1 3>&- &
+	import os, socket, sys
+	portfile, binary, conf, state = sys.argv[1:5]
+	s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+	s.bind(("::1", 0))
+	s.listen(16)
+	with open(portfile + ".tmp", "w") as f:
+	    f.write(str(s.getsockname()[1]))
+	os.rename(portfile + ".tmp", portfile)
+	os.dup2(s.fileno(), 3)
+	os.set_inheritable(3, True)
+	os.execv(binary, [binary, "--foreground", "--debug", "--no-zeroconf", "--no-dbus",
+	                  "--configdir", conf, "--statedir", state, "--socket", "3"])
+	EOF
+	SERVER_PID=$!
+	local i
+	for ((i = 0; i < 100; i++)); do [[ -s $portfile ]] && break; sleep 0.05; done
+	PORT=$(cat "$portfile")
+	for ((i = 0; i < 100; i++)); do grep -q "Now listening" "$SERVER_LOG" && break; sleep 0.05; done
+	grep -q "port $PORT" "$SERVER_LOG"
+	client_gets alpha 'socket pw'
+}
+
+@test "install: make install DESTDIR then make uninstall leaves the tree empty" {
+	command -v xsltproc >/dev/null || skip "xsltproc not installed"
+	[[ -e /usr/share/xml/docbook/stylesheet/docbook-xsl/manpages/docbook.xsl ]] ||
+		skip "docbook-xsl not installed"
+	local root="$BATS_TEST_TMPDIR/root" src="$BATS_TEST_DIRNAME/.."
+	mkdir -p "$root"
+	make -s -C "$src" install DESTDIR="$root" PREFIX=/usr SYSCONFDIR=/etc >/dev/null
+	[[ -x $root/usr/sbin/mandos ]]
+	[[ -s $root/usr/share/man/man8/mandos.8 ]]
+	[[ -s $root/usr/share/man/man5/mandos-clients.conf.5 ]]
+	[[ -s $root/usr/lib/systemd/system/mandos.service ]]
+	[[ $(stat -c %a "$root/etc/mandos/clients.conf") == 600 ]]
+	# an existing clients.conf is never overwritten
+	echo '# mine' >>"$root/etc/mandos/clients.conf"
+	make -s -C "$src" install DESTDIR="$root" PREFIX=/usr SYSCONFDIR=/etc >/dev/null
+	grep -q '# mine' "$root/etc/mandos/clients.conf"
+	rm "$root/etc/mandos/clients.conf"
+	make -s -C "$src" uninstall DESTDIR="$root" PREFIX=/usr SYSCONFDIR=/etc >/dev/null
+	run find "$root" -mindepth 1
+	[[ -z $output ]]
+}
+
+@test "install: the unit passes systemd-analyze verify (when available)" {
+	command -v systemd-analyze >/dev/null || skip "systemd-analyze not installed"
+	local d="$BATS_TEST_TMPDIR/unit"
+	mkdir -p "$d"
+	sed "s|/usr/sbin/mandos|$(readlink -f "$MANDOS_BIN")|" \
+		"$BATS_TEST_DIRNAME/../etc/mandos.service" >"$d/mandos.service"
+	run systemd-analyze verify "$d/mandos.service"
+	echo "$output"
+	[[ $status -eq 0 ]]
+}
