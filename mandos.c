@@ -3348,10 +3348,10 @@ static void zc_group_cb(AvahiEntryGroup *g, AvahiEntryGroupState state, void *us
             zc_publish(zc);
         break;
     case AVAHI_ENTRY_GROUP_FAILURE:
+        /* zc_retry replaces the group: not freed here, inside its callback */
         log_err("Avahi: error in entry group: %s; trying again in %d s",
                 avahi_strerror(avahi_client_errno(avahi_entry_group_get_client(g))),
                 ZC_RETRY_MS / 1000);
-        zc_withdraw(zc);
         zc->retry_at = mono_ms() + ZC_RETRY_MS;
         break;
     case AVAHI_ENTRY_GROUP_UNCOMMITED:
@@ -3433,6 +3433,23 @@ static void zc_client_open(struct zc *zc)
     zc->said_so = false;
 }
 
+/* The retry timer: a new client, or a new group for a failed one.  Runs
+ * outside Avahi's callbacks, where freeing its objects is safe. */
+static void zc_retry(struct zc *zc)
+{
+    zc->retry_at = 0;
+    if (!zc->client) {
+        zc_client_open(zc);
+        return;
+    }
+    if (zc->group && avahi_entry_group_get_state(zc->group) == AVAHI_ENTRY_GROUP_FAILURE) {
+        avahi_entry_group_free(zc->group);
+        zc->group = NULL;
+    }
+    if (avahi_client_get_state(zc->client) == AVAHI_CLIENT_S_RUNNING)
+        zc_publish(zc);
+}
+
 /* -- the five zc_* functions -- */
 
 static void zc_start(struct server *srv)
@@ -3503,13 +3520,8 @@ static void zc_process(struct server *srv, const struct pollfd *fds, size_t n, i
     zc_reap(zc);
     if (zc->client_failed)
         zc_client_close(zc);
-    if (zc->retry_at && zc->retry_at <= now) {
-        zc->retry_at = 0;
-        if (!zc->client)
-            zc_client_open(zc);
-        else if (avahi_client_get_state(zc->client) == AVAHI_CLIENT_S_RUNNING)
-            zc_publish(zc);
-    }
+    if (zc->retry_at && zc->retry_at <= now)
+        zc_retry(zc);
 }
 
 static int64_t zc_deadline(const struct server *srv)
