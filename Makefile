@@ -41,21 +41,28 @@ TLS_LIBS = $(shell pkg-config --libs gnutls)
 
 all: mandos
 
-mandos: mandos.c Makefile
+# .zeroconf remembers the back end ./mandos was built with, so that
+# switching ZEROCONF rebuilds it instead of saying "up to date".
+mandos: mandos.c Makefile .zeroconf
 	@t/deps.sh build
 	$(CC) $(WARNINGS) $(CFLAGS) $(TLS_CFLAGS) $(ZC_CFLAGS) -o $@ mandos.c $(LDFLAGS) $(TLS_LIBS) $(ZC_LIBS)
 
+.zeroconf: FORCE
+	@echo $(ZEROCONF) | cmp -s - $@ || echo $(ZEROCONF) > $@
+
 # Builds of the other back ends, for the Zeroconf tests.
-mandos-dnssd: mandos.c
+mandos-dnssd: mandos.c Makefile
 	$(MAKE) --no-print-directory ZEROCONF=dnssd mandos-variant VARIANT=$@
-mandos-none: mandos.c
+mandos-none: mandos.c Makefile
 	$(MAKE) --no-print-directory ZEROCONF=none mandos-variant VARIANT=$@
 mandos-variant:
 	$(CC) $(WARNINGS) $(CFLAGS) $(TLS_CFLAGS) $(ZC_CFLAGS) -o $(VARIANT) mandos.c $(LDFLAGS) $(TLS_LIBS) $(ZC_LIBS)
 
+# The Zeroconf tests skip the other back ends unless told where they are.
 check: mandos mandos-dnssd mandos-none
 	@t/deps.sh test
-	t/run-tests.sh
+	MANDOS_DNSSD_BIN=$${MANDOS_DNSSD_BIN:-$(CURDIR)/mandos-dnssd} \
+	MANDOS_NONE_BIN=$${MANDOS_NONE_BIN:-$(CURDIR)/mandos-none} t/run-tests.sh
 
 demo: mandos
 	@t/deps.sh test
@@ -99,6 +106,6 @@ uninstall:
 	fi
 
 clean:
-	rm -f mandos mandos-dnssd mandos-none mandos.8 mandos.conf.5 mandos-clients.conf.5
+	rm -f mandos mandos-dnssd mandos-none .zeroconf mandos.8 mandos.conf.5 mandos-clients.conf.5
 
-.PHONY: all check demo man install uninstall clean mandos-variant
+.PHONY: all check demo man install uninstall clean mandos-variant FORCE

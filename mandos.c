@@ -81,6 +81,18 @@
 #include <gnutls/crypto.h>
 #include <gnutls/gnutls.h>
 
+/* The Zeroconf back end's headers; section 9 holds the matching code. */
+#if HAVE_AVAHI
+#include <avahi-client/client.h>
+#include <avahi-client/publish.h>
+#include <avahi-common/alternative.h>
+#include <avahi-common/error.h>
+#include <avahi-common/malloc.h>
+#include <avahi-common/watch.h>
+#elif HAVE_DNS_SD
+#include <dns_sd.h>
+#endif
+
 /* Raw public keys (RFC 7250) arrived in GnuTLS 3.6.6; OpenPGP certificates
  * left in 3.6.0.  Without raw keys no current client can authenticate. */
 #if GNUTLS_VERSION_NUMBER < 0x030606
@@ -90,6 +102,7 @@
 #define MANDOS_VERSION "1.8.16"     /* the protocol/manual version we mirror */
 #define MANDOS_C_VERSION "0.1"
 
+#define ZC_AVAILABLE (HAVE_AVAHI || HAVE_DNS_SD)  /* a plain expression, usable in C code */
 #if HAVE_AVAHI
 #define ZEROCONF_NAME "avahi"
 #elif HAVE_DNS_SD
@@ -3105,10 +3118,690 @@ static void conn_close_all(struct server *srv)
 /* ===================================================================== */
 
 #define ZC_MAX_FDS 8             /* poll slots a back end may use */
+#define ZC_SERVICE_TYPE "_mandos._tcp"
+#define ZC_RETRY_MS 5000         /* wait before asking a missing daemon again */
 
-#if !HAVE_AVAHI && !HAVE_DNS_SD
+#if HAVE_AVAHI
 
-/* No Zeroconf: clients must be given the address (--connect). */
+/* ---- avahi: the Avahi client library inside our own poll() loop ------------
+ * Avahi talks to avahi-daemon over D-Bus and asks its caller for a main loop
+ * through an AvahiPoll table: file descriptor watches and timeouts.  We
+ * implement that table on two fixed arrays, so the D-Bus socket simply sits
+ * in our poll set and Avahi's timers join our deadline.  The client is made
+ * with AVAHI_CLIENT_NO_FAIL, so a daemon that is not (yet) running only
+ * delays the announcement; when a running daemon goes away we make a new
+ * client, which announces again once the daemon returns. */
+
+#define ZC_MAX_TIMEOUTS 16
+#define ZC_MAX_RENAMES 32768     /* the reference gives up after this many */
+
+enum zc_slot_state {
+    ZC_FREE,                     /* unused */
+    ZC_LIVE,                     /* owned by Avahi */
+    ZC_DEAD                      /* freed by Avahi during this turn: not reusable
+                                  * until the turn ends, so revents polled for
+                                  * the old watch never reach a new one */
+};
+
+struct AvahiWatch {              /* Avahi declares the type; each main loop defines it */
+    enum zc_slot_state state;
+    int fd;
+    AvahiWatchEvent events;      /* what Avahi waits for */
+    AvahiWatchEvent revents;     /* what poll() last reported, for get_events */
+    AvahiWatchCallback cb;
+    void *userdata;
+};
+
+struct AvahiTimeout {
+    enum zc_slot_state state;
+    bool armed;
+    int64_t due;                 /* monotonic ms, valid when armed */
+    AvahiTimeoutCallback cb;
+    void *userdata;
+};
+
+struct zc {
+    struct server *srv;
+    AvahiPoll api;               /* our main loop, as Avahi sees it */
+    struct AvahiWatch watch[ZC_MAX_FDS];
+    struct AvahiTimeout timeout[ZC_MAX_TIMEOUTS];
+    size_t slot[ZC_MAX_FDS];     /* poll slot -> watch index, from zc_pollfds */
+    AvahiClient *client;
+    AvahiEntryGroup *group;
+    AvahiIfIndex ifindex;
+    char *name;                  /* the service name, after any renames */
+    long renames;
+    bool client_failed;          /* free the client once its callback is over */
+    bool gave_up;                /* out of alternative names: announce nothing */
+    bool waiting;                /* the client waits for the daemon to appear */
+    bool said_so;                /* a retry was logged: repeat only at DEBUG */
+    int64_t retry_at;            /* monotonic ms to try again, 0 = nothing to do */
+};
+
+/* -- the AvahiPoll table -- */
+
+static AvahiWatch *zc_watch_new(const AvahiPoll *api, int fd, AvahiWatchEvent events,
+                                AvahiWatchCallback cb, void *userdata)
+{
+    struct zc *zc = api->userdata;
+    for (size_t i = 0; i < ZC_MAX_FDS; i++) {
+        struct AvahiWatch *w = &zc->watch[i];
+        if (w->state == ZC_FREE) {
+            *w = (struct AvahiWatch){ ZC_LIVE, fd, events, 0, cb, userdata };
+            return w;
+        }
+    }
+    log_err("Zeroconf: more than %d Avahi watches wanted", ZC_MAX_FDS);
+    return NULL;
+}
+
+static void zc_watch_update(AvahiWatch *w, AvahiWatchEvent events)
+{
+    w->events = events;
+}
+
+static AvahiWatchEvent zc_watch_get_events(AvahiWatch *w)
+{
+    return w->revents;
+}
+
+static void zc_watch_free(AvahiWatch *w)
+{
+    w->state = ZC_DEAD;
+}
+
+/* Avahi gives absolute times on the wall clock (gettimeofday); our loop runs
+ * on the monotonic clock, which a clock step cannot disturb.  Convert the
+ * distance from now, rounded up so a timer never fires early. */
+static void zc_timeout_set(AvahiTimeout *t, const struct timeval *tv)
+{
+    t->armed = tv != NULL;
+    if (!tv)
+        return;
+    int64_t until_us = ((int64_t)tv->tv_sec * 1000000 + tv->tv_usec) - wall_us();
+    int64_t now = mono_ms();
+    t->due = until_us <= 0 ? now : now + (until_us + 999) / 1000;
+}
+
+static AvahiTimeout *zc_timeout_new(const AvahiPoll *api, const struct timeval *tv,
+                                    AvahiTimeoutCallback cb, void *userdata)
+{
+    struct zc *zc = api->userdata;
+    for (size_t i = 0; i < ZC_MAX_TIMEOUTS; i++) {
+        struct AvahiTimeout *t = &zc->timeout[i];
+        if (t->state == ZC_FREE) {
+            *t = (struct AvahiTimeout){ ZC_LIVE, false, 0, cb, userdata };
+            zc_timeout_set(t, tv);
+            return t;
+        }
+    }
+    log_err("Zeroconf: more than %d Avahi timeouts wanted", ZC_MAX_TIMEOUTS);
+    return NULL;
+}
+
+static void zc_timeout_update(AvahiTimeout *t, const struct timeval *tv)
+{
+    zc_timeout_set(t, tv);
+}
+
+static void zc_timeout_free(AvahiTimeout *t)
+{
+    t->state = ZC_DEAD;
+}
+
+static void zc_api_init(struct zc *zc)
+{
+    zc->api = (AvahiPoll){ zc, zc_watch_new, zc_watch_update, zc_watch_get_events,
+                           zc_watch_free, zc_timeout_new, zc_timeout_update,
+                           zc_timeout_free };
+}
+
+/* End of a turn: slots Avahi gave back become reusable. */
+static void zc_reap(struct zc *zc)
+{
+    for (size_t i = 0; i < ZC_MAX_FDS; i++)
+        if (zc->watch[i].state == ZC_DEAD)
+            zc->watch[i].state = ZC_FREE;
+    for (size_t i = 0; i < ZC_MAX_TIMEOUTS; i++)
+        if (zc->timeout[i].state == ZC_DEAD)
+            zc->timeout[i].state = ZC_FREE;
+}
+
+/* -- the announcement -- */
+
+/* Take the service off the network; keep the group for the next add. */
+static void zc_withdraw(struct zc *zc)
+{
+    if (zc->group)
+        avahi_entry_group_reset(zc->group);
+}
+
+/* Someone else has our name: ask Avahi for the next one ("Mandos #2"). */
+static int zc_rename(struct zc *zc)
+{
+    if (zc->renames >= ZC_MAX_RENAMES) {
+        log_err("No suitable Zeroconf service name found after %ld retries; "
+                "not announcing the service", zc->renames);
+        zc->gave_up = true;
+        return -1;
+    }
+    char *alt = avahi_alternative_service_name(zc->name);
+    if (!alt) {
+        log_err("Zeroconf: no alternative to service name '%s'", zc->name);
+        zc->gave_up = true;
+        return -1;
+    }
+    free(zc->name);
+    zc->name = xstrdup(alt);
+    avahi_free(alt);
+    zc->renames++;
+    log_info("Changing Zeroconf service name to '%s' ...", zc->name);
+    log_open_syslog(zc->name);   /* the log names the service it announces */
+    return 0;
+}
+
+static void zc_group_cb(AvahiEntryGroup *g, AvahiEntryGroupState state, void *userdata);
+
+/* Add our one service to the (empty) entry group and commit it.  A local
+ * name clash is reported at once by the add; each one costs a rename, so
+ * the loop ends after at most ZC_MAX_RENAMES turns. */
+static void zc_publish(struct zc *zc)
+{
+    if (zc->gave_up)
+        return;
+    if (!zc->group) {
+        zc->group = avahi_entry_group_new(zc->client, zc_group_cb, zc);
+        if (!zc->group) {
+            log_err("Zeroconf: cannot create an Avahi entry group: %s",
+                    avahi_strerror(avahi_client_errno(zc->client)));
+            return;
+        }
+    }
+    AvahiProtocol proto = zc->srv->set.use_ipv6 ? AVAHI_PROTO_INET6 : AVAHI_PROTO_INET;
+    int rc;
+    log_debug("Adding Zeroconf service '%s' of type '%s' ...", zc->name, ZC_SERVICE_TYPE);
+    while ((rc = avahi_entry_group_add_service(zc->group, zc->ifindex, proto, 0, zc->name,
+                                               ZC_SERVICE_TYPE, NULL, NULL,
+                                               (uint16_t)zc->srv->port, NULL))
+           == AVAHI_ERR_COLLISION) {
+        log_info("Local Zeroconf service name collision.");
+        if (zc_rename(zc) < 0)
+            return;
+    }
+    if (rc == AVAHI_OK)
+        rc = avahi_entry_group_commit(zc->group);
+    if (rc != AVAHI_OK) {
+        log_err("Zeroconf: cannot announce '%s': %s", zc->name, avahi_strerror(rc));
+        zc_withdraw(zc);
+    }
+}
+
+static void zc_group_cb(AvahiEntryGroup *g, AvahiEntryGroupState state, void *userdata)
+{
+    struct zc *zc = userdata;    /* zc->group is set: the early UNCOMMITED call is ignored */
+    switch (state) {
+    case AVAHI_ENTRY_GROUP_ESTABLISHED:
+        log_info("Zeroconf service '%s' successfully established on port %d",
+                 zc->name, zc->srv->port);
+        break;
+    case AVAHI_ENTRY_GROUP_COLLISION:
+        log_info("Zeroconf service name collision.");
+        zc_withdraw(zc);
+        if (zc_rename(zc) == 0)
+            zc_publish(zc);
+        break;
+    case AVAHI_ENTRY_GROUP_FAILURE:
+        /* zc_retry replaces the group: not freed here, inside its callback */
+        log_err("Avahi: error in entry group: %s; trying again in %d s",
+                avahi_strerror(avahi_client_errno(avahi_entry_group_get_client(g))),
+                ZC_RETRY_MS / 1000);
+        zc->retry_at = mono_ms() + ZC_RETRY_MS;
+        break;
+    case AVAHI_ENTRY_GROUP_UNCOMMITED:
+    case AVAHI_ENTRY_GROUP_REGISTERING:
+        break;
+    }
+}
+
+/* -- the client: our link to avahi-daemon -- */
+
+static void zc_client_cb(AvahiClient *c, AvahiClientState state, void *userdata)
+{
+    struct zc *zc = userdata;
+    zc->client = c;              /* the first call comes from inside avahi_client_new */
+    switch (state) {
+    case AVAHI_CLIENT_S_RUNNING:
+        if (zc->waiting)
+            log_info("Zeroconf: avahi-daemon is running now");
+        zc->waiting = false;
+        zc_withdraw(zc);         /* (re)announce from an empty group */
+        zc_publish(zc);
+        break;
+    case AVAHI_CLIENT_S_REGISTERING:
+        zc_withdraw(zc);         /* the daemon re-announces its host name first */
+        break;
+    case AVAHI_CLIENT_S_COLLISION:
+        log_err("Zeroconf server name collision");
+        zc_withdraw(zc);
+        break;
+    case AVAHI_CLIENT_CONNECTING:
+        log_warn("Zeroconf: avahi-daemon is not running; "
+                 "the service will be announced when it starts");
+        zc->waiting = true;
+        break;
+    case AVAHI_CLIENT_FAILURE:
+        /* Freeing the client inside its own callback would pull the ground
+         * from under Avahi: zc_process does it after the dispatch. */
+        zc->client_failed = true;
+        if (avahi_client_errno(c) == AVAHI_ERR_DISCONNECTED) {
+            log_warn("Zeroconf: lost avahi-daemon; waiting for it to return");
+            zc->retry_at = mono_ms();
+        } else {
+            log_err("Zeroconf server failure: %s; trying again in %d s",
+                    avahi_strerror(avahi_client_errno(c)), ZC_RETRY_MS / 1000);
+            zc->retry_at = mono_ms() + ZC_RETRY_MS;
+        }
+        break;
+    }
+}
+
+static void zc_client_close(struct zc *zc)
+{
+    if (zc->group)
+        avahi_entry_group_free(zc->group);
+    zc->group = NULL;
+    if (zc->client)
+        avahi_client_free(zc->client);
+    zc->client = NULL;
+    zc->client_failed = false;
+}
+
+static void zc_client_open(struct zc *zc)
+{
+    int err = 0;
+    zc->retry_at = 0;
+    AvahiClient *c = avahi_client_new(&zc->api, AVAHI_CLIENT_NO_FAIL, zc_client_cb, zc, &err);
+    zc->client = c;              /* NULL on failure, whatever the callback saw */
+    zc->client_failed = false;
+    if (!c) {
+        /* Even NO_FAIL needs the system bus itself.  A bus away for an
+         * hour should not fill the log: repeats go to DEBUG. */
+        log_msg(zc->said_so ? LOG_DEBUG : LOG_ERR,
+                "Zeroconf: cannot reach Avahi: %s; trying again every %d s",
+                avahi_strerror(err), ZC_RETRY_MS / 1000);
+        zc->said_so = true;
+        zc->retry_at = mono_ms() + ZC_RETRY_MS;
+        return;
+    }
+    zc->said_so = false;
+}
+
+/* The retry timer: a new client, or a new group for a failed one.  Runs
+ * outside Avahi's callbacks, where freeing its objects is safe. */
+static void zc_retry(struct zc *zc)
+{
+    zc->retry_at = 0;
+    if (!zc->client) {
+        zc_client_open(zc);
+        return;
+    }
+    if (zc->group && avahi_entry_group_get_state(zc->group) == AVAHI_ENTRY_GROUP_FAILURE) {
+        avahi_entry_group_free(zc->group);
+        zc->group = NULL;
+    }
+    if (avahi_client_get_state(zc->client) == AVAHI_CLIENT_S_RUNNING)
+        zc_publish(zc);
+}
+
+/* -- the five zc_* functions -- */
+
+static void zc_start(struct server *srv)
+{
+    if (!srv->set.zeroconf)
+        return;
+    struct zc *zc = xcalloc(1, sizeof *zc);
+    srv->zc = zc;
+    zc->srv = srv;
+    zc->name = xstrdup(srv->set.servicename);
+    zc->ifindex = AVAHI_IF_UNSPEC;
+    if (*srv->set.interface) {
+        unsigned idx = if_nametoindex(srv->set.interface);
+        if (idx)
+            zc->ifindex = (AvahiIfIndex)idx;
+        else
+            log_warn("Zeroconf: no interface '%s'; announcing on all interfaces",
+                     srv->set.interface);
+    }
+    zc_api_init(zc);
+    zc_client_open(zc);
+}
+
+static size_t zc_pollfds(struct server *srv, struct pollfd *fds, size_t max)
+{
+    struct zc *zc = srv->zc;
+    size_t n = 0;
+    if (!zc)
+        return 0;
+    for (size_t i = 0; i < ZC_MAX_FDS && n < max; i++) {
+        struct AvahiWatch *w = &zc->watch[i];
+        if (w->state != ZC_LIVE || !w->events)
+            continue;
+        short ev = (short)(((w->events & AVAHI_WATCH_IN) ? POLLIN : 0)
+                           | ((w->events & AVAHI_WATCH_OUT) ? POLLOUT : 0));
+        zc->slot[n] = i;
+        fds[n++] = (struct pollfd){ w->fd, ev, 0 };
+    }
+    return n;
+}
+
+/* Ready watches first (they queue D-Bus messages and ask for a dispatch by
+ * a zero timeout), then due timeouts, each at most once per turn. */
+static void zc_process(struct server *srv, const struct pollfd *fds, size_t n, int64_t now)
+{
+    struct zc *zc = srv->zc;
+    if (!zc)
+        return;
+    for (size_t i = 0; i < n; i++) {
+        struct AvahiWatch *w = &zc->watch[zc->slot[i]];
+        if (!fds[i].revents || w->state != ZC_LIVE || w->fd != fds[i].fd)
+            continue;
+        short r = fds[i].revents;
+        w->revents = (AvahiWatchEvent)(((r & POLLIN) ? AVAHI_WATCH_IN : 0)
+                                       | ((r & POLLOUT) ? AVAHI_WATCH_OUT : 0)
+                                       | ((r & (POLLERR | POLLNVAL)) ? AVAHI_WATCH_ERR : 0)
+                                       | ((r & POLLHUP) ? AVAHI_WATCH_HUP : 0));
+        w->cb(w, w->fd, w->revents, w->userdata);
+        w->revents = 0;
+    }
+    for (size_t i = 0; i < ZC_MAX_TIMEOUTS; i++) {
+        struct AvahiTimeout *t = &zc->timeout[i];
+        if (t->state == ZC_LIVE && t->armed && t->due <= now) {
+            t->armed = false;    /* one shot; the callback may re-arm it */
+            t->cb(t, t->userdata);
+        }
+    }
+    zc_reap(zc);
+    if (zc->client_failed)
+        zc_client_close(zc);
+    if (zc->retry_at && zc->retry_at <= now)
+        zc_retry(zc);
+}
+
+static int64_t zc_deadline(const struct server *srv)
+{
+    const struct zc *zc = srv->zc;
+    int64_t next = 0;
+    if (!zc)
+        return 0;
+    for (size_t i = 0; i < ZC_MAX_TIMEOUTS; i++) {
+        const struct AvahiTimeout *t = &zc->timeout[i];
+        if (t->state == ZC_LIVE && t->armed && (!next || t->due < next))
+            next = t->due;
+    }
+    if (zc->retry_at && (!next || zc->retry_at < next))
+        next = zc->retry_at;
+    return next;
+}
+
+static void zc_stop(struct server *srv)
+{
+    struct zc *zc = srv->zc;
+    if (!zc)
+        return;
+    zc_client_close(zc);         /* freeing the group withdraws the service */
+    free(zc->name);
+    free(zc);
+    srv->zc = NULL;
+}
+
+/* --check: drive the AvahiPoll table the way Avahi does, with no daemon.
+ * Returns NULL, or what went wrong. */
+static void zc_test_watch_cb(AvahiWatch *w, int fd, AvahiWatchEvent ev, void *seen)
+{
+    (void)w; (void)fd;
+    *(AvahiWatchEvent *)seen = ev;
+}
+
+static void zc_test_timeout_cb(AvahiTimeout *t, void *fired)
+{
+    (void)t;
+    ++*(int *)fired;
+}
+
+static const char *zc_self_test(void)
+{
+    static struct server srv;    /* static: struct server is large */
+    struct zc zc;
+    struct pollfd fds[ZC_MAX_FDS];
+    AvahiWatchEvent seen = 0;
+    int fired = 0;
+    memset(&zc, 0, sizeof zc);
+    srv.zc = &zc;
+    zc.srv = &srv;
+    zc_api_init(&zc);
+    AvahiWatch *a = zc.api.watch_new(&zc.api, 5, AVAHI_WATCH_IN, zc_test_watch_cb, &seen);
+    AvahiWatch *b = zc.api.watch_new(&zc.api, 6, AVAHI_WATCH_OUT, zc_test_watch_cb, &seen);
+    zc.api.watch_update(b, 0);
+    if (zc_pollfds(&srv, fds, ZC_MAX_FDS) != 1 || fds[0].fd != 5 || fds[0].events != POLLIN)
+        return "a watch waiting for nothing took a poll slot, or the events are wrong";
+    zc.api.watch_free(a);        /* as if freed by an earlier callback this turn */
+    if (zc.api.watch_new(&zc.api, 7, AVAHI_WATCH_IN, zc_test_watch_cb, &seen) == a)
+        return "a watch freed this turn was handed out again";
+    fds[0].revents = POLLIN;
+    zc_process(&srv, fds, 1, mono_ms());
+    if (seen)
+        return "poll events reached a freed watch";
+    int64_t t0 = mono_ms();
+    int64_t at = wall_us() + 200000;
+    struct timeval tv = { (time_t)(at / 1000000), (suseconds_t)(at % 1000000) };
+    AvahiTimeout *t = zc.api.timeout_new(&zc.api, &tv, zc_test_timeout_cb, &fired);
+    zc.api.timeout_new(&zc.api, NULL, zc_test_timeout_cb, &fired);
+    int64_t due = zc_deadline(&srv);
+    if (!t || due < t0 + 199 || due > mono_ms() + 201)
+        return "a wall-clock time 200 ms ahead did not become a deadline 200 ms ahead";
+    zc_process(&srv, fds, 0, due - 1);
+    if (fired)
+        return "a timeout fired early";
+    zc_process(&srv, fds, 0, due);
+    zc_process(&srv, fds, 0, due + 1000);
+    if (fired != 1 || zc_deadline(&srv) != 0)
+        return "a timeout did not fire exactly once, or stayed armed";
+    srv.zc = NULL;
+    return NULL;
+}
+
+#elif HAVE_DNS_SD
+
+/* ---- dnssd: the DNS-SD API (dns_sd.h) -----------------------------------
+ * One registration; its socket joins our poll set and DNSServiceProcessResult
+ * reads what arrived.  Without kDNSServiceFlagsNoAutoRename the daemon picks
+ * a new name on a clash and tells us in the callback.  Any failure (no
+ * daemon, a dead connection) drops the registration and tries again every
+ * ZC_RETRY_MS.  On Linux this is Avahi's compatibility library, which keeps
+ * its own thread and talks to avahi-daemon over D-Bus. */
+
+struct zc {
+    struct server *srv;
+    DNSServiceRef ref;           /* NULL while not registered */
+    uint32_t ifindex;
+    char *name;                  /* the name the daemon last confirmed */
+    bool failed;                 /* drop ref once ProcessResult has returned */
+    bool said_so;                /* a retry was logged: repeat only at DEBUG */
+    int64_t retry_at;            /* monotonic ms to register again, 0 = none */
+};
+
+/* Names for the errors we may meet; Avahi's older dns_sd.h lacks some. */
+static const char *zc_dnssd_strerror(DNSServiceErrorType err)
+{
+    switch (err) {
+    case kDNSServiceErr_Unknown: return "unknown error";
+    case kDNSServiceErr_NoMemory: return "out of memory";
+    case kDNSServiceErr_BadParam: return "bad parameter";
+    case kDNSServiceErr_BadReference: return "bad reference";
+    case kDNSServiceErr_BadState: return "bad state";
+    case kDNSServiceErr_NameConflict: return "name conflict";
+    case kDNSServiceErr_Incompatible: return "library and daemon do not match";
+    case -65563: return "daemon not running";   /* kDNSServiceErr_ServiceNotRunning */
+    default: return "error";
+    }
+}
+
+static void zc_register_cb(DNSServiceRef ref, DNSServiceFlags flags, DNSServiceErrorType err,
+                           const char *name, const char *type, const char *domain,
+                           void *context)
+{
+    struct zc *zc = context;
+    (void)ref; (void)flags; (void)type;
+    if (err != kDNSServiceErr_NoError) {
+        log_err("Zeroconf: registration of '%s' failed: %s (%d); trying again every %d s",
+                zc->name, zc_dnssd_strerror(err), (int)err, ZC_RETRY_MS / 1000);
+        zc->failed = zc->said_so = true;
+        return;
+    }
+    zc->said_so = false;
+    if (!streq(name, zc->name)) {
+        log_info("Changing Zeroconf service name to '%s' ...", name);
+        free(zc->name);
+        zc->name = xstrdup(name);
+        log_open_syslog(zc->name);
+    }
+    log_info("Zeroconf service '%s' registered in domain %s on port %d",
+             zc->name, domain ? domain : "?", zc->srv->port);
+}
+
+static void zc_register(struct zc *zc, int64_t now)
+{
+    /* Our own name again: the daemon renames afresh if it still clashes. */
+    const char *want = zc->srv->set.servicename;
+    zc->retry_at = 0;
+    zc->failed = false;
+    DNSServiceErrorType err = DNSServiceRegister(&zc->ref, 0, zc->ifindex, want,
+                                                 ZC_SERVICE_TYPE, NULL, NULL,
+                                                 htons((uint16_t)zc->srv->port), 0, NULL,
+                                                 zc_register_cb, zc);
+    if (err != kDNSServiceErr_NoError) {
+        /* A daemon away for an hour should not fill the log. */
+        log_msg(zc->said_so ? LOG_DEBUG : LOG_ERR,
+                "Zeroconf: cannot register '%s': %s (%d); trying again every %d s",
+                want, zc_dnssd_strerror(err), (int)err, ZC_RETRY_MS / 1000);
+        zc->said_so = true;
+        zc->ref = NULL;
+        zc->retry_at = now + ZC_RETRY_MS;
+        return;
+    }
+    free(zc->name);
+    zc->name = xstrdup(want);
+    log_debug("Registering Zeroconf service '%s' of type '%s' ...", want, ZC_SERVICE_TYPE);
+}
+
+static void zc_unregister(struct zc *zc)
+{
+    if (zc->ref)
+        DNSServiceRefDeallocate(zc->ref);
+    zc->ref = NULL;
+}
+
+static void zc_start(struct server *srv)
+{
+    if (!srv->set.zeroconf)
+        return;
+    /* Avahi's compatibility library warns on stderr at its first call
+     * unless told not to; the warning says nothing the user can act on. */
+    setenv("AVAHI_COMPAT_NOWARN", "1", 0);
+    struct zc *zc = xcalloc(1, sizeof *zc);
+    srv->zc = zc;
+    zc->srv = srv;
+    zc->ifindex = kDNSServiceInterfaceIndexAny;
+    if (*srv->set.interface) {
+        zc->ifindex = if_nametoindex(srv->set.interface);
+        if (!zc->ifindex)
+            log_warn("Zeroconf: no interface '%s'; announcing on all interfaces",
+                     srv->set.interface);
+    }
+    zc_register(zc, mono_ms());
+}
+
+static size_t zc_pollfds(struct server *srv, struct pollfd *fds, size_t max)
+{
+    struct zc *zc = srv->zc;
+    if (!zc || !zc->ref || max < 1)
+        return 0;
+    fds[0] = (struct pollfd){ DNSServiceRefSockFD(zc->ref), POLLIN, 0 };
+    return 1;
+}
+
+static void zc_process(struct server *srv, const struct pollfd *fds, size_t n, int64_t now)
+{
+    struct zc *zc = srv->zc;
+    if (!zc)
+        return;
+    if (n >= 1 && zc->ref && fds[0].revents) {
+        if (fds[0].revents & POLLIN) {
+            /* readable: one reply waits, so this read does not block */
+            DNSServiceErrorType err = DNSServiceProcessResult(zc->ref);
+            if (err != kDNSServiceErr_NoError) {
+                log_err("Zeroconf: lost the DNS-SD daemon: %s (%d); trying again every %d s",
+                        zc_dnssd_strerror(err), (int)err, ZC_RETRY_MS / 1000);
+                zc->failed = zc->said_so = true;
+            }
+        } else {
+            log_err("Zeroconf: the DNS-SD connection broke; trying again every %d s",
+                    ZC_RETRY_MS / 1000);
+            zc->failed = zc->said_so = true;
+        }
+    }
+    if (zc->failed) {
+        zc_unregister(zc);
+        zc->failed = false;
+        zc->retry_at = now + ZC_RETRY_MS;
+    }
+    if (!zc->ref && zc->retry_at && zc->retry_at <= now)
+        zc_register(zc, now);
+}
+
+static int64_t zc_deadline(const struct server *srv)
+{
+    return srv->zc && !srv->zc->ref ? srv->zc->retry_at : 0;
+}
+
+static void zc_stop(struct server *srv)
+{
+    struct zc *zc = srv->zc;
+    if (!zc)
+        return;
+    zc_unregister(zc);           /* closing the connection withdraws the service */
+    free(zc->name);
+    free(zc);
+    srv->zc = NULL;
+}
+
+/* --check: the retry timer, with no daemon involved. */
+static const char *zc_self_test(void)
+{
+    static struct server srv;    /* static: struct server is large */
+    struct zc zc;
+    memset(&zc, 0, sizeof zc);
+    srv.zc = &zc;
+    zc.srv = &srv;
+    zc.retry_at = 5000;
+    const char *why = NULL;
+    if (zc_deadline(&srv) != 5000 || zc_pollfds(&srv, NULL, 0) != 0)
+        why = "an unregistered service must wait for its retry time, with no poll slot";
+    zc_process(&srv, NULL, 0, 4999);  /* not due: must not register */
+    if (!why && (zc.ref || zc.retry_at != 5000))
+        why = "registered before the retry time";
+    if (!why && strcmp(zc_dnssd_strerror(kDNSServiceErr_NameConflict), "name conflict") != 0)
+        why = "DNS-SD error names";
+    srv.zc = NULL;
+    return why;
+}
+
+#else /* neither: no Zeroconf */
+
+/* ---- none: no Zeroconf --------------------------------------------------
+ * Nothing is announced; clients must be given the address (--connect), and
+ * the command line insists on a port (settings_apply_cmdline). */
+
 static void zc_start(struct server *srv)
 {
     if (srv->set.zeroconf)
@@ -3137,7 +3830,13 @@ static void zc_stop(struct server *srv)
     (void)srv;
 }
 
-#endif /* no Zeroconf */
+/* --check: nothing to drive. */
+static const char *zc_self_test(void)
+{
+    return NULL;
+}
+
+#endif /* Zeroconf back ends */
 
 /* ===================================================================== */
 /* 10. Main and options                                                  */
@@ -3488,8 +4187,10 @@ static int settings_apply_cmdline(struct settings *set, const struct cmdline *cl
         set->foreground = true;
         set->debuglevel = LOG_DEBUG;
     }
-    if (!set->zeroconf && set->port <= 0 && set->socket_fd < 0) {
-        snprintf(err, errlen, "Needs port or socket to work without Zeroconf");
+    /* A build without Zeroconf cannot be found either: same rule. */
+    if ((!set->zeroconf || !ZC_AVAILABLE) && set->port <= 0 && set->socket_fd < 0) {
+        snprintf(err, errlen, "Needs port or socket to work without Zeroconf%s",
+                 ZC_AVAILABLE ? "" : " (this build has no Zeroconf support)");
         return -1;
     }
     if (!ZEROCONF_BUILT && set->port <= 0 && set->socket_fd < 0) {
@@ -4340,6 +5041,10 @@ static void test_options(void)
     settings_defaults(&set);
     CHECK(cmdline_parse(2, a6, &cl, err, sizeof err) == 0);
     CHECK(settings_apply_cmdline(&set, &cl, err, sizeof err) < 0 && strstr(err, "Needs port"));
+    char *a8[] = { "mandos", NULL };   /* no port: fine only if Zeroconf can announce one */
+    settings_defaults(&set);
+    CHECK(cmdline_parse(1, a8, &cl, err, sizeof err) == 0);
+    CHECK((settings_apply_cmdline(&set, &cl, err, sizeof err) == 0) == ZC_AVAILABLE);
     char *a7[] = { "mandos", "--port", "0x10", NULL };
     settings_defaults(&set);
     CHECK(cmdline_parse(3, a7, &cl, err, sizeof err) == 0);
@@ -4459,6 +5164,14 @@ static void test_reconcile(void)
     client_table_clear(&now);
 }
 
+static void test_zeroconf(void)
+{
+    const char *why = zc_self_test();
+    if (why)
+        printf("    %s\n", why);
+    CHECK(why == NULL);
+}
+
 static void test_timer_heap(void)
 {
     struct client_table t = { 0 };
@@ -4525,6 +5238,7 @@ static const struct {
     { "state file: round trip, corruption", test_state_round_trip },
     { "state: three-way reconciliation", test_reconcile },
     { "timer heap ordering", test_timer_heap },
+    { "Zeroconf back end (" ZEROCONF_NAME "): its part of the poll loop", test_zeroconf },
 };
 
 static int run_self_tests(void)
