@@ -110,7 +110,6 @@
 #else
 #define ZEROCONF_NAME "none"
 #endif
-#define ZEROCONF_BUILT (HAVE_AVAHI || HAVE_DNS_SD)
 
 #if defined(__GNUC__) || defined(__clang__)
 #define PRINTF_LIKE(f, a) __attribute__((format(printf, f, a)))
@@ -4193,10 +4192,6 @@ static int settings_apply_cmdline(struct settings *set, const struct cmdline *cl
                  ZC_AVAILABLE ? "" : " (this build has no Zeroconf support)");
         return -1;
     }
-    if (!ZEROCONF_BUILT && set->port <= 0 && set->socket_fd < 0) {
-        snprintf(err, errlen, "built without Zeroconf: needs --port or --socket");
-        return -1;
-    }
     return 0;
 }
 
@@ -4330,16 +4325,9 @@ static void daemonize(struct server *srv)
     if (pid > 0)
         _exit(0);
     setsid();
-    pid = fork();
-    if (pid < 0)
-        fatal("fork: %s", strerror(errno));
-    if (pid > 0) {
-        close(srv->listen_fd);
-        close(srv->state_dirfd);
-        monitor_run(pid, pidfile, pidfd);
-    }
-    if (pidfd >= 0)
-        close(pidfd);
+    if (chdir("/") != 0)
+        log_warn("chdir /: %s", strerror(errno));
+    /* both the monitor and the daemon let go of the terminal */
     int null = open("/dev/null", O_RDWR);
     if (null >= 0) {
         dup2(null, 0);
@@ -4348,34 +4336,47 @@ static void daemonize(struct server *srv)
         if (null > 2)
             close(null);
     }
+    pid = fork();
+    if (pid < 0)
+        fatal("fork: %s", strerror(errno));
+    if (pid > 0) {
+        close(srv->listen_fd);
+        close(srv->state_dirfd);
+        close(srv->config_dirfd);
+        monitor_run(pid, pidfile, pidfd);
+    }
+    if (pidfd >= 0)
+        close(pidfd);
 }
 
-/* systemd's readiness protocol: one datagram to $NOTIFY_SOCKET. */
+/* systemd's readiness protocol: datagrams to $NOTIFY_SOCKET.  Connected
+ * once, as root, so that later messages need no access to its path. */
 static void notify_open(struct server *srv)
 {
     srv->notify_fd = -1;
     const char *path = getenv("NOTIFY_SOCKET");
-    if (!path || (path[0] != '/' && path[0] != '@'))
-        return;
-    srv->notify_fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-}
-
-static void notify_send(struct server *srv, const char *msg)
-{
-    const char *path = getenv("NOTIFY_SOCKET");
-    if (srv->notify_fd < 0 || !path)
-        return;
     struct sockaddr_un sun;
+    size_t n = path ? strlen(path) : 0;
+    if (!path || (path[0] != '/' && path[0] != '@') || n >= sizeof sun.sun_path)
+        return;
     memset(&sun, 0, sizeof sun);
     sun.sun_family = AF_UNIX;
-    size_t n = strlen(path);
-    if (n >= sizeof sun.sun_path)
-        return;
     memcpy(sun.sun_path, path, n);
     if (sun.sun_path[0] == '@')
         sun.sun_path[0] = '\0';            /* abstract namespace */
     socklen_t len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + n);
-    if (sendto(srv->notify_fd, msg, strlen(msg), MSG_NOSIGNAL, (struct sockaddr *)&sun, len) < 0)
+    int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (fd >= 0 && connect(fd, (struct sockaddr *)&sun, len) < 0) {
+        log_warn("cannot reach NOTIFY_SOCKET %s: %s", path, strerror(errno));
+        close(fd);
+        fd = -1;
+    }
+    srv->notify_fd = fd;
+}
+
+static void notify_send(struct server *srv, const char *msg)
+{
+    if (srv->notify_fd >= 0 && send(srv->notify_fd, msg, strlen(msg), MSG_NOSIGNAL) < 0)
         log_debug("could not notify systemd: %s", strerror(errno));
 }
 
