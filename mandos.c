@@ -71,6 +71,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/types.h>
+#include <sys/resource.h>
 #include <sys/un.h>
 #include <sys/wait.h>
 #include <syslog.h>
@@ -4615,6 +4616,45 @@ static void server_shutdown(struct server *srv)
     log_debug("Server exiting");
 }
 
+/* Give back everything, so leak checkers see a clean exit. */
+static void server_free(struct server *srv)
+{
+    client_table_clear(&srv->clients);
+    if (srv->priority)
+        gnutls_priority_deinit(srv->priority);
+    if (srv->cred)
+        gnutls_certificate_free_credentials(srv->cred);
+    const int fds[] = { srv->listen_fd, srv->state_dirfd, srv->config_dirfd, srv->notify_fd,
+                        srv->signal_pipe[0], srv->signal_pipe[1] };
+    for (size_t i = 0; i < sizeof fds / sizeof fds[0]; i++)
+        if (fds[i] >= 0)
+            close(fds[i]);
+    struct settings *set = &srv->set;
+    char **strings[] = { &set->interface, &set->address, &set->priority, &set->servicename,
+                         &set->statedir, &set->configdir, &srv->pidfile };
+    for (size_t i = 0; i < sizeof strings / sizeof strings[0]; i++) {
+        free(*strings[i]);
+        *strings[i] = NULL;
+    }
+}
+
+/* Room for max_connections sockets plus our own few descriptors. */
+static void raise_fd_limit(struct server *srv)
+{
+    struct rlimit rl;
+    rlim_t want = (rlim_t)srv->set.max_connections + 64;
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur >= want)
+        return;
+    rl.rlim_cur = rl.rlim_max == RLIM_INFINITY || rl.rlim_max >= want ? want : rl.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &rl);
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < want) {
+        long fit = (long)rl.rlim_cur - 64;
+        srv->set.max_connections = fit > 16 ? fit : 16;
+        log_warn("only %ld file descriptors allowed: max_connections lowered to %ld",
+                 (long)rl.rlim_cur, srv->set.max_connections);
+    }
+}
+
 /* ---- start-up --------------------------------------------------------------- */
 
 static void tls_setup(struct server *srv)
@@ -4689,6 +4729,7 @@ static void server_start(struct server *srv)
     signals_install(srv);
     fds_mark_cloexec(srv->set.socket_fd);
     srv->state_dirfd = -1;
+    raise_fd_limit(srv);
     statedir_open(srv);
     if (srv->set.restore)
         state_restore(srv);
@@ -4741,11 +4782,13 @@ int main(int argc, char **argv)
     }
     struct server srv;
     memset(&srv, 0, sizeof srv);
-    srv.listen_fd = srv.notify_fd = -1;
+    srv.listen_fd = srv.notify_fd = srv.state_dirfd = srv.config_dirfd = -1;
+    srv.signal_pipe[0] = srv.signal_pipe[1] = -1;
     server_configure(&srv, &cl);
     server_start(&srv);
     server_loop(&srv);
     server_shutdown(&srv);
+    server_free(&srv);
     return 0;
 }
 
