@@ -1,6 +1,7 @@
 # mandos.c - build, test, install.  See README.md.
 #   make                      build ./mandos (Zeroconf back end detected)
 #   make ZEROCONF=avahi|dnssd|none
+#   make DBUS=1|0             D-Bus control API (default: 1 if libsystemd is found)
 #   make check [SANITIZE=1]   self-tests and the Bats suite
 #   make demo                 run the server on an example set-up
 #   make man | install | uninstall | bench | fuzz | clean
@@ -39,11 +40,24 @@ endif
 TLS_CFLAGS = $(shell pkg-config --cflags gnutls)
 TLS_LIBS = $(shell pkg-config --libs gnutls)
 
+# D-Bus (what mandos-ctl and mandos-monitor talk to): sd-bus from libsystemd
+# 240 or later, on when pkg-config finds it.  DBUS=0 builds without.
+DBUS ?= $(shell pkg-config --atleast-version=240 libsystemd 2>/dev/null && echo 1 || echo 0)
+ifeq ($(DBUS),1)
+DBUS_CFLAGS = -DHAVE_DBUS=1 $(shell pkg-config --cflags libsystemd)
+DBUS_LIBS = $(shell pkg-config --libs libsystemd)
+else ifeq ($(DBUS),0)
+DBUS_CFLAGS = -DHAVE_DBUS=0
+DBUS_LIBS =
+else
+$(error DBUS must be 1 or 0)
+endif
+
 all: mandos
 
 mandos: mandos.c Makefile
 	@t/deps.sh build
-	$(CC) $(WARNINGS) $(CFLAGS) $(TLS_CFLAGS) $(ZC_CFLAGS) -o $@ mandos.c $(LDFLAGS) $(TLS_LIBS) $(ZC_LIBS)
+	$(CC) $(WARNINGS) $(CFLAGS) $(TLS_CFLAGS) $(ZC_CFLAGS) $(DBUS_CFLAGS) -o $@ mandos.c $(LDFLAGS) $(TLS_LIBS) $(ZC_LIBS) $(DBUS_LIBS)
 
 # Builds of the other back ends, for the Zeroconf tests.
 mandos-dnssd: mandos.c
@@ -51,9 +65,13 @@ mandos-dnssd: mandos.c
 mandos-none: mandos.c
 	$(MAKE) --no-print-directory ZEROCONF=none mandos-variant VARIANT=$@
 mandos-variant:
-	$(CC) $(WARNINGS) $(CFLAGS) $(TLS_CFLAGS) $(ZC_CFLAGS) -o $(VARIANT) mandos.c $(LDFLAGS) $(TLS_LIBS) $(ZC_LIBS)
+	$(CC) $(WARNINGS) $(CFLAGS) $(TLS_CFLAGS) $(ZC_CFLAGS) $(DBUS_CFLAGS) -o $(VARIANT) mandos.c $(LDFLAGS) $(TLS_LIBS) $(ZC_LIBS) $(DBUS_LIBS)
 
-check: mandos mandos-dnssd mandos-none
+# Without D-Bus, for the test that this build still serves.
+mandos-nodbus: mandos.c
+	$(MAKE) --no-print-directory DBUS=0 mandos-variant VARIANT=$@
+
+check: mandos mandos-dnssd mandos-none mandos-nodbus
 	@t/deps.sh test
 	t/run-tests.sh
 
@@ -92,6 +110,6 @@ uninstall:
 	-rmdir -p $(DESTDIR)$(SBINDIR) $(DESTDIR)$(MANDIR)/man8 $(DESTDIR)$(MANDIR)/man5 $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSUSERSDIR) $(DESTDIR)$(SYSCONFDIR) 2>/dev/null
 
 clean:
-	rm -f mandos mandos-dnssd mandos-none mandos.8 mandos.conf.5 mandos-clients.conf.5
+	rm -f mandos mandos-dnssd mandos-none mandos-nodbus mandos.8 mandos.conf.5 mandos-clients.conf.5
 
 .PHONY: all check demo man install uninstall clean mandos-variant
