@@ -3222,6 +3222,19 @@ static const char bus_backend[] = "sd-bus";
 #define BUS_PROCESS_ROUNDS 64    /* messages handled per loop turn, at most */
 #define BUS_DRAIN_ROUNDS 20      /* at exit: 20 x 25 ms for queued signals */
 
+/* What is here: "/" with ObjectManager, RemoveClient, ClientAdded,
+ * ClientNotFound, ClientRemoved and the deprecated GetAllClients and
+ * GetAllClientsWithProperties (mandos-monitor still lists clients with
+ * the latter); one object per client with every property, Approve,
+ * CheckedOK, the deprecated Enable, Disable, StartChecker, StopChecker,
+ * its signals, PropertiesChanged and the old PropertyChanged.
+ * Left out: the deprecated se.bsnet.fukt.Mandos name and interfaces, which
+ * no 1.8 tool uses.  Secret shows as readwrite in introspection (sd-bus
+ * has no write-only properties) but reading it is refused.  Who may call
+ * what is for the bus policy alone (etc/mandos-dbus.conf), as with the
+ * reference: sd-bus's own check would shut out non-root members of
+ * _mandos, hence BUS_UNPRIV on every method and writable property. */
+
 /* Client properties whose changes we announce, found by comparing each
  * client with what was last published (bus_publish), so that the core
  * needs no call at every place that changes one of them. */
@@ -3436,7 +3449,7 @@ static int bus_get(sd_bus *bus, const char *path, const char *iface, const char 
         return sd_bus_message_append(m, "o", e->path);
     if (streq(prop, "Timeout"))
         return sd_bus_message_append(m, "t", (uint64_t)c->cur.timeout);
-    return sd_bus_error_setf(err, SD_BUS_ERROR_ACCESS_DENIED, "%s cannot be read", prop);
+    return sd_bus_error_setf(err, SD_BUS_ERROR_ACCESS_DENIED, "%s is write-only", prop);
 }
 
 /* Durations arrive as any D-Bus integer type: dbus-python, and so

@@ -448,6 +448,52 @@ sys.stdout.buffer.write(base64.b64decode("".join(b64.split())))' >"$BATS_TEST_TM
 	screen
 }
 
+# ------------------------------------------------------------------ policy
+
+# start_policy_dbus: replace the test bus by one with the stock system bus
+# policy (/usr/share/dbus-1/system.conf: method calls refused unless
+# allowed) plus only our etc/mandos-dbus.conf.
+start_policy_dbus() {
+	local d conf=/usr/share/dbus-1/system.conf i
+	[[ -r $conf ]] || skip "no $conf to build a stock-policy bus from"
+	stop_private_dbus
+	d=$(mktemp -d /tmp/mandos-test-dbus.XXXXXX) || return 1
+	chmod 755 "$d"
+	sed -e '/<user>/d' -e '/<pidfile>/d' -e '/<syslog\/>/d' \
+		-e '/<standard_system_servicedirs\/>/d' -e '/<include/d' \
+		-e "s|<listen>.*</listen>|<listen>unix:path=$d/bus</listen>|" \
+		-e "s|</busconfig>|<include>$BATS_TEST_DIRNAME/../etc/mandos-dbus.conf</include></busconfig>|" \
+		"$conf" >"$d/bus.conf"
+	dbus-daemon --config-file="$d/bus.conf" --nofork --nopidfile \
+		>"$d/dbus.log" 2>&1 </dev/null 3>&- &
+	DBUS_PID=$!
+	DBUS_DIR=$d
+	for ((i = 0; i < 100; i++)); do
+		[[ -S $d/bus ]] && break
+		sleep 0.05
+	done
+	[[ -S $d/bus ]] || { cat "$d/dbus.log" >&2; return 1; }
+	chmod 777 "$d/bus"
+	export DBUS_SYSTEM_BUS_ADDRESS="unix:path=$d/bus"
+}
+
+@test "dbus: etc/mandos-dbus.conf lets the server (as _mandos) own the name and root call it, not others" {
+	getent group _mandos >/dev/null || skip "no _mandos group on this machine"
+	command -v runuser >/dev/null || skip "runuser not installed"
+	client_section alpha "$PW_ALPHA" >"$CONF/clients.conf"
+	start_policy_dbus
+	start_dbus_server "$CONF"
+	[[ $(ps -o user= -p "$SERVER_PID") == _mandos ]]
+	run ctl --is-enabled alpha
+	[ "$status" -eq 0 ]
+	run timeout -k 2 20 runuser -u nobody -- mandos-ctl --disable alpha
+	echo "$output"
+	[ "$status" -ne 0 ]
+	[[ $output == *"Rejected send message"* ]]
+	run ctl --is-enabled alpha
+	[ "$status" -eq 0 ]
+}
+
 # ------------------------------------------------------------------ no bus
 
 @test "dbus: --no-dbus, a missing bus, a taken name, a lost bus: the server still serves" {
