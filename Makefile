@@ -1,6 +1,7 @@
 # mandos.c - build, test, install.  See README.md.
 #   make                      build ./mandos (Zeroconf back end detected)
 #   make ZEROCONF=avahi|dnssd|none
+#   make DBUS=1|0             D-Bus control API (default: 1 if libsystemd is found)
 #   make check [SANITIZE=1]   self-tests and the Bats suite
 #   make demo                 run the server on an example set-up
 #   make man | install | uninstall | bench | fuzz | clean
@@ -15,6 +16,7 @@ MANDIR = $(PREFIX)/share/man
 SYSCONFDIR ?= /etc
 UNITDIR ?= $(PREFIX)/lib/systemd/system
 SYSUSERSDIR ?= $(PREFIX)/lib/sysusers.d
+DBUSPOLICYDIR ?= $(PREFIX)/share/dbus-1/system.d
 
 # Zeroconf: avahi when pkg-config finds avahi-client, else none.
 ZEROCONF ?= $(shell pkg-config --exists avahi-client 2>/dev/null && echo avahi || echo none)
@@ -39,13 +41,26 @@ endif
 TLS_CFLAGS = $(shell pkg-config --cflags gnutls)
 TLS_LIBS = $(shell pkg-config --libs gnutls)
 
+# D-Bus (what mandos-ctl and mandos-monitor talk to): sd-bus from libsystemd
+# 240 or later, on when pkg-config finds it.  DBUS=0 builds without.
+DBUS ?= $(shell pkg-config --atleast-version=240 libsystemd 2>/dev/null && echo 1 || echo 0)
+ifeq ($(DBUS),1)
+DBUS_CFLAGS = -DHAVE_DBUS=1 $(shell pkg-config --cflags libsystemd)
+DBUS_LIBS = $(shell pkg-config --libs libsystemd)
+else ifeq ($(DBUS),0)
+DBUS_CFLAGS = -DHAVE_DBUS=0
+DBUS_LIBS =
+else
+$(error DBUS must be 1 or 0)
+endif
+
 all: mandos
 
 # .zeroconf remembers the back end ./mandos was built with, so that
 # switching ZEROCONF rebuilds it instead of saying "up to date".
 mandos: mandos.c Makefile .zeroconf
 	@t/deps.sh build
-	$(CC) $(WARNINGS) $(CFLAGS) $(TLS_CFLAGS) $(ZC_CFLAGS) -o $@ mandos.c $(LDFLAGS) $(TLS_LIBS) $(ZC_LIBS)
+	$(CC) $(WARNINGS) $(CFLAGS) $(TLS_CFLAGS) $(ZC_CFLAGS) $(DBUS_CFLAGS) -o $@ mandos.c $(LDFLAGS) $(TLS_LIBS) $(ZC_LIBS) $(DBUS_LIBS)
 
 .zeroconf: FORCE
 	@echo $(ZEROCONF) | cmp -s - $@ || echo $(ZEROCONF) > $@
@@ -56,10 +71,14 @@ mandos-dnssd: mandos.c Makefile
 mandos-none: mandos.c Makefile
 	$(MAKE) --no-print-directory ZEROCONF=none mandos-variant VARIANT=$@
 mandos-variant:
-	$(CC) $(WARNINGS) $(CFLAGS) $(TLS_CFLAGS) $(ZC_CFLAGS) -o $(VARIANT) mandos.c $(LDFLAGS) $(TLS_LIBS) $(ZC_LIBS)
+	$(CC) $(WARNINGS) $(CFLAGS) $(TLS_CFLAGS) $(ZC_CFLAGS) $(DBUS_CFLAGS) -o $(VARIANT) mandos.c $(LDFLAGS) $(TLS_LIBS) $(ZC_LIBS) $(DBUS_LIBS)
+
+# Without D-Bus, for the test that this build still serves.
+mandos-nodbus: mandos.c Makefile
+	$(MAKE) --no-print-directory DBUS=0 mandos-variant VARIANT=$@
 
 # The Zeroconf tests skip the other back ends unless told where they are.
-check: mandos mandos-dnssd mandos-none
+check: mandos mandos-dnssd mandos-none mandos-nodbus
 	@t/deps.sh test
 	MANDOS_DNSSD_BIN=$${MANDOS_DNSSD_BIN:-$(CURDIR)/mandos-dnssd} \
 	MANDOS_NONE_BIN=$${MANDOS_NONE_BIN:-$(CURDIR)/mandos-none} t/run-tests.sh
@@ -84,7 +103,11 @@ install: mandos man
 	install -m 0644 mandos.8 $(DESTDIR)$(MANDIR)/man8/mandos.8
 	install -m 0644 mandos.conf.5 mandos-clients.conf.5 $(DESTDIR)$(MANDIR)/man5/
 	install -d $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSUSERSDIR) $(DESTDIR)$(SYSCONFDIR)/mandos
-	install -m 0644 etc/mandos.service $(DESTDIR)$(UNITDIR)/mandos.service
+	# BusName= only where the D-Bus interface is built in
+	sed '$(if $(filter 1,$(DBUS)),s/^Type=notify$$/Type=notify\nBusName=se.recompile.Mandos/,)' \
+	    etc/mandos.service > $(DESTDIR)$(UNITDIR)/mandos.service
+	chmod 0644 $(DESTDIR)$(UNITDIR)/mandos.service
+	$(if $(filter 1,$(DBUS)),install -d $(DESTDIR)$(DBUSPOLICYDIR) && install -m 0644 etc/mandos-dbus.conf $(DESTDIR)$(DBUSPOLICYDIR)/mandos.conf)
 	install -m 0644 etc/sysusers-mandos.conf $(DESTDIR)$(SYSUSERSDIR)/mandos.conf
 	[ -e $(DESTDIR)$(SYSCONFDIR)/mandos/mandos.conf ] || install -m 0644 etc/mandos.conf $(DESTDIR)$(SYSCONFDIR)/mandos/mandos.conf
 	[ -e $(DESTDIR)$(SYSCONFDIR)/mandos/clients.conf ] || install -m 0600 etc/clients.conf $(DESTDIR)$(SYSCONFDIR)/mandos/clients.conf
@@ -93,19 +116,20 @@ uninstall:
 	rm -f $(DESTDIR)$(SBINDIR)/mandos $(DESTDIR)$(MANDIR)/man8/mandos.8
 	rm -f $(DESTDIR)$(MANDIR)/man5/mandos.conf.5 $(DESTDIR)$(MANDIR)/man5/mandos-clients.conf.5
 	rm -f $(DESTDIR)$(UNITDIR)/mandos.service $(DESTDIR)$(SYSUSERSDIR)/mandos.conf
+	rm -f $(DESTDIR)$(DBUSPOLICYDIR)/mandos.conf
 	# the example configs go only if nobody edited them
 	if cmp -s etc/mandos.conf $(DESTDIR)$(SYSCONFDIR)/mandos/mandos.conf; then rm -f $(DESTDIR)$(SYSCONFDIR)/mandos/mandos.conf; fi
 	if cmp -s etc/clients.conf $(DESTDIR)$(SYSCONFDIR)/mandos/clients.conf; then rm -f $(DESTDIR)$(SYSCONFDIR)/mandos/clients.conf; fi
 	-rmdir $(DESTDIR)$(SYSCONFDIR)/mandos 2>/dev/null
 	# under a DESTDIR, also remove the directories install made, if empty
 	if [ -n "$(DESTDIR)" ]; then \
-	    for d in $(SBINDIR) $(MANDIR)/man8 $(MANDIR)/man5 $(UNITDIR) $(SYSUSERSDIR) $(SYSCONFDIR); do \
+	    for d in $(SBINDIR) $(MANDIR)/man8 $(MANDIR)/man5 $(UNITDIR) $(SYSUSERSDIR) $(DBUSPOLICYDIR) $(SYSCONFDIR); do \
 	        d="$(DESTDIR)$$d"; \
 	        while [ "$$d" != "$(DESTDIR)" ] && [ "$$d" != / ] && rmdir "$$d" 2>/dev/null; do d=$$(dirname "$$d"); done; \
 	    done; \
 	fi
 
 clean:
-	rm -f mandos mandos-dnssd mandos-none .zeroconf mandos.8 mandos.conf.5 mandos-clients.conf.5
+	rm -f mandos mandos-dnssd mandos-none mandos-nodbus .zeroconf mandos.8 mandos.conf.5 mandos-clients.conf.5
 
 .PHONY: all check demo man install uninstall clean mandos-variant FORCE

@@ -22,17 +22,26 @@
  *   7. Persistence                the state file and its reconciliation
  *   8. Network and TLS            listening socket, struct conn state machine
  *   9. Zeroconf                   avahi / dns_sd / none back ends (zc_*)
- *  10. Main and options           command line, privileges, the poll() loop
- *  11. Self-tests                 run by `mandos --check`
+ *  10. D-Bus                      the control API of mandos-ctl (bus_*)
+ *  11. Main and options           command line, privileges, the poll() loop
+ *  12. Self-tests                 run by `mandos --check`
  *
  * Everything runs in one process and one poll() loop; every socket is
  * non-blocking and every wait has a deadline on the monotonic clock.
+ *
+ * D-Bus uses sd-bus from libsystemd: it plugs into a foreign poll() loop
+ * with one fd, an event mask and a deadline; its vtables declare objects,
+ * properties and signals in a compact table with introspection generated
+ * from it; ObjectManager, PropertiesChanged and name ownership are built
+ * in.  libdbus would need hand-written introspection XML and property
+ * plumbing, GDBus a GLib main loop.  Build with DBUS=0 to leave it out.
  */
 
 /* ===================================================================== */
 /* 1. Portability and includes                                           */
 /*    Feature macros come before any header; the only #if blocks outside  */
-/*    this section are the Zeroconf back ends in section 9.               */
+/*    this section are the Zeroconf back ends in section 9 and the D-Bus  */
+/*    block in section 10.                                                */
 /* ===================================================================== */
 
 #define _GNU_SOURCE 1          /* setresuid, SO_BINDTODEVICE, accept4 on glibc */
@@ -45,6 +54,9 @@
 #endif
 #if HAVE_AVAHI && HAVE_DNS_SD
 #error "choose one Zeroconf back end: HAVE_AVAHI or HAVE_DNS_SD"
+#endif
+#ifndef HAVE_DBUS
+#define HAVE_DBUS 0                  /* 1: the D-Bus API through sd-bus */
 #endif
 
 #include <arpa/inet.h>
@@ -1279,6 +1291,7 @@ struct server {
     size_t nconns;
     gnutls_priority_t priority;
     gnutls_certificate_credentials_t cred;   /* empty: we present no certificate */
+    struct bus *bus;             /* the D-Bus connection (section 10), or NULL */
     int listen_fd;
     int port;                    /* the port actually bound */
     int signal_pipe[2];          /* written by signal handlers, read by the loop */
@@ -1302,6 +1315,14 @@ static void checker_stop(struct server *srv, struct client *c);
 static void checker_start(struct server *srv, struct client *c, int64_t now);
 static void conn_approval_wakeup(struct server *srv, struct client *c, int64_t now);
 static void conn_drop_for_client(struct server *srv, struct client *c);
+/* What section 10 publishes on D-Bus; each is a no-op without it. */
+static void bus_checker_started(struct server *srv, const struct client *c,
+                                const char *command);
+static void bus_checker_completed(struct server *srv, const struct client *c, int status);
+static void bus_client_not_found(struct server *srv, const char *key_id, const char *peer);
+static void bus_need_approval(struct server *srv, const struct client *c);
+static void bus_rejected(struct server *srv, const struct client *c, const char *reason);
+static void bus_got_secret(struct server *srv, const struct client *c);
 
 static void state_changed(struct server *srv, bool urgent)
 {
@@ -1522,6 +1543,27 @@ static void client_approve(struct server *srv, struct client *c, bool approve)
     client_reschedule(&srv->clients, c);
     state_changed(srv, true);
     conn_approval_wakeup(srv, c, now);
+}
+
+/* Take a client out of the table and free it (a control interface asked).
+ * It comes back from clients.conf at the next restart or reload. */
+static void client_remove(struct server *srv, struct client *c)
+{
+    log_info("Removing client %s", c->name);
+    client_disable(srv, c, "removed");
+    checker_stop(srv, c);        /* one started by hand while disabled */
+    conn_drop_for_client(srv, c);
+    struct client_table *t = &srv->clients;
+    heap_remove(t, c);
+    for (size_t i = 0; i < t->n; i++)
+        if (t->v[i] == c) {
+            memmove(&t->v[i], &t->v[i + 1], (t->n - i - 1) * sizeof *t->v);
+            t->n--;
+            break;
+        }
+    client_table_reindex(t);
+    client_free(c);
+    state_changed(srv, true);
 }
 
 /* First checker at a random point within one interval, so a thousand
@@ -1808,6 +1850,10 @@ static struct client *client_from_section(struct client_reader *r)
         c->conf_text[f] = text ? text : xstrdup("");
     }
     settings_copy(&c->cur, &c->conf);
+    /* a client seen for the first time; saved state overrides both */
+    c->created = wall_us();
+    if (c->cur.enabled)
+        c->last_enabled = c->created;
     return c;
 }
 
@@ -1973,12 +2019,21 @@ static void shell_quote(const char *s, size_t n, struct buf *out)
     buf_addc(out, '\'');
 }
 
-/* D-Bus object path of a client: '.' and '-' become '_'. */
+/* D-Bus object path of a client: "/clients/" and the name with '.' and
+ * '-' replaced by '_', as the reference does.  An object path element
+ * allows only ASCII letters, digits and '_', so we replace every other
+ * byte by '_' as well (the reference fails on such names); an empty name
+ * becomes "_". */
 static void client_object_path(const struct client *c, struct buf *out)
 {
     buf_adds(out, "/clients/");
-    for (const char *p = c->name; *p; p++)
-        buf_addc(out, *p == '.' || *p == '-' ? '_' : *p);
+    for (const char *p = c->name; *p; p++) {
+        unsigned char ch = (unsigned char)*p;
+        bool ok = ch < 0x80 && (isalnum(ch) || ch == '_');
+        buf_addc(out, ok ? (char)ch : '_');
+    }
+    if (!*c->name)
+        buf_addc(out, '_');
 }
 
 /* A monotonic deadline as wall-clock µs, for display and saving. */
@@ -2087,6 +2142,7 @@ static void checker_start(struct server *srv, struct client *c, int64_t now)
         log_err("Could not start checker for %s: %s", c->name, strerror(rc));
     } else {
         c->checker_pid = pid;
+        bus_checker_started(srv, c, cmd.data);
     }
     buf_free(&cmd);
 }
@@ -2119,6 +2175,7 @@ static void checker_finished(struct server *srv, struct client *c, int status)
         c->last_checker_signal = WTERMSIG(status);
         log_warn("Checker for %s crashed? (signal %d)", c->name, WTERMSIG(status));
     }
+    bus_checker_completed(srv, c, status);
 }
 
 /* Collect every finished child; called when SIGCHLD arrived. */
@@ -2885,6 +2942,7 @@ static enum step conn_do_handshake(struct server *srv, struct conn *cn, int64_t 
     struct client *c = client_find_by_key_id(&srv->clients, key);
     if (!c) {
         conn_log(cn, LOG_INFO, "Client not found for key ID: %s", hex);
+        bus_client_not_found(srv, hex, cn->peer);
         conn_start_bye(srv, cn, now);
         return STEP_NEXT;
     }
@@ -2910,6 +2968,7 @@ static enum step conn_do_approval(struct server *srv, struct conn *cn, int64_t n
     }
     if (!c->cur.enabled) {
         conn_log(cn, LOG_INFO, "Client %s is disabled", c->name);
+        bus_rejected(srv, c, "Disabled");
         conn_start_bye(srv, cn, now);
         return STEP_NEXT;
     }
@@ -2920,6 +2979,7 @@ static enum step conn_do_approval(struct server *srv, struct conn *cn, int64_t n
     }
     if (c->approved == APPROVAL_DENIED) {
         conn_log(cn, LOG_WARNING, "Client %s was not approved", c->name);
+        bus_rejected(srv, c, "Denied");
         conn_start_bye(srv, cn, now);
         return STEP_NEXT;
     }
@@ -2930,12 +2990,14 @@ static enum step conn_do_approval(struct server *srv, struct conn *cn, int64_t n
         cn->deadline = now + c->cur.approval_delay;
         state_changed(srv, false);
         conn_log(cn, LOG_INFO, "Client %s needs approval", c->name);
+        bus_need_approval(srv, c);
     }
     if (now < cn->deadline) {
         return STEP_WAIT;
     }
     if (!c->cur.approved_by_default) {
         conn_log(cn, LOG_WARNING, "Client %s timed out while waiting for approval", c->name);
+        bus_rejected(srv, c, "Approval timed out");
         conn_start_bye(srv, cn, now);
         return STEP_NEXT;
     }
@@ -2972,6 +3034,7 @@ static enum step conn_do_send(struct server *srv, struct conn *cn, int64_t now)
     free(cn->secret);
     cn->secret = NULL;
     conn_log(cn, LOG_INFO, "Sending secret to %s", c->name);
+    bus_got_secret(srv, c);
     client_bump(srv, c, c->cur.extended_timeout, now);
     conn_start_bye(srv, cn, now);
     return STEP_NEXT;
@@ -3044,7 +3107,7 @@ static void conn_drop_for_client(struct server *srv, struct client *c)
 {
     for (struct conn *cn = srv->conns_head; cn; cn = cn->next)
         if (cn->client == c && cn->state != CONN_CLOSED) {
-            conn_log(cn, LOG_INFO, "client removed from the configuration; closing");
+            conn_log(cn, LOG_INFO, "client removed; closing");
             conn_close(srv, cn);
         }
 }
@@ -3839,7 +3902,1069 @@ static const char *zc_self_test(void)
 #endif /* Zeroconf back ends */
 
 /* ===================================================================== */
-/* 10. Main and options                                                  */
+/* 10. D-Bus                                                             */
+/*    The reference's control API on the system bus (what mandos-ctl and  */
+/*    mandos-monitor use), through sd-bus.  The loop sees one fd and a    */
+/*    deadline; built without D-Bus, every bus_* function does nothing.   */
+/* ===================================================================== */
+
+#define BUS_MAX_FDS 1            /* poll slots the bus uses */
+
+#if HAVE_DBUS
+
+#include <systemd/sd-bus.h>
+
+static const char bus_backend[] = "sd-bus";
+
+#define BUS_NAME "se.recompile.Mandos"
+#define BUS_SERVER_IFACE "se.recompile.Mandos"
+#define BUS_CLIENT_IFACE "se.recompile.Mandos.Client"
+#define BUS_CLIENTS "/clients"   /* parent of the client objects */
+#define BUS_START_TIMEOUT_US (5 * 1000000ULL)   /* the name request at start-up */
+#define BUS_PROCESS_ROUNDS 64    /* messages handled per loop turn, at most */
+#define BUS_DRAIN_ROUNDS 20      /* at exit: 20 x 25 ms for queued signals */
+
+/* What is here: "/" with ObjectManager, RemoveClient, ClientAdded,
+ * ClientNotFound, ClientRemoved and the deprecated GetAllClients and
+ * GetAllClientsWithProperties (mandos-monitor still lists clients with
+ * the latter); one object per client with every property, Approve,
+ * CheckedOK, the deprecated Enable, Disable, StartChecker, StopChecker,
+ * its signals, PropertiesChanged and the old PropertyChanged.
+ * Left out: the deprecated se.bsnet.fukt.Mandos name and interfaces, which
+ * no 1.8 tool uses.  Secret shows as readwrite in introspection (sd-bus
+ * has no write-only properties) but reading it is refused.  Who may call
+ * what is for the bus policy alone (etc/mandos-dbus.conf), as with the
+ * reference: sd-bus's own check would shut out non-root members of
+ * _mandos, hence BUS_UNPRIV on every method and writable property. */
+
+/* Client properties whose changes we announce, found by comparing each
+ * client with what was last published (bus_publish), so that the core
+ * needs no call at every place that changes one of them. */
+enum bus_watch {
+    W_ENABLED, W_EXPIRES, W_LAST_ENABLED, W_LAST_CHECKED_OK,
+    W_LAST_APPROVAL_REQUEST, W_LAST_CHECKER_STATUS, W_APPROVAL_PENDING,
+    W_CHECKER_RUNNING, W_TIMEOUT, W_EXTENDED_TIMEOUT, W_INTERVAL,
+    W_APPROVAL_DELAY, W_APPROVAL_DURATION, W_APPROVED_BY_DEFAULT, W_COUNT
+};
+
+static const char *const bus_watched[W_COUNT] = {
+    [W_ENABLED] = "Enabled", [W_EXPIRES] = "Expires",
+    [W_LAST_ENABLED] = "LastEnabled", [W_LAST_CHECKED_OK] = "LastCheckedOK",
+    [W_LAST_APPROVAL_REQUEST] = "LastApprovalRequest",
+    [W_LAST_CHECKER_STATUS] = "LastCheckerStatus",
+    [W_APPROVAL_PENDING] = "ApprovalPending", [W_CHECKER_RUNNING] = "CheckerRunning",
+    [W_TIMEOUT] = "Timeout", [W_EXTENDED_TIMEOUT] = "ExtendedTimeout",
+    [W_INTERVAL] = "Interval", [W_APPROVAL_DELAY] = "ApprovalDelay",
+    [W_APPROVAL_DURATION] = "ApprovalDuration",
+    [W_APPROVED_BY_DEFAULT] = "ApprovedByDefault",
+};
+
+/* The values last published for one client. */
+struct bus_seen {
+    int64_t v[W_COUNT];          /* raw: expires stays monotonic ms here */
+    char *host, *checker;
+};
+
+/* One exported client object. */
+struct bus_entry {
+    char *path;                  /* "/clients/..." from client_object_path() */
+    char *name;                  /* kept for ClientRemoved once the client is gone */
+    struct client *client;       /* valid until the next reload or removal */
+    struct server *srv;          /* what the callbacks need besides the client */
+    size_t order;                /* position in clients.conf, to break ties */
+    char *checker_command;       /* of the running checker, for CheckerCompleted */
+    struct bus_seen seen;
+};
+
+struct bus {
+    sd_bus *bus;
+    struct server *srv;
+    struct bus_entry *v;         /* sorted by path, for bsearch */
+    size_t n;
+};
+
+/* ---- client objects ------------------------------------------------------- */
+
+static void bus_watch_values(const struct client *c, int64_t v[W_COUNT])
+{
+    v[W_ENABLED] = c->cur.enabled;
+    v[W_EXPIRES] = c->expires;
+    v[W_LAST_ENABLED] = c->last_enabled;
+    v[W_LAST_CHECKED_OK] = c->last_checked_ok;
+    v[W_LAST_APPROVAL_REQUEST] = c->last_approval_request;
+    v[W_LAST_CHECKER_STATUS] = c->last_checker_status;
+    v[W_APPROVAL_PENDING] = c->approvals_pending > 0;
+    v[W_CHECKER_RUNNING] = c->checker_pid != 0;
+    v[W_TIMEOUT] = c->cur.timeout;
+    v[W_EXTENDED_TIMEOUT] = c->cur.extended_timeout;
+    v[W_INTERVAL] = c->cur.interval;
+    v[W_APPROVAL_DELAY] = c->cur.approval_delay;
+    v[W_APPROVAL_DURATION] = c->cur.approval_duration;
+    v[W_APPROVED_BY_DEFAULT] = c->cur.approved_by_default;
+}
+
+static void bus_seen_take(struct bus_entry *e)
+{
+    bus_watch_values(e->client, e->seen.v);
+    free(e->seen.host);
+    free(e->seen.checker);
+    e->seen.host = xstrdup(e->client->cur.host);
+    e->seen.checker = xstrdup(e->client->cur.checker);
+}
+
+static void bus_entry_free(struct bus_entry *e)
+{
+    free(e->path);
+    free(e->name);
+    free(e->checker_command);
+    free(e->seen.host);
+    free(e->seen.checker);
+}
+
+static int bus_entry_cmp(const void *a, const void *b)
+{
+    const struct bus_entry *x = a, *y = b;
+    int r = strcmp(x->path, y->path);
+    return r ? r : (x->order > y->order) - (x->order < y->order);
+}
+
+static struct bus_entry *bus_entry_by_path(const struct bus *b, const char *path)
+{
+    size_t lo = 0, hi = b->n;
+    while (path && lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        int r = strcmp(b->v[mid].path, path);
+        if (r == 0)
+            return &b->v[mid];
+        if (r < 0)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return NULL;
+}
+
+static struct bus_entry *bus_entry_of(const struct server *srv, const struct client *c)
+{
+    if (!srv->bus)
+        return NULL;
+    struct buf path = { 0 };
+    client_object_path(c, &path);
+    struct bus_entry *e = bus_entry_by_path(srv->bus, path.data);
+    buf_free(&path);
+    return e && e->client == c ? e : NULL;
+}
+
+/* One entry per client, sorted by path.  Names differing only in
+ * characters that become '_' share a path: the first in clients.conf
+ * gets the object, the others stay invisible on D-Bus. */
+static void bus_entries_build(struct server *srv, struct bus_entry **out, size_t *nout)
+{
+    const struct client_table *t = &srv->clients;
+    struct bus_entry *v = xcalloc(t->n, sizeof *v);
+    for (size_t i = 0; i < t->n; i++) {
+        struct buf path = { 0 };
+        client_object_path(t->v[i], &path);
+        v[i].path = path.data;
+        v[i].name = xstrdup(t->v[i]->name);
+        v[i].client = t->v[i];
+        v[i].srv = srv;
+        v[i].order = i;
+        bus_seen_take(&v[i]);
+    }
+    qsort(v, t->n, sizeof *v, bus_entry_cmp);
+    size_t n = 0;
+    for (size_t i = 0; i < t->n; i++) {
+        if (n > 0 && streq(v[n - 1].path, v[i].path)) {
+            log_warn("clients %s and %s have the same D-Bus object path %s; only %s "
+                     "is visible on D-Bus", v[n - 1].name, v[i].name, v[i].path, v[n - 1].name);
+            bus_entry_free(&v[i]);
+            continue;
+        }
+        v[n++] = v[i];
+    }
+    *out = v;
+    *nout = n;
+}
+
+/* ---- property values ---------------------------------------------------- */
+
+/* A timestamp as the reference shows it: ISO 8601 in UTC without a zone,
+ * "2023-02-08T12:34:56.789012" (fraction omitted when zero); "" if none. */
+static int bus_append_time(sd_bus_message *m, int64_t us)
+{
+    struct buf text = { 0 };
+    buf_adds(&text, "");
+    if (us)
+        timestamp_render(us, 'T', &text);
+    int r = sd_bus_message_append(m, "s", text.data);
+    buf_free(&text);
+    return r;
+}
+
+/* The getter of every client property (durations in milliseconds). */
+static int bus_get(sd_bus *bus, const char *path, const char *iface, const char *prop,
+                   sd_bus_message *m, void *userdata, sd_bus_error *err)
+{
+    const struct bus_entry *e = userdata;
+    const struct client *c = e->client;
+    (void)bus; (void)path; (void)iface;
+    if (streq(prop, "ApprovalDelay"))
+        return sd_bus_message_append(m, "t", (uint64_t)c->cur.approval_delay);
+    if (streq(prop, "ApprovalDuration"))
+        return sd_bus_message_append(m, "t", (uint64_t)c->cur.approval_duration);
+    if (streq(prop, "ApprovalPending"))
+        return sd_bus_message_append(m, "b", c->approvals_pending > 0);
+    if (streq(prop, "ApprovedByDefault"))
+        return sd_bus_message_append(m, "b", (int)c->cur.approved_by_default);
+    if (streq(prop, "Checker"))
+        return sd_bus_message_append(m, "s", c->cur.checker);
+    if (streq(prop, "CheckerRunning"))
+        return sd_bus_message_append(m, "b", c->checker_pid != 0);
+    if (streq(prop, "Created"))
+        return bus_append_time(m, c->created);
+    if (streq(prop, "Enabled"))
+        return sd_bus_message_append(m, "b", (int)c->cur.enabled);
+    if (streq(prop, "Expires"))
+        return bus_append_time(m, c->expires ? mono_to_wall(c->expires, mono_ms(), wall_us()) : 0);
+    if (streq(prop, "ExtendedTimeout"))
+        return sd_bus_message_append(m, "t", (uint64_t)c->cur.extended_timeout);
+    if (streq(prop, "Fingerprint"))
+        return sd_bus_message_append(m, "s", c->fingerprint);
+    if (streq(prop, "Host"))
+        return sd_bus_message_append(m, "s", c->cur.host);
+    if (streq(prop, "Interval"))
+        return sd_bus_message_append(m, "t", (uint64_t)c->cur.interval);
+    if (streq(prop, "KeyID"))
+        return sd_bus_message_append(m, "s", c->key_id);
+    if (streq(prop, "LastApprovalRequest"))
+        return bus_append_time(m, c->last_approval_request);
+    if (streq(prop, "LastCheckedOK"))
+        return bus_append_time(m, c->last_checked_ok);
+    if (streq(prop, "LastCheckerStatus"))
+        return sd_bus_message_append(m, "n", (int)c->last_checker_status);
+    if (streq(prop, "LastEnabled"))
+        return bus_append_time(m, c->last_enabled);
+    if (streq(prop, "Name"))
+        return sd_bus_message_append(m, "s", c->name);
+    if (streq(prop, "ObjectPath"))
+        return sd_bus_message_append(m, "o", e->path);
+    if (streq(prop, "Timeout"))
+        return sd_bus_message_append(m, "t", (uint64_t)c->cur.timeout);
+    return sd_bus_error_setf(err, SD_BUS_ERROR_ACCESS_DENIED, "%s is write-only", prop);
+}
+
+/* Durations arrive as any D-Bus integer type: dbus-python, and so
+ * mandos-ctl, sends a Python int as int32 whatever the property says. */
+static int bus_read_ms(sd_bus_message *m, const char *type, int64_t *ms, sd_bus_error *err)
+{
+    int64_t v = -1;
+    int r = -EINVAL;
+    union { uint8_t y; int16_t n; uint16_t q; int32_t i; uint32_t u; int64_t x; uint64_t t; } n;
+    if (type[0] && !type[1] && strchr("ynqiuxt", type[0]))
+        r = sd_bus_message_read_basic(m, type[0], &n);
+    if (r < 0)
+        return sd_bus_error_setf(err, SD_BUS_ERROR_INVALID_ARGS,
+                                 "expected milliseconds as an integer, not type \"%s\"", type);
+    switch (type[0]) {
+    case 'y': v = n.y; break;
+    case 'n': v = n.n; break;
+    case 'q': v = n.q; break;
+    case 'i': v = n.i; break;
+    case 'u': v = n.u; break;
+    case 'x': v = n.x; break;
+    default: v = n.t > (uint64_t)DURATION_MAX_MS ? -1 : (int64_t)n.t; break;
+    }
+    if (v < 0 || v > DURATION_MAX_MS)
+        return sd_bus_error_setf(err, SD_BUS_ERROR_INVALID_ARGS,
+                                 "milliseconds out of range (0 to %lld)", DURATION_MAX_MS);
+    *ms = v;
+    return 0;
+}
+
+/* Timeout: a running expiry moves by the difference; past means expired. */
+static void bus_set_timeout(struct server *srv, struct client *c, int64_t ms, int64_t now)
+{
+    int64_t old = c->cur.timeout;
+    c->cur.timeout = ms;
+    if (!c->cur.enabled || !c->expires)
+        return;
+    c->expires += ms - old;
+    if (c->expires <= now)
+        client_disable(srv, c, "timed out");
+    else
+        client_reschedule(&srv->clients, c);
+}
+
+/* A new secret from D-Bus.  It is not saved (the state file holds no
+ * secrets): after a restart the configured one is back, and a reload
+ * keeps this one only while the configured secret is unchanged. */
+static int bus_set_secret(struct bus_entry *e, sd_bus_message *m, const char *type,
+                          sd_bus_error *err)
+{
+    const void *bytes = NULL;
+    size_t len = 0;
+    struct client *c = e->client;
+    int r = streq(type, "ay") ? sd_bus_message_read_array(m, 'y', &bytes, &len) : -EINVAL;
+    if (r < 0)
+        return sd_bus_error_setf(err, SD_BUS_ERROR_INVALID_ARGS, "Secret takes bytes (ay)");
+    unsigned char *copy = xcalloc(1, len + 1);
+    if (len) {
+        memcpy(copy, bytes, len);
+        /* our copy of the message; the bus daemon had one too */
+        wipe((void *)(uintptr_t)bytes, len);
+    }
+    wipe(c->secret, c->secret_len);
+    free(c->secret);
+    c->secret = copy;
+    c->secret_len = len;
+    sd_bus_emit_properties_changed(e->srv->bus->bus, e->path, BUS_CLIENT_IFACE, "Secret", NULL);
+    return 0;
+}
+
+static const sd_bus_vtable *bus_client_property(const char *prop);
+
+/* Every property write, with the reference's semantics.  `type` is the
+ * signature of the value in the variant, `m` is positioned on it. */
+static int bus_set_value(struct bus_entry *e, const char *prop, sd_bus_message *m,
+                         const char *type, sd_bus_error *err)
+{
+    struct server *srv = e->srv;
+    struct client *c = e->client;
+    const sd_bus_vtable *p = bus_client_property(prop);
+    int64_t now = mono_ms(), ms = 0;
+    int flag = 0, r = 0;
+    const char *text = NULL;
+    if (!p)
+        return sd_bus_error_setf(err, SD_BUS_ERROR_UNKNOWN_PROPERTY, "no property %s", prop);
+    if (p->type != _SD_BUS_VTABLE_WRITABLE_PROPERTY)
+        return sd_bus_error_setf(err, SD_BUS_ERROR_PROPERTY_READ_ONLY, "%s is read-only", prop);
+    const char *want = p->x.property.signature;
+    if (streq(want, "t"))
+        r = bus_read_ms(m, type, &ms, err);
+    else if (streq(want, "b") || streq(want, "s"))
+        r = streq(type, want) ? sd_bus_message_read_basic(m, want[0], want[0] == 'b'
+                                                          ? (void *)&flag : (void *)&text)
+            : sd_bus_error_setf(err, SD_BUS_ERROR_INVALID_ARGS, "%s takes type \"%s\", not \"%s\"",
+                                prop, want, type);
+    if (r < 0)
+        return r;
+    if (streq(prop, "Enabled")) {
+        if (flag)
+            client_enable(srv, c, now);
+        else
+            client_disable(srv, c, "disabled over D-Bus");
+    } else if (streq(prop, "CheckerRunning")) {
+        if (!flag)
+            checker_stop(srv, c);
+        else if (!c->checker_pid)
+            checker_start(srv, c, now);
+    } else if (streq(prop, "LastCheckedOK")) {
+        client_checked_ok(srv, c, now);          /* whatever the value */
+    } else if (streq(prop, "ApprovedByDefault")) {
+        c->cur.approved_by_default = flag;
+    } else if (streq(prop, "Host") || streq(prop, "Checker")) {
+        char why[300];
+        if (prop[0] == 'C' && checker_validate(text, why, sizeof why) < 0)
+            return sd_bus_error_setf(err, SD_BUS_ERROR_INVALID_ARGS, "Checker: %s", why);
+        char **slot = prop[0] == 'H' ? &c->cur.host : &c->cur.checker;
+        free(*slot);
+        *slot = xstrdup(text);
+    } else if (streq(prop, "Timeout")) {
+        bus_set_timeout(srv, c, ms, now);
+    } else if (streq(prop, "Interval")) {
+        if (ms == 0)
+            return sd_bus_error_setf(err, SD_BUS_ERROR_INVALID_ARGS, "Interval must be positive");
+        c->cur.interval = ms;
+        if (c->next_checker) {   /* restart the period, with a checker now */
+            c->next_checker = now + ms;
+            client_reschedule(&srv->clients, c);
+            if (!c->checker_pid)
+                checker_start(srv, c, now);
+        }
+    } else if (streq(prop, "ExtendedTimeout")) {
+        c->cur.extended_timeout = ms;
+    } else if (streq(prop, "ApprovalDelay")) {
+        c->cur.approval_delay = ms;
+    } else if (streq(prop, "ApprovalDuration")) {
+        c->cur.approval_duration = ms;
+    } else if (streq(prop, "Secret")) {
+        r = bus_set_secret(e, m, type, err);
+        if (r < 0)
+            return r;
+    }
+    log_info("Client %s: %s set over D-Bus", c->name, prop);
+    state_changed(srv, true);
+    return 0;
+}
+
+/* sd-bus's own Set, for values of exactly the declared type. */
+static int bus_set(sd_bus *bus, const char *path, const char *iface, const char *prop,
+                   sd_bus_message *value, void *userdata, sd_bus_error *err)
+{
+    const sd_bus_vtable *p = bus_client_property(prop);
+    (void)bus; (void)path; (void)iface;
+    return bus_set_value(userdata, prop, value, p ? p->x.property.signature : "", err);
+}
+
+/* Client methods: Approve and CheckedOK, and the deprecated Enable,
+ * Disable, StartChecker and StopChecker. */
+static int bus_client_method(sd_bus_message *m, void *userdata, sd_bus_error *err)
+{
+    struct bus_entry *e = userdata;
+    struct server *srv = e->srv;
+    struct client *c = e->client;
+    const char *member = sd_bus_message_get_member(m);
+    int64_t now = mono_ms();
+    (void)err;
+    if (streq(member, "Approve")) {
+        int yes = 0;
+        int r = sd_bus_message_read(m, "b", &yes);
+        if (r < 0)
+            return r;
+        client_approve(srv, c, yes);
+    } else if (streq(member, "CheckedOK")) {
+        client_checked_ok(srv, c, now);
+    } else if (streq(member, "Enable")) {
+        client_enable(srv, c, now);
+    } else if (streq(member, "Disable")) {
+        client_disable(srv, c, "disabled over D-Bus");
+    } else if (streq(member, "StartChecker")) {
+        if (!c->checker_pid)
+            checker_start(srv, c, now);
+    } else if (streq(member, "StopChecker")) {
+        checker_stop(srv, c);
+    }
+    state_changed(srv, true);
+    return sd_bus_reply_method_return(m, NULL);
+}
+
+#define BUS_UNPRIV SD_BUS_VTABLE_UNPRIVILEGED   /* the bus policy decides, as for the reference */
+#define BUS_OLD SD_BUS_VTABLE_DEPRECATED
+#define BUS_RO(name, sig) \
+    SD_BUS_PROPERTY(name, sig, bus_get, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE)
+#define BUS_CONST(name, sig) \
+    SD_BUS_PROPERTY(name, sig, bus_get, 0, SD_BUS_VTABLE_PROPERTY_CONST)
+#define BUS_RW(name, sig) \
+    SD_BUS_WRITABLE_PROPERTY(name, sig, bus_get, bus_set, 0, \
+                             SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE | BUS_UNPRIV)
+
+static const sd_bus_vtable bus_client_vtable[] = {
+    SD_BUS_VTABLE_START(0),
+    BUS_RW("ApprovalDelay", "t"),
+    BUS_RW("ApprovalDuration", "t"),
+    BUS_RO("ApprovalPending", "b"),
+    BUS_RW("ApprovedByDefault", "b"),
+    BUS_RW("Checker", "s"),
+    BUS_RW("CheckerRunning", "b"),
+    BUS_CONST("Created", "s"),
+    BUS_RW("Enabled", "b"),
+    BUS_RO("Expires", "s"),
+    BUS_RW("ExtendedTimeout", "t"),
+    BUS_CONST("Fingerprint", "s"),
+    BUS_RW("Host", "s"),
+    BUS_RW("Interval", "t"),
+    BUS_CONST("KeyID", "s"),
+    BUS_RO("LastApprovalRequest", "s"),
+    BUS_RW("LastCheckedOK", "s"),
+    BUS_RO("LastCheckerStatus", "n"),
+    BUS_RO("LastEnabled", "s"),
+    BUS_CONST("Name", "s"),
+    SD_BUS_PROPERTY("ObjectPath", "o", bus_get, 0, SD_BUS_VTABLE_PROPERTY_CONST | BUS_OLD),
+    /* write-only: EXPLICIT keeps it out of GetAll and GetManagedObjects,
+     * and reading it is refused */
+    SD_BUS_WRITABLE_PROPERTY("Secret", "ay", bus_get, bus_set, 0,
+                             SD_BUS_VTABLE_PROPERTY_EMITS_INVALIDATION
+                             | SD_BUS_VTABLE_PROPERTY_EXPLICIT | BUS_UNPRIV),
+    BUS_RW("Timeout", "t"),
+    SD_BUS_METHOD_WITH_NAMES("Approve", "b", SD_BUS_PARAM(approve), "", "",
+                             bus_client_method, BUS_UNPRIV),
+    SD_BUS_METHOD("CheckedOK", "", "", bus_client_method, BUS_UNPRIV),
+    SD_BUS_METHOD("Enable", "", "", bus_client_method, BUS_UNPRIV | BUS_OLD),
+    SD_BUS_METHOD("Disable", "", "", bus_client_method, BUS_UNPRIV | BUS_OLD),
+    SD_BUS_METHOD("StartChecker", "", "", bus_client_method, BUS_UNPRIV | BUS_OLD),
+    SD_BUS_METHOD("StopChecker", "", "", bus_client_method, BUS_UNPRIV | BUS_OLD),
+    SD_BUS_SIGNAL_WITH_NAMES("CheckerCompleted", "nxs", SD_BUS_PARAM(exitcode)
+                             SD_BUS_PARAM(waitstatus) SD_BUS_PARAM(command), 0),
+    SD_BUS_SIGNAL_WITH_NAMES("CheckerStarted", "s", SD_BUS_PARAM(command), 0),
+    SD_BUS_SIGNAL("GotSecret", "", 0),
+    SD_BUS_SIGNAL_WITH_NAMES("NeedApproval", "tb", SD_BUS_PARAM(timeout)
+                             SD_BUS_PARAM(default), 0),
+    SD_BUS_SIGNAL_WITH_NAMES("Rejected", "s", SD_BUS_PARAM(reason), 0),
+    SD_BUS_SIGNAL_WITH_NAMES("PropertyChanged", "sv", SD_BUS_PARAM(property)
+                             SD_BUS_PARAM(value), BUS_OLD),
+    SD_BUS_VTABLE_END
+};
+
+static const sd_bus_vtable *bus_client_property(const char *prop)
+{
+    for (const sd_bus_vtable *p = bus_client_vtable; p->type != _SD_BUS_VTABLE_END; p++)
+        if ((p->type == _SD_BUS_VTABLE_PROPERTY || p->type == _SD_BUS_VTABLE_WRITABLE_PROPERTY)
+            && streq(p->x.property.member, prop))
+            return p;
+    return NULL;
+}
+
+/* Append one property's value as a variant. */
+static int bus_append_value(sd_bus_message *m, struct bus_entry *e, const sd_bus_vtable *p)
+{
+    sd_bus_error err = SD_BUS_ERROR_NULL;
+    int r = sd_bus_message_open_container(m, 'v', p->x.property.signature);
+    if (r >= 0)
+        r = bus_get(NULL, e->path, BUS_CLIENT_IFACE, p->x.property.member, m, e, &err);
+    if (r >= 0)
+        r = sd_bus_message_close_container(m);
+    sd_bus_error_free(&err);
+    return r;
+}
+
+/* All readable properties as a{sv}, for GetAllClientsWithProperties. */
+static int bus_append_properties(sd_bus_message *m, struct bus_entry *e)
+{
+    int r = sd_bus_message_open_container(m, 'a', "{sv}");
+    for (const sd_bus_vtable *p = bus_client_vtable; r >= 0 && p->type != _SD_BUS_VTABLE_END; p++) {
+        if ((p->type != _SD_BUS_VTABLE_PROPERTY && p->type != _SD_BUS_VTABLE_WRITABLE_PROPERTY)
+            || (p->flags & SD_BUS_VTABLE_PROPERTY_EXPLICIT))
+            continue;
+        r = sd_bus_message_open_container(m, 'e', "sv");
+        if (r >= 0)
+            r = sd_bus_message_append(m, "s", p->x.property.member);
+        if (r >= 0)
+            r = bus_append_value(m, e, p);
+        if (r >= 0)
+            r = sd_bus_message_close_container(m);
+    }
+    return r >= 0 ? sd_bus_message_close_container(m) : r;
+}
+
+/* The deprecated PropertyChanged(sv), sent beside PropertiesChanged. */
+static void bus_emit_property_changed(struct bus *b, struct bus_entry *e, const char *prop)
+{
+    sd_bus_message *m = NULL;
+    const sd_bus_vtable *p = bus_client_property(prop);
+    int r = p ? sd_bus_message_new_signal(b->bus, &m, e->path, BUS_CLIENT_IFACE,
+                                          "PropertyChanged") : -EINVAL;
+    if (r >= 0)
+        r = sd_bus_message_append(m, "s", prop);
+    if (r >= 0)
+        r = bus_append_value(m, e, p);
+    if (r >= 0)
+        r = sd_bus_send(b->bus, m, NULL);
+    if (r < 0)
+        log_debug("D-Bus: cannot send PropertyChanged(%s): %s", prop, strerror(-r));
+    sd_bus_message_unref(m);
+}
+
+/* sd-bus asks which client a path under /clients is. */
+static int bus_find(sd_bus *bus, const char *path, const char *iface, void *userdata,
+                    void **found, sd_bus_error *err)
+{
+    struct bus_entry *e = bus_entry_by_path(userdata, path);
+    (void)bus; (void)iface; (void)err;
+    if (!e)
+        return 0;
+    *found = e;
+    return 1;
+}
+
+/* ... and which paths exist there (introspection, GetManagedObjects). */
+static int bus_enumerate(sd_bus *bus, const char *prefix, void *userdata, char ***nodes,
+                         sd_bus_error *err)
+{
+    const struct bus *b = userdata;
+    char **v = xcalloc(b->n + 1, sizeof *v);     /* sd-bus frees it with free() */
+    (void)bus; (void)prefix; (void)err;
+    for (size_t i = 0; i < b->n; i++)
+        v[i] = xstrdup(b->v[i].path);
+    *nodes = v;
+    return 0;
+}
+
+/* Properties.Set for client objects is taken here, before sd-bus's own
+ * handler, which would refuse mandos-ctl's int32 values for our uint64
+ * properties (see bus_read_ms).  Everything else passes on. */
+static int bus_filter(sd_bus_message *m, void *userdata, sd_bus_error *unused)
+{
+    struct bus *b = userdata;
+    const char *iface = NULL, *prop = NULL, *type = NULL;
+    char kind = 0;
+    (void)unused;
+    if (!sd_bus_message_is_method_call(m, "org.freedesktop.DBus.Properties", "Set"))
+        return 0;
+    struct bus_entry *e = bus_entry_by_path(b, sd_bus_message_get_path(m));
+    if (!e)
+        return 0;
+    if (sd_bus_message_read(m, "ss", &iface, &prop) < 0 || !streq(iface, BUS_CLIENT_IFACE)
+        || sd_bus_message_peek_type(m, &kind, &type) <= 0 || kind != 'v' || !type
+        || sd_bus_message_enter_container(m, 'v', type) < 0) {
+        sd_bus_message_rewind(m, 1);
+        return 0;                /* sd-bus answers, with an error if need be */
+    }
+    sd_bus_error err = SD_BUS_ERROR_NULL;
+    int r = bus_set_value(e, prop, m, type, &err);
+    if (r < 0 || sd_bus_error_is_set(&err))
+        sd_bus_reply_method_errno(m, r < 0 ? r : -EINVAL, &err);
+    else
+        sd_bus_reply_method_return(m, NULL);
+    sd_bus_error_free(&err);
+    return 1;
+}
+
+/* ---- the server object "/" ------------------------------------------------ */
+
+static void bus_announce_added(struct bus *b, const struct bus_entry *e)
+{
+    int r = sd_bus_emit_object_added(b->bus, e->path);
+    if (r >= 0)
+        r = sd_bus_emit_signal(b->bus, "/", BUS_SERVER_IFACE, "ClientAdded", "o", e->path);
+    if (r < 0)
+        log_debug("D-Bus: cannot announce %s: %s", e->path, strerror(-r));
+}
+
+/* InterfacesRemoved names our interface explicitly, so this works after
+ * the client itself is gone (reload). */
+static void bus_announce_removed(struct bus *b, const struct bus_entry *e)
+{
+    int r = sd_bus_emit_interfaces_removed(b->bus, e->path, BUS_CLIENT_IFACE, NULL);
+    if (r >= 0)
+        r = sd_bus_emit_signal(b->bus, "/", BUS_SERVER_IFACE, "ClientRemoved", "os",
+                               e->path, e->name);
+    if (r < 0)
+        log_debug("D-Bus: cannot announce the removal of %s: %s", e->path, strerror(-r));
+}
+
+static int bus_remove_client(sd_bus_message *m, void *userdata, sd_bus_error *err)
+{
+    struct bus *b = userdata;
+    const char *path = NULL;
+    int r = sd_bus_message_read(m, "o", &path);
+    if (r < 0)
+        return r;
+    struct bus_entry *e = bus_entry_by_path(b, path);
+    if (!e)
+        return sd_bus_error_setf(err, SD_BUS_ERROR_INVALID_ARGS, "no client at %s", path);
+    struct client *c = e->client;
+    bus_announce_removed(b, e);
+    /* forget the object first: what client_remove() sets off (rejected
+     * connections) is not announced for it any more */
+    size_t i = (size_t)(e - b->v);
+    bus_entry_free(e);
+    memmove(&b->v[i], &b->v[i + 1], (b->n - i - 1) * sizeof *b->v);
+    b->n--;
+    client_remove(b->srv, c);
+    return sd_bus_reply_method_return(m, NULL);
+}
+
+/* Deprecated: mandos-monitor still lists the clients with these. */
+static int bus_get_all_clients(sd_bus_message *m, void *userdata, sd_bus_error *err)
+{
+    struct bus *b = userdata;
+    sd_bus_message *reply = NULL;
+    (void)err;
+    int r = sd_bus_message_new_method_return(m, &reply);
+    if (r >= 0)
+        r = sd_bus_message_open_container(reply, 'a', "o");
+    for (size_t i = 0; r >= 0 && i < b->n; i++)
+        r = sd_bus_message_append(reply, "o", b->v[i].path);
+    if (r >= 0)
+        r = sd_bus_message_close_container(reply);
+    if (r >= 0)
+        r = sd_bus_send(NULL, reply, NULL);
+    sd_bus_message_unref(reply);
+    return r;
+}
+
+static int bus_get_all_with_properties(sd_bus_message *m, void *userdata, sd_bus_error *err)
+{
+    struct bus *b = userdata;
+    sd_bus_message *reply = NULL;
+    (void)err;
+    int r = sd_bus_message_new_method_return(m, &reply);
+    if (r >= 0)
+        r = sd_bus_message_open_container(reply, 'a', "{oa{sv}}");
+    for (size_t i = 0; r >= 0 && i < b->n; i++) {
+        r = sd_bus_message_open_container(reply, 'e', "oa{sv}");
+        if (r >= 0)
+            r = sd_bus_message_append(reply, "o", b->v[i].path);
+        if (r >= 0)
+            r = bus_append_properties(reply, &b->v[i]);
+        if (r >= 0)
+            r = sd_bus_message_close_container(reply);
+    }
+    if (r >= 0)
+        r = sd_bus_message_close_container(reply);
+    if (r >= 0)
+        r = sd_bus_send(NULL, reply, NULL);
+    sd_bus_message_unref(reply);
+    return r;
+}
+
+static const sd_bus_vtable bus_server_vtable[] = {
+    SD_BUS_VTABLE_START(0),
+    SD_BUS_METHOD_WITH_NAMES("RemoveClient", "o", SD_BUS_PARAM(object_path), "", "",
+                             bus_remove_client, BUS_UNPRIV),
+    SD_BUS_METHOD_WITH_NAMES("GetAllClients", "", "", "ao", SD_BUS_PARAM(objpaths),
+                             bus_get_all_clients, BUS_UNPRIV | BUS_OLD),
+    SD_BUS_METHOD_WITH_NAMES("GetAllClientsWithProperties", "", "", "a{oa{sv}}",
+                             SD_BUS_PARAM(objpath_properties),
+                             bus_get_all_with_properties, BUS_UNPRIV | BUS_OLD),
+    SD_BUS_SIGNAL_WITH_NAMES("ClientAdded", "o", SD_BUS_PARAM(objpath), 0),
+    SD_BUS_SIGNAL_WITH_NAMES("ClientNotFound", "ss", SD_BUS_PARAM(key_id)
+                             SD_BUS_PARAM(address), 0),
+    SD_BUS_SIGNAL_WITH_NAMES("ClientRemoved", "os", SD_BUS_PARAM(objpath)
+                             SD_BUS_PARAM(name), BUS_OLD),
+    SD_BUS_VTABLE_END
+};
+
+/* ---- life cycle and the loop ---------------------------------------------- */
+
+static void bus_free(struct bus *b)
+{
+    if (!b)
+        return;
+    for (size_t i = 0; i < b->n; i++)
+        bus_entry_free(&b->v[i]);
+    free(b->v);
+    if (b->bus)
+        sd_bus_close_unref(b->bus);
+    free(b);
+}
+
+/* Connect, export "/" and the clients, take the name.  Any failure leaves
+ * us running without D-Bus, as the reference does. */
+static void bus_start(struct server *srv)
+{
+    if (!srv->set.use_dbus)
+        return;
+    struct bus *b = xcalloc(1, sizeof *b);
+    b->srv = srv;
+    const char *step = "connect to the system bus";
+    int r = sd_bus_open_system(&b->bus);
+    if (r >= 0) {
+        step = "set up the D-Bus objects";
+        r = sd_bus_set_method_call_timeout(b->bus, BUS_START_TIMEOUT_US);
+    }
+    if (r >= 0)
+        r = sd_bus_add_filter(b->bus, NULL, bus_filter, b);
+    if (r >= 0)
+        r = sd_bus_add_object_vtable(b->bus, NULL, "/", BUS_SERVER_IFACE, bus_server_vtable, b);
+    if (r >= 0)
+        r = sd_bus_add_fallback_vtable(b->bus, NULL, BUS_CLIENTS, BUS_CLIENT_IFACE,
+                                       bus_client_vtable, bus_find, b);
+    if (r >= 0)
+        r = sd_bus_add_node_enumerator(b->bus, NULL, BUS_CLIENTS, bus_enumerate, b);
+    if (r >= 0)
+        r = sd_bus_add_object_manager(b->bus, NULL, "/");
+    if (r >= 0) {
+        step = "own the name " BUS_NAME;
+        r = sd_bus_request_name(b->bus, BUS_NAME, 0);
+    }
+    if (r < 0) {
+        log_err("D-Bus: could not %s: %s; running without D-Bus", step,
+                r == -EEXIST ? "another process owns it"
+                : r == -EACCES ? "the bus policy does not allow it (see mandos-dbus.conf)"
+                : strerror(-r));
+        bus_free(b);
+        return;
+    }
+    srv->bus = b;
+    bus_entries_build(srv, &b->v, &b->n);
+    for (size_t i = 0; i < b->n; i++)
+        bus_announce_added(b, &b->v[i]);
+    log_debug("D-Bus: %s is ours; %zu client objects", BUS_NAME, b->n);
+}
+
+/* After a reload: objects for the new table, removals and additions
+ * announced, and what was last published carried over by path so that
+ * the next bus_publish() reports the edits.  The old clients are gone
+ * already: only the entries' own copies are used. */
+static void bus_reloaded(struct server *srv)
+{
+    struct bus *b = srv->bus;
+    if (!b)
+        return;
+    struct bus_entry *v;
+    size_t n;
+    bus_entries_build(srv, &v, &n);
+    bool *added = xcalloc(n + 1, sizeof *added);
+    struct bus old = { b->bus, srv, b->v, b->n };
+    for (size_t i = 0; i < n; i++) {
+        struct bus_entry *o = bus_entry_by_path(&old, v[i].path);
+        added[i] = !o;
+        if (!o)
+            continue;
+        memcpy(v[i].seen.v, o->seen.v, sizeof v[i].seen.v);
+        free(v[i].seen.host);
+        free(v[i].seen.checker);
+        v[i].seen.host = o->seen.host;
+        v[i].seen.checker = o->seen.checker;
+        v[i].checker_command = o->checker_command;
+        o->seen.host = o->seen.checker = o->checker_command = NULL;
+    }
+    b->v = v;
+    b->n = n;
+    for (size_t i = 0; i < old.n; i++) {
+        if (!bus_entry_by_path(b, old.v[i].path))
+            bus_announce_removed(b, &old.v[i]);
+        bus_entry_free(&old.v[i]);
+    }
+    free(old.v);
+    for (size_t i = 0; i < n; i++)
+        if (added[i])
+            bus_announce_added(b, &b->v[i]);
+    free(added);
+}
+
+/* Announce every change of a watched property since the last call: one
+ * PropertiesChanged per client (and the old PropertyChanged per value). */
+static void bus_publish(struct server *srv)
+{
+    struct bus *b = srv->bus;
+    if (!b)
+        return;
+    for (size_t i = 0; i < b->n; i++) {
+        struct bus_entry *e = &b->v[i];
+        const struct client *c = e->client;
+        int64_t v[W_COUNT];
+        char *names[W_COUNT + 3];
+        size_t k = 0;
+        bus_watch_values(c, v);
+        for (size_t w = 0; w < W_COUNT; w++)
+            if (v[w] != e->seen.v[w]) {
+                e->seen.v[w] = v[w];
+                names[k++] = (char *)bus_watched[w];   /* sd-bus takes char ** */
+            }
+        if (!streq(e->seen.host, c->cur.host)) {
+            free(e->seen.host);
+            e->seen.host = xstrdup(c->cur.host);
+            names[k++] = "Host";
+        }
+        if (!streq(e->seen.checker, c->cur.checker)) {
+            free(e->seen.checker);
+            e->seen.checker = xstrdup(c->cur.checker);
+            names[k++] = "Checker";
+        }
+        if (k == 0)
+            continue;
+        names[k] = NULL;
+        int r = sd_bus_emit_properties_changed_strv(b->bus, e->path, BUS_CLIENT_IFACE, names);
+        if (r < 0)
+            log_debug("D-Bus: cannot send PropertiesChanged for %s: %s", c->name, strerror(-r));
+        for (size_t j = 0; j < k; j++)
+            bus_emit_property_changed(b, e, names[j]);
+    }
+}
+
+static size_t bus_pollfds(struct server *srv, struct pollfd *fds, size_t max)
+{
+    struct bus *b = srv->bus;
+    if (!b || max < 1)
+        return 0;
+    int fd = sd_bus_get_fd(b->bus), events = sd_bus_get_events(b->bus);
+    if (fd < 0 || events < 0)
+        return 0;               /* broken: bus_process() notices */
+    fds[0] = (struct pollfd){ fd, (short)events, 0 };
+    return 1;
+}
+
+/* The bus's next deadline on our monotonic clock, or 0 for none. */
+static int64_t bus_deadline(const struct server *srv)
+{
+    uint64_t us;
+    if (!srv->bus || sd_bus_get_timeout(srv->bus->bus, &us) < 0 || us == UINT64_MAX)
+        return 0;
+    int64_t ms = (int64_t)((us + 999) / 1000);  /* sd-bus counts CLOCK_MONOTONIC µs */
+    return ms > 0 ? ms : 1;     /* "now": any time already past */
+}
+
+/* Handle what arrived, a bounded number of messages per turn; whatever
+ * is left makes bus_deadline() say "now".  A broken connection is
+ * dropped and we carry on without D-Bus. */
+static void bus_process(struct server *srv, const struct pollfd *fds, size_t n, int64_t now)
+{
+    struct bus *b = srv->bus;
+    (void)fds; (void)n; (void)now;
+    if (!b)
+        return;
+    int r = 0;
+    for (int i = 0; i < BUS_PROCESS_ROUNDS; i++) {
+        r = sd_bus_process(b->bus, NULL);
+        if (r <= 0)
+            break;
+    }
+    if (r < 0 || !sd_bus_is_open(b->bus)) {
+        log_err("D-Bus: connection lost (%s); running without D-Bus",
+                r < 0 ? strerror(-r) : "closed");
+        bus_free(b);
+        srv->bus = NULL;
+    }
+}
+
+/* At exit: every client object goes away, then the queued signals get a
+ * bounded moment to leave. */
+static void bus_stop(struct server *srv)
+{
+    struct bus *b = srv->bus;
+    if (!b)
+        return;
+    for (size_t i = 0; i < b->n; i++)
+        bus_announce_removed(b, &b->v[i]);
+    for (int i = 0; i < BUS_DRAIN_ROUNDS; i++) {
+        uint64_t queued = 0;
+        if (sd_bus_get_n_queued_write(b->bus, &queued) < 0 || queued == 0)
+            break;
+        struct pollfd p = { sd_bus_get_fd(b->bus), POLLOUT, 0 };
+        if (poll(&p, 1, 25) < 0 && errno != EINTR)
+            break;
+        if (sd_bus_process(b->bus, NULL) < 0)
+            break;
+    }
+    bus_free(b);
+    srv->bus = NULL;
+}
+
+/* ---- signals from the core ------------------------------------------------ */
+
+static void bus_emit_client(struct server *srv, const struct client *c, const char *member,
+                            const char *types, ...)
+{
+    struct bus_entry *e = bus_entry_of(srv, c);
+    if (!e)
+        return;
+    va_list ap;
+    va_start(ap, types);
+    int r = sd_bus_emit_signalv(srv->bus->bus, e->path, BUS_CLIENT_IFACE, member, types, ap);
+    va_end(ap);
+    if (r < 0)
+        log_debug("D-Bus: cannot send %s for %s: %s", member, c->name, strerror(-r));
+}
+
+static void bus_checker_started(struct server *srv, const struct client *c,
+                                const char *command)
+{
+    struct bus_entry *e = bus_entry_of(srv, c);
+    if (!e)
+        return;
+    free(e->checker_command);
+    e->checker_command = xstrdup(command);
+    bus_emit_client(srv, c, "CheckerStarted", "s", command);
+}
+
+/* (exit code or -1, wait status, command).  On a signal the reference
+ * sends (-1 << 8) | signal as the wait status; we send the real one,
+ * which WIFSIGNALED and WTERMSIG read the same way. */
+static void bus_checker_completed(struct server *srv, const struct client *c, int status)
+{
+    struct bus_entry *e = bus_entry_of(srv, c);
+    if (!e)
+        return;
+    int code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    bus_emit_client(srv, c, "CheckerCompleted", "nxs", code, (int64_t)status,
+                    e->checker_command ? e->checker_command : "");
+    free(e->checker_command);
+    e->checker_command = NULL;
+}
+
+/* ClientNotFound(key ID, address): the address without brackets and port,
+ * as the reference sends it. */
+static void bus_client_not_found(struct server *srv, const char *key_id, const char *peer)
+{
+    if (!srv->bus)
+        return;
+    char addr[INET6_ADDRSTRLEN + IF_NAMESIZE + 2];
+    const char *start = peer[0] == '[' ? peer + 1 : peer;
+    const char *end = peer[0] == '[' ? strchr(start, ']') : strrchr(start, ':');
+    size_t n = end ? (size_t)(end - start) : strlen(start);
+    snprintf(addr, sizeof addr, "%.*s", (int)(n < sizeof addr ? n : sizeof addr - 1), start);
+    int r = sd_bus_emit_signal(srv->bus->bus, "/", BUS_SERVER_IFACE, "ClientNotFound", "ss",
+                               key_id, addr);
+    if (r < 0)
+        log_debug("D-Bus: cannot send ClientNotFound: %s", strerror(-r));
+}
+
+static void bus_need_approval(struct server *srv, const struct client *c)
+{
+    bus_emit_client(srv, c, "NeedApproval", "tb", (uint64_t)c->cur.approval_delay,
+                    (int)c->cur.approved_by_default);
+}
+
+static void bus_rejected(struct server *srv, const struct client *c, const char *reason)
+{
+    bus_emit_client(srv, c, "Rejected", "s", reason);
+}
+
+static void bus_got_secret(struct server *srv, const struct client *c)
+{
+    bus_emit_client(srv, c, "GotSecret", "");
+}
+
+#else /* !HAVE_DBUS */
+
+static const char bus_backend[] = "none";
+
+static void bus_start(struct server *srv)
+{
+    if (srv->set.use_dbus)
+        log_warn("built without D-Bus support: no control interface (use --no-dbus "
+                 "or use_dbus = False to silence this)");
+}
+
+static size_t bus_pollfds(struct server *srv, struct pollfd *fds, size_t max)
+{
+    (void)srv; (void)fds; (void)max;
+    return 0;
+}
+
+static void bus_process(struct server *srv, const struct pollfd *fds, size_t n, int64_t now)
+{
+    (void)srv; (void)fds; (void)n; (void)now;
+}
+
+static int64_t bus_deadline(const struct server *srv)
+{
+    (void)srv;
+    return 0;
+}
+
+static void bus_publish(struct server *srv) { (void)srv; }
+static void bus_reloaded(struct server *srv) { (void)srv; }
+static void bus_stop(struct server *srv) { (void)srv; }
+
+static void bus_checker_started(struct server *srv, const struct client *c,
+                                const char *command)
+{
+    (void)srv; (void)c; (void)command;
+}
+
+static void bus_checker_completed(struct server *srv, const struct client *c, int status)
+{
+    (void)srv; (void)c; (void)status;
+}
+
+static void bus_client_not_found(struct server *srv, const char *key_id, const char *peer)
+{
+    (void)srv; (void)key_id; (void)peer;
+}
+
+static void bus_need_approval(struct server *srv, const struct client *c)
+{
+    (void)srv; (void)c;
+}
+
+static void bus_rejected(struct server *srv, const struct client *c, const char *reason)
+{
+    (void)srv; (void)c; (void)reason;
+}
+
+static void bus_got_secret(struct server *srv, const struct client *c)
+{
+    (void)srv; (void)c;
+}
+
+#endif /* HAVE_DBUS */
+
+/* ===================================================================== */
+/* 11. Main and options                                                  */
 /*    Command line and mandos.conf, start-up in a fixed order (validate   */
 /*    everything, open sockets as root, drop privileges, daemonize), the  */
 /*    poll() loop, signals, SIGHUP reload, systemd notification.          */
@@ -4490,9 +5615,11 @@ static void server_reload(struct server *srv)
     client_table_clear(&srv->clients);
     srv->clients = fresh;
     client_table_reindex(&srv->clients);
+    /* added clients are in the heap already; carried-over ones join now */
     for (size_t i = 0; i < srv->clients.n; i++)
         client_reschedule(&srv->clients, srv->clients.v[i]);
     state_changed(srv, true);
+    bus_reloaded(srv);
     log_info("Reloaded: %zu clients", srv->clients.n);
     notify_send(srv, "READY=1");
 }
@@ -4535,6 +5662,9 @@ static int loop_timeout(const struct server *srv, int64_t now)
     int64_t z = zc_deadline(srv);
     if (z && z < next)
         next = z;
+    int64_t d = bus_deadline(srv);
+    if (d && d < next)
+        next = d;
     return next <= now ? 0 : (int)(next - now);
 }
 
@@ -4563,12 +5693,14 @@ static void server_loop(struct server *srv)
     log_debug("Starting main loop");
     while (!srv->quitting) {
         int64_t now = mono_ms();
-        size_t need = 2 + ZC_MAX_FDS + srv->nconns;
+        size_t need = 2 + BUS_MAX_FDS + ZC_MAX_FDS + srv->nconns;
         grow((void **)&fds, &cap, need, sizeof *fds);
         grow((void **)&owner, &owner_cap, srv->nconns + 1, sizeof *owner);
         size_t n = 0;
         fds[n++] = (struct pollfd){ srv->signal_pipe[0], POLLIN, 0 };
         fds[n++] = (struct pollfd){ srv->listen_fd, POLLIN, 0 };
+        size_t bus_first = n;
+        n += bus_pollfds(srv, fds + n, BUS_MAX_FDS);
         size_t zc_first = n;
         n += zc_pollfds(srv, fds + n, ZC_MAX_FDS);
         size_t conn_first = n;
@@ -4593,7 +5725,9 @@ static void server_loop(struct server *srv)
         } else {
             zc_process(srv, fds + zc_first, 0, now);
         }
+        bus_process(srv, fds + bus_first, zc_first - bus_first, now);
         loop_run_timers(srv, now);
+        bus_publish(srv);       /* after everything that may change a client */
         conn_sweep(srv);
     }
     free(fds);
@@ -4604,6 +5738,7 @@ static void server_shutdown(struct server *srv)
 {
     notify_send(srv, "STOPPING=1");
     zc_stop(srv);
+    bus_stop(srv);
     conn_close_all(srv);
     for (size_t i = 0; i < srv->clients.n; i++) {
         struct client *c = srv->clients.v[i];
@@ -4751,6 +5886,7 @@ static void server_start(struct server *srv)
     for (size_t i = 0; i < srv->clients.n; i++)
         client_schedule_first_checker(&srv->clients, srv->clients.v[i], now);
     zc_start(srv);
+    bus_start(srv);             /* after dropping privileges, as the bus policy expects */
     state_changed(srv, true);
     state_save(srv);
     notify_send(srv, "READY=1");
@@ -4776,8 +5912,8 @@ int main(int argc, char **argv)
         return 0;
     }
     if (cl.given[OPT_VERSION]) {
-        printf("mandos %s\nmandos.c %s; GnuTLS %s; Zeroconf: %s\n", MANDOS_VERSION,
-               MANDOS_C_VERSION, gnutls_check_version(NULL), ZEROCONF_NAME);
+        printf("mandos %s\nmandos.c %s; GnuTLS %s; Zeroconf: %s; D-Bus: %s\n", MANDOS_VERSION,
+               MANDOS_C_VERSION, gnutls_check_version(NULL), ZEROCONF_NAME, bus_backend);
         return 0;
     }
     struct server srv;
@@ -4793,7 +5929,7 @@ int main(int argc, char **argv)
 }
 
 /* ===================================================================== */
-/* 11. Self-tests                                                        */
+/* 12. Self-tests                                                        */
 /*    `mandos --check` runs this table: the reference's own examples for  */
 /*    durations, INI quirks, base64 and key IDs, plus our own rules.      */
 /* ===================================================================== */
@@ -5265,6 +6401,42 @@ static void test_client_lifecycle(void)
     client_table_clear(&srv.clients);
 }
 
+/* What D-Bus shows and does that lives in the core: object paths, ISO
+ * timestamps, removing a client at run time. */
+static void test_client_remove(void)
+{
+    struct server srv;
+    memset(&srv, 0, sizeof srv);
+    srv.state_dirfd = -1;
+    char *errs = parse_clients("[a.b-c]\nsecret=\n[x y\xc3\xa9]\nsecret=\n[last]\nsecret=\n",
+                               &srv.clients);
+    free(errs);
+    CHECK(srv.clients.n == 3);
+    if (srv.clients.n != 3)
+        return;
+    struct buf path = { 0 };
+    client_object_path(srv.clients.v[0], &path);
+    check_str(path.data, "/clients/a_b_c", "object path, reference rule");
+    path.len = 0;
+    client_object_path(srv.clients.v[1], &path);
+    check_str(path.data, "/clients/x_y__", "object path, other bytes");
+    path.len = 0;
+    timestamp_render(1675859696789012LL, 'T', &path);
+    check_str(path.data, "2023-02-08T12:34:56.789012", "ISO timestamp");
+    path.len = 0;
+    timestamp_render(1675859696000000LL, 'T', &path);
+    check_str(path.data, "2023-02-08T12:34:56", "ISO timestamp, no fraction");
+    buf_free(&path);
+    int64_t now = mono_ms();
+    for (size_t i = 0; i < srv.clients.n; i++)
+        client_schedule_first_checker(&srv.clients, srv.clients.v[i], now);
+    client_remove(&srv, srv.clients.v[1]);
+    CHECK(srv.clients.n == 2 && srv.clients.heap_n == 2 && srv.state_urgent);
+    CHECK(client_find_by_name(&srv.clients, "last") == srv.clients.v[1]);
+    CHECK(srv.clients.heap[0]->heap_pos == 0 && srv.clients.heap[1]->heap_pos == 1);
+    client_table_clear(&srv.clients);
+}
+
 static const struct {
     const char *name;
     void (*fn)(void);
@@ -5283,6 +6455,7 @@ static const struct {
     { "state: three-way reconciliation", test_reconcile },
     { "timer heap ordering", test_timer_heap },
     { "Zeroconf back end (" ZEROCONF_NAME "): its part of the poll loop", test_zeroconf },
+    { "client removal, D-Bus object paths, ISO timestamps", test_client_remove },
 };
 
 static int run_self_tests(void)

@@ -1,31 +1,36 @@
 /*
  * floor.c -- the in-process floor: the least CPU a Mandos exchange can cost.
  *
- * Both ends of the Mandos exchange run in one process over one socketpair,
- * each in its own thread with blocking I/O:
+ * Both ends of the Mandos exchange run in one process, over a fresh
+ * socketpair per exchange (every connection has its own socket):
  *
- *   server thread (what mandos does, TLS client, no certificate):
- *     read the version line, gnutls_init, handshake, take the peer's raw
- *     public key and compute its SHA-256 key ID, send the secret,
- *     bye (close_notify both ways), deinit;
- *   client thread (what mandos-client does, TLS server, raw public key):
+ *   server side (what mandos does; TLS client, no certificate):
+ *     read the version line byte by byte, gnutls_init, handshake, take the
+ *     peer's raw public key and compute its SHA-256 key ID, send the
+ *     secret, bye (close_notify both ways), deinit, close;
+ *   client side (what mandos-client does; TLS server, raw public key):
  *     send "1\r\n", handshake, read until close_notify, check the bytes,
  *     send close_notify.
  *
- * Every exchange gets a fresh socketpair (made by the client thread, whose
- * server end is handed over through a pipe and closed by the server), as
- * every connection has its own socket.
+ * Each side is a small state machine (side_step) over a socket.  Two modes:
  *
- * Each thread's CPU time comes from CLOCK_THREAD_CPUTIME_ID, so the server
- * figure is the TLS work alone: no accept, no poll, no logging.  Threads
- * are used here only; the server itself is single-threaded.
+ *   interleaved (default): one thread, non-blocking sockets, the two sides
+ *     stepped in turn; CLOCK_THREAD_CPUTIME_ID is read around every server
+ *     step, so the figure is the server's own work and nothing else (no
+ *     accept, poll, logging, scheduling).  The lower bound.
+ *   --threads: each side in its own thread with blocking sockets, the
+ *     server's file descriptors handed over through a pipe; each thread's
+ *     CPU time is read at the end.  Includes the cost of sleeping and
+ *     waking in the kernel, as a real server has.
+ *
+ * Threads are used here only; the server itself is single-threaded.
  *
  * Usage: floor [--count N] [--warmup N] [--keys DIR] [--bytes N]
- *              [--priority STR]
+ *              [--priority STR] [--threads]
  *   DIR holds tls-pubkey.pem, tls-privkey.pem and optionally expected.bin;
  *   without --keys an Ed25519 key pair is made in memory.
  * Output ends with
- *   "FLOOR n=.. server_cpu_us=.. client_cpu_us=.. wall_us=.. server_cpu_total_ms=.."
+ *   "FLOOR mode=.. n=.. server_cpu_us=.. client_cpu_us=.. wall_us=.."
  */
 #define _POSIX_C_SOURCE 200809L
 
@@ -48,16 +53,17 @@
 #define DEFAULT_PRIORITY "SECURE128:!CTYPE-X.509:+CTYPE-RAWPK:!RSA" \
 	":!VERS-ALL:+VERS-TLS1.3:%PROFILE_ULTRA"
 
+/* What both sides share: keys, secret, settings, results. */
 struct shared {
-	int ctl[2];			/* pipe: client passes server fds */
+	int ctl[2];			/* --threads: passes server fds */
 	long count, warmup;
 	const char *priority;
-	gnutls_priority_t prio;		/* parsed once, shared */
-	gnutls_certificate_credentials_t client_cred;	/* raw key */
+	gnutls_priority_t prio;		/* parsed once */
+	gnutls_certificate_credentials_t client_cred;	/* the raw key */
 	gnutls_certificate_credentials_t server_cred;	/* empty */
 	unsigned char *secret;
 	size_t secret_len;
-	unsigned char key_id[32];	/* expected key ID of the raw key */
+	unsigned char key_id[32];	/* key ID of the raw key */
 	double server_cpu, client_cpu;	/* seconds, measured part only */
 	int server_err, client_err;
 };
@@ -101,61 +107,69 @@ static int write_all(int fd, const void *data, size_t len)
 	return 0;
 }
 
-/* ------------------------------------------------------------ server side */
+/* ------------------------------------------------------------ the sides */
 
-static int server_exchange(struct shared *sh, int fd)
+enum side_state {
+	SIDE_LINE,		/* server: read version / client: send it */
+	SIDE_HANDSHAKE,
+	SIDE_DATA,		/* server: send secret / client: read it */
+	SIDE_BYE,
+	SIDE_DONE
+};
+
+struct side {
+	int is_server;
+	int fd;
+	enum side_state state;
+	gnutls_session_t tls;
+	size_t done;			/* bytes of line or secret so far */
+	unsigned char *buf;		/* client: received data */
+	size_t cap;
+};
+
+static int again(int ret)
 {
-	gnutls_session_t s;
+	return ret == GNUTLS_E_AGAIN || ret == GNUTLS_E_INTERRUPTED;
+}
+
+static int side_begin(struct shared *sh, struct side *sd)
+{
+	int ret;
+
+	ret = gnutls_init(&sd->tls, sd->is_server ?
+	    GNUTLS_CLIENT | GNUTLS_NO_TICKETS | GNUTLS_ENABLE_RAWPK :
+	    GNUTLS_SERVER | GNUTLS_ENABLE_RAWPK);
+	if (ret < 0) {
+		sd->tls = NULL;
+		return -1;
+	}
+	if (gnutls_priority_set(sd->tls, sh->prio) < 0 ||
+	    gnutls_credentials_set(sd->tls, GNUTLS_CRD_CERTIFICATE,
+	    sd->is_server ? sh->server_cred : sh->client_cred) < 0)
+		return -1;
+	if (!sd->is_server)
+		gnutls_certificate_server_set_request(sd->tls,
+		    GNUTLS_CERT_IGNORE);
+	gnutls_transport_set_int(sd->tls, sd->fd);
+	return 0;
+}
+
+/* The server's check of the peer: raw key, and its SHA-256 key ID. */
+static int server_identify(struct shared *sh, struct side *sd)
+{
 	const gnutls_datum_t *peers;
 	unsigned int npeers = 0;
 	gnutls_pubkey_t pub;
-	unsigned char id[32];
-	size_t idlen = sizeof(id), sent = 0;
-	char line[64];
-	size_t ll = 0;
+	unsigned char id[32] = { 0 };
+	size_t idlen = sizeof(id);
 	int ret;
 
-	/* Version line, byte by byte so no TLS byte is consumed. */
-	for (;;) {
-		ssize_t n = read(fd, line + ll, 1);
-
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n <= 0)
-			return -1;
-		if (line[ll] == '\n')
-			break;
-		if (++ll >= sizeof(line))
-			return -1;
-	}
-	if (ll < 1 || line[0] != '1')
-		return -1;
-
-	ret = gnutls_init(&s, GNUTLS_CLIENT | GNUTLS_NO_TICKETS |
-	    GNUTLS_ENABLE_RAWPK);
-	if (ret < 0)
-		return -1;
-	if (gnutls_priority_set(s, sh->prio) < 0 ||
-	    gnutls_credentials_set(s, GNUTLS_CRD_CERTIFICATE,
-	    sh->server_cred) < 0)
-		goto fail;
-	gnutls_transport_set_int(s, fd);
-	do
-		ret = gnutls_handshake(s);
-	while (ret == GNUTLS_E_AGAIN || ret == GNUTLS_E_INTERRUPTED);
-	if (ret < 0) {
-		fprintf(stderr, "floor: server handshake: %s\n",
-		    gnutls_strerror(ret));
-		goto fail;
-	}
-	if (gnutls_certificate_type_get2(s, GNUTLS_CTYPE_PEERS) !=
+	if (gnutls_certificate_type_get2(sd->tls, GNUTLS_CTYPE_PEERS) !=
 	    GNUTLS_CRT_RAWPK)
-		goto fail;
-	peers = gnutls_certificate_get_peers(s, &npeers);
-	if (peers == NULL || npeers == 0)
-		goto fail;
-	if (gnutls_pubkey_init(&pub) < 0)
-		goto fail;
+		return -1;
+	peers = gnutls_certificate_get_peers(sd->tls, &npeers);
+	if (peers == NULL || npeers == 0 || gnutls_pubkey_init(&pub) < 0)
+		return -1;
 	ret = gnutls_pubkey_import(pub, &peers[0], GNUTLS_X509_FMT_DER);
 	if (ret >= 0)
 		ret = gnutls_pubkey_get_key_id(pub, GNUTLS_KEYID_USE_SHA256,
@@ -163,35 +177,214 @@ static int server_exchange(struct shared *sh, int fd)
 	gnutls_pubkey_deinit(pub);
 	if (ret < 0 || idlen != sizeof(id) ||
 	    memcmp(id, sh->key_id, sizeof(id)) != 0)
-		goto fail;
-	while (sent < sh->secret_len) {
-		ssize_t n = gnutls_record_send(s, sh->secret + sent,
-		    sh->secret_len - sent);
-
-		if (n == GNUTLS_E_AGAIN || n == GNUTLS_E_INTERRUPTED)
-			continue;
-		if (n < 0)
-			goto fail;
-		sent += (size_t)n;
-	}
-	do
-		ret = gnutls_bye(s, GNUTLS_SHUT_RDWR);
-	while (ret == GNUTLS_E_AGAIN || ret == GNUTLS_E_INTERRUPTED);
-	gnutls_deinit(s);
-	return ret < 0 ? -1 : 0;
-fail:
-	gnutls_deinit(s);
-	return -1;
+		return -1;
+	return 0;
 }
+
+/*
+ * Advances one side as far as its socket allows.  Returns 1 when the
+ * exchange is complete, 0 when it would block, -1 on error.  On blocking
+ * sockets it returns only 1 or -1.
+ */
+static int side_step(struct shared *sh, struct side *sd)
+{
+	int ret;
+
+	for (;;) {
+		switch (sd->state) {
+		case SIDE_LINE:
+			if (sd->is_server) {
+				char c;
+				ssize_t n = read(sd->fd, &c, 1);
+
+				if (n < 0 && (errno == EAGAIN ||
+				    errno == EWOULDBLOCK || errno == EINTR))
+					return 0;
+				if (n <= 0 || ++sd->done > 64)
+					return -1;
+				if (c != '\n')
+					break;
+			} else {
+				static const char line[] = "1\r\n";
+				ssize_t n = write(sd->fd, line + sd->done,
+				    sizeof(line) - 1 - sd->done);
+
+				if (n < 0 && (errno == EAGAIN ||
+				    errno == EWOULDBLOCK || errno == EINTR))
+					return 0;
+				if (n <= 0)
+					return -1;
+				sd->done += (size_t)n;
+				if (sd->done < sizeof(line) - 1)
+					break;
+			}
+			if (side_begin(sh, sd) != 0)
+				return -1;
+			sd->done = 0;
+			sd->state = SIDE_HANDSHAKE;
+			break;
+
+		case SIDE_HANDSHAKE:
+			ret = gnutls_handshake(sd->tls);
+			if (again(ret))
+				return 0;
+			if (ret < 0) {
+				fprintf(stderr, "floor: %s handshake: %s\n",
+				    sd->is_server ? "server" : "client",
+				    gnutls_strerror(ret));
+				return -1;
+			}
+			if (sd->is_server && server_identify(sh, sd) != 0)
+				return -1;
+			sd->state = SIDE_DATA;
+			break;
+
+		case SIDE_DATA:
+			if (sd->is_server) {
+				ssize_t n;
+
+				if (sd->done == sh->secret_len) {
+					sd->state = SIDE_BYE;
+					break;
+				}
+				n = gnutls_record_send(sd->tls,
+				    sh->secret + sd->done,
+				    sh->secret_len - sd->done);
+				if (again((int)n))
+					return 0;
+				if (n < 0)
+					return -1;
+				sd->done += (size_t)n;
+			} else {
+				ssize_t n = gnutls_record_recv(sd->tls,
+				    sd->buf + sd->done, sd->cap - sd->done);
+
+				if (again((int)n))
+					return 0;
+				if (n < 0 || sd->done == sd->cap)
+					return -1;
+				sd->done += (size_t)n;
+				if (n > 0)
+					break;
+				if (sd->done != sh->secret_len ||
+				    memcmp(sd->buf, sh->secret,
+				    sd->done) != 0) {
+					fprintf(stderr,
+					    "floor: secret mismatch\n");
+					return -1;
+				}
+				sd->state = SIDE_BYE;
+			}
+			break;
+
+		case SIDE_BYE:
+			ret = gnutls_bye(sd->tls, sd->is_server ?
+			    GNUTLS_SHUT_RDWR : GNUTLS_SHUT_WR);
+			if (again(ret))
+				return 0;
+			if (ret < 0)
+				return -1;
+			gnutls_deinit(sd->tls);
+			sd->tls = NULL;
+			close(sd->fd);
+			sd->fd = -1;
+			sd->state = SIDE_DONE;
+			return 1;
+
+		case SIDE_DONE:
+			return 1;
+		}
+	}
+}
+
+static void side_reset(struct side *sd, int is_server, int fd)
+{
+	sd->is_server = is_server;
+	sd->fd = fd;
+	sd->state = SIDE_LINE;
+	sd->tls = NULL;
+	sd->done = 0;
+}
+
+static void side_abort(struct side *sd)
+{
+	if (sd->tls != NULL)
+		gnutls_deinit(sd->tls);
+	if (sd->fd >= 0)
+		close(sd->fd);
+	sd->tls = NULL;
+	sd->fd = -1;
+}
+
+/* ------------------------------------------------------ interleaved mode */
+
+static int run_interleaved(struct shared *sh)
+{
+	struct side srv, cli;
+	double sc0 = 0, cc0 = 0;
+	long i;
+
+	memset(&srv, 0, sizeof(srv));
+	memset(&cli, 0, sizeof(cli));
+	cli.cap = sh->secret_len + 65536;
+	cli.buf = malloc(cli.cap);
+	if (cli.buf == NULL)
+		return -1;
+	for (i = 0; i < sh->warmup + sh->count; i++) {
+		int sp[2], rs = 0, rc = 0;
+		long turns;
+
+		if (i == sh->warmup) {
+			sh->server_cpu = 0;
+			sh->client_cpu = 0;
+		}
+		if (socketpair(AF_UNIX, SOCK_STREAM, 0, sp) != 0)
+			return -1;
+		fcntl(sp[0], F_SETFL, O_NONBLOCK);
+		fcntl(sp[1], F_SETFL, O_NONBLOCK);
+		side_reset(&srv, 1, sp[0]);
+		side_reset(&cli, 0, sp[1]);
+		/* A handful of turns suffice; the bound catches a stall. */
+		for (turns = 0; turns < 10000 && (rs != 1 || rc != 1);
+		    turns++) {
+			if (rc != 1) {
+				cc0 = thread_cpu();
+				rc = side_step(sh, &cli);
+				sh->client_cpu += thread_cpu() - cc0;
+			}
+			if (rs != 1) {
+				sc0 = thread_cpu();
+				rs = side_step(sh, &srv);
+				sh->server_cpu += thread_cpu() - sc0;
+			}
+			if (rs < 0 || rc < 0)
+				break;
+		}
+		if (rs != 1 || rc != 1) {
+			fprintf(stderr, "floor: exchange %ld failed (%s)\n", i,
+			    rs < 0 ? "server" : rc < 0 ? "client" : "stalled");
+			side_abort(&srv);
+			side_abort(&cli);
+			free(cli.buf);
+			return -1;
+		}
+	}
+	free(cli.buf);
+	return 0;
+}
+
+/* ---------------------------------------------------------- threads mode */
 
 static void *server_thread(void *arg)
 {
 	struct shared *sh = arg;
-	double t0 = 0;
+	struct side sd;
+	double t0 = thread_cpu();
 	long i;
 
+	memset(&sd, 0, sizeof(sd));
 	for (i = 0; i < sh->warmup + sh->count; i++) {
-		int fd, ok;
+		int fd;
 
 		if (i == sh->warmup)
 			t0 = thread_cpu();
@@ -199,9 +392,9 @@ static void *server_thread(void *arg)
 			sh->server_err = 1;
 			return NULL;
 		}
-		ok = server_exchange(sh, fd) == 0;
-		close(fd);
-		if (!ok) {
+		side_reset(&sd, 1, fd);
+		if (side_step(sh, &sd) != 1) {
+			side_abort(&sd);
 			sh->server_err = 1;
 			return NULL;
 		}
@@ -210,75 +403,20 @@ static void *server_thread(void *arg)
 	return NULL;
 }
 
-/* ------------------------------------------------------------ client side */
-
-static int client_exchange(struct shared *sh, int fd, unsigned char *buf,
-    size_t cap)
-{
-	gnutls_session_t s;
-	size_t len = 0;
-	int ret;
-
-	if (write_all(fd, "1\r\n", 3) != 0)
-		return -1;
-	ret = gnutls_init(&s, GNUTLS_SERVER | GNUTLS_ENABLE_RAWPK);
-	if (ret < 0)
-		return -1;
-	if (gnutls_priority_set(s, sh->prio) < 0 ||
-	    gnutls_credentials_set(s, GNUTLS_CRD_CERTIFICATE,
-	    sh->client_cred) < 0)
-		goto fail;
-	gnutls_certificate_server_set_request(s, GNUTLS_CERT_IGNORE);
-	gnutls_transport_set_int(s, fd);
-	do
-		ret = gnutls_handshake(s);
-	while (ret == GNUTLS_E_AGAIN || ret == GNUTLS_E_INTERRUPTED);
-	if (ret < 0) {
-		fprintf(stderr, "floor: client handshake: %s\n",
-		    gnutls_strerror(ret));
-		goto fail;
-	}
-	for (;;) {
-		ssize_t n = gnutls_record_recv(s, buf + len, cap - len);
-
-		if (n == GNUTLS_E_AGAIN || n == GNUTLS_E_INTERRUPTED)
-			continue;
-		if (n < 0)
-			goto fail;
-		if (n == 0)
-			break;
-		len += (size_t)n;
-		if (len == cap)
-			goto fail;
-	}
-	if (len != sh->secret_len || memcmp(buf, sh->secret, len) != 0) {
-		fprintf(stderr, "floor: secret mismatch\n");
-		goto fail;
-	}
-	do
-		ret = gnutls_bye(s, GNUTLS_SHUT_WR);
-	while (ret == GNUTLS_E_AGAIN || ret == GNUTLS_E_INTERRUPTED);
-	gnutls_deinit(s);
-	return 0;
-fail:
-	gnutls_deinit(s);
-	return -1;
-}
-
 static void *client_thread(void *arg)
 {
 	struct shared *sh = arg;
-	size_t cap = sh->secret_len + 65536;
-	unsigned char *buf = malloc(cap);
-	double t0 = 0;
+	struct side sd;
+	double t0 = thread_cpu();
 	long i;
 
-	if (buf == NULL) {
+	memset(&sd, 0, sizeof(sd));
+	sd.cap = sh->secret_len + 65536;
+	sd.buf = malloc(sd.cap);
+	if (sd.buf == NULL)
 		sh->client_err = 1;
-		return NULL;
-	}
-	for (i = 0; i < sh->warmup + sh->count; i++) {
-		int sp[2], ok;
+	for (i = 0; !sh->client_err && i < sh->warmup + sh->count; i++) {
+		int sp[2];
 
 		if (i == sh->warmup)
 			t0 = thread_cpu();
@@ -287,23 +425,44 @@ static void *client_thread(void *arg)
 			sh->client_err = 1;
 			break;
 		}
-		ok = client_exchange(sh, sp[1], buf, cap) == 0;
-		close(sp[1]);
-		if (!ok) {
-			/* The server end stays with the server thread, which
-			 * sees end-of-file now and stops. */
+		side_reset(&sd, 0, sp[1]);
+		if (side_step(sh, &sd) != 1) {
+			/* Closing our end lets the server thread see
+			 * end-of-file and stop. */
+			side_abort(&sd);
 			sh->client_err = 1;
-			break;
 		}
 	}
 	close(sh->ctl[1]);
-	if (sh->client_err) {
-		free(buf);
-		return NULL;
-	}
 	sh->client_cpu = thread_cpu() - t0;
-	free(buf);
+	free(sd.buf);
 	return NULL;
+}
+
+static int run_threads(struct shared *sh)
+{
+	pthread_t ts, tc;
+
+	if (pipe(sh->ctl) != 0) {
+		perror("floor: pipe");
+		return -1;
+	}
+	if (pthread_create(&ts, NULL, server_thread, sh) != 0)
+		return -1;
+	if (pthread_create(&tc, NULL, client_thread, sh) != 0) {
+		close(sh->ctl[1]);
+		pthread_join(ts, NULL);
+		return -1;
+	}
+	pthread_join(ts, NULL);
+	pthread_join(tc, NULL);
+	close(sh->ctl[0]);
+	if (sh->server_err || sh->client_err) {
+		fprintf(stderr, "floor: exchange failed (%s side)\n",
+		    sh->server_err ? "server" : "client");
+		return -1;
+	}
+	return 0;
 }
 
 /* ------------------------------------------------------------------ set-up */
@@ -363,9 +522,9 @@ static void setup_keys(struct shared *sh, const char *dir)
 		}
 		privpem.size = (unsigned int)len;
 	} else {
-		gnutls_x509_privkey_t xkey;
-		gnutls_privkey_t pkey;
-		gnutls_pubkey_t p;
+		gnutls_x509_privkey_t xkey = NULL;
+		gnutls_privkey_t pkey = NULL;
+		gnutls_pubkey_t p = NULL;
 
 		if ((ret = gnutls_x509_privkey_init(&xkey)) < 0 ||
 		    (ret = gnutls_x509_privkey_generate(xkey,
@@ -424,24 +583,36 @@ static long parse_long(const char *s, const char *what, long lo, long hi)
 	return v;
 }
 
+static void usage(void)
+{
+	fprintf(stderr, "usage: floor [--count N] [--warmup N] [--keys DIR] "
+	    "[--bytes N] [--priority STR]\n"
+	    "             [--threads]\n");
+	exit(2);
+}
+
 int main(int argc, char **argv)
 {
 	struct shared sh;
-	pthread_t ts, tc;
 	const char *dir = NULL;
 	long bytes = 300;
+	int threads = 0, i, ret;
 	double w0, w1, per_s, per_c, per_w;
-	int i, ret;
 
 	memset(&sh, 0, sizeof(sh));
 	sh.count = 1000;
 	sh.warmup = 20;
 	sh.priority = DEFAULT_PRIORITY;
-	for (i = 1; i < argc; i++) {
+	for (i = 1; i < argc; i += 2) {
 		const char *v = i + 1 < argc ? argv[i + 1] : NULL;
 
+		if (strcmp(argv[i], "--threads") == 0) {
+			threads = 1;
+			i--;		/* takes no value */
+			continue;
+		}
 		if (v == NULL)
-			goto usage;
+			usage();
 		if (strcmp(argv[i], "--count") == 0)
 			sh.count = parse_long(v, "count", 1, 10000000);
 		else if (strcmp(argv[i], "--warmup") == 0)
@@ -453,8 +624,7 @@ int main(int argc, char **argv)
 		else if (strcmp(argv[i], "--priority") == 0)
 			sh.priority = v;
 		else
-			goto usage;
-		i++;
+			usage();
 	}
 
 	if ((ret = gnutls_global_init()) < 0)
@@ -475,45 +645,29 @@ int main(int argc, char **argv)
 		    gnutls_rnd(GNUTLS_RND_NONCE, sh.secret, sh.secret_len) < 0)
 			die_tls("secret", GNUTLS_E_MEMORY_ERROR);
 	}
-	if (pipe(sh.ctl) != 0) {
-		perror("floor: pipe");
-		return 1;
-	}
 
 	w0 = wall();
-	if (pthread_create(&ts, NULL, server_thread, &sh) != 0 ||
-	    pthread_create(&tc, NULL, client_thread, &sh) != 0) {
-		fprintf(stderr, "floor: cannot start threads\n");
+	if ((threads ? run_threads(&sh) : run_interleaved(&sh)) != 0)
 		return 1;
-	}
-	pthread_join(ts, NULL);
-	pthread_join(tc, NULL);
 	w1 = wall();
-	if (sh.server_err || sh.client_err) {
-		fprintf(stderr, "floor: exchange failed (%s side)\n",
-		    sh.server_err ? "server" : "client");
-		return 1;
-	}
+
 	per_s = sh.server_cpu / (double)sh.count * 1e6;
 	per_c = sh.client_cpu / (double)sh.count * 1e6;
 	per_w = (w1 - w0) / (double)(sh.count + sh.warmup) * 1e6;
-	printf("exchanges          %ld (after %ld warm-up), secret %zu bytes\n",
-	    sh.count, sh.warmup, sh.secret_len);
-	printf("server (TLS client) CPU  %.1f us per exchange, %.1f ms total\n",
-	    per_s, sh.server_cpu * 1e3);
-	printf("client (TLS server) CPU  %.1f us per exchange\n", per_c);
-	printf("wall                     %.1f us per exchange\n", per_w);
-	printf("FLOOR n=%ld server_cpu_us=%.1f client_cpu_us=%.1f wall_us=%.1f "
-	    "server_cpu_total_ms=%.1f\n", sh.count, per_s, per_c, per_w,
-	    sh.server_cpu * 1e3);
+	printf("mode                      %s\n", threads ? "threads" :
+	    "interleaved");
+	printf("exchanges                 %ld (after %ld warm-up), "
+	    "secret %zu bytes\n", sh.count, sh.warmup, sh.secret_len);
+	printf("server (TLS client) CPU   %.1f us per exchange\n", per_s);
+	printf("client (TLS server) CPU   %.1f us per exchange\n", per_c);
+	printf("wall                      %.1f us per exchange\n", per_w);
+	printf("FLOOR mode=%s n=%ld server_cpu_us=%.1f client_cpu_us=%.1f "
+	    "wall_us=%.1f\n", threads ? "threads" : "interleaved", sh.count,
+	    per_s, per_c, per_w);
 	free(sh.secret);
 	gnutls_certificate_free_credentials(sh.client_cred);
 	gnutls_certificate_free_credentials(sh.server_cred);
 	gnutls_priority_deinit(sh.prio);
 	gnutls_global_deinit();
 	return 0;
-usage:
-	fprintf(stderr, "usage: floor [--count N] [--warmup N] [--keys DIR] "
-	    "[--bytes N] [--priority STR]\n");
-	return 2;
 }

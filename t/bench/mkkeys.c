@@ -15,6 +15,12 @@
  * bytes (opaque to the server; the real client would want an OpenPGP
  * message there, which does not matter for load).
  *
+ * The default checker interval is long (20 days): the first checker of
+ * each client runs at a random time within one interval, and with 10,000
+ * clients a short interval means a checker every few seconds, whose forks
+ * would be counted as request CPU.  20 days keeps every timer (up to two
+ * intervals) below 2^32 ms.
+ *
  * Usage: mkkeys --count N --out DIR [--checker CMD] [--interval DUR]
  *               [--timeout DUR] [--min-bytes A] [--max-bytes B] [--quiet]
  */
@@ -79,8 +85,8 @@ static void parse_opts(int argc, char **argv, struct opts *o)
 	o->count = 0;
 	o->out = NULL;
 	o->checker = "true";
-	o->interval = "PT24H";
-	o->timeout = "PT48H";
+	o->interval = "P20D";
+	o->timeout = "P20D";
 	o->min_bytes = 64;
 	o->max_bytes = 400;
 	o->quiet = 0;

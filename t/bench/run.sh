@@ -44,7 +44,7 @@ START_TIMEOUT=300		# the reference needs ~60 s with 10,000 clients
 if [ "$QUICK" = 1 ]; then
 	REPS=${BENCH_REPS:-1}
 	MANY=${BENCH_MANY:-1000}
-	REF_MANY=${BENCH_REF_MANY:-0}
+	REF_MANY=${BENCH_REF_MANY:-1}
 	REF_LEVELS_MAX=16
 else
 	MANY=${BENCH_MANY:-1000 10000}
@@ -103,7 +103,7 @@ alive() {
 descendants() {
 	local f line st pp rest
 	for f in /proc/[0-9]*/stat; do
-		read -r line <"$f" 2>/dev/null || continue
+		{ read -r line <"$f"; } 2>/dev/null || continue
 		read -r st pp rest <<<"${line##*) }"
 		echo "${line%% (*} $pp"
 	done | awk -v root="$1" '
@@ -131,7 +131,7 @@ stop_server() {
 	for p in $kids; do
 		alive "$p" && ours_process "$p" && kill -KILL "$p" 2>/dev/null
 	done
-	wait "$pid" 2>/dev/null
+	{ wait "$pid"; } 2>/dev/null	# also hides the shell's "Killed"
 	SERVER_PIDS=$(echo "$SERVER_PIDS" | tr ' ' '\n' | grep -vx "$pid" | tr '\n' ' ')
 }
 cleanup() {
@@ -245,9 +245,9 @@ idle_sample() {			# tag who key
 	record "$2.$3.nproc" "$(kv "$line" nproc)"
 }
 
-# load who key conc requests timeout keylist
+# load who slot conc requests timeout keylist: records $who.$slot.rps etc.
 load() {
-	local who=$1 key=$2 c=$3 n=$4 to=$5 list=$6 res out=$W/load.$1.$2.$3.$RANDOM
+	local who=$1 key=$2 c=$3 n=$4 to=$5 list=$6 res out=$W/load.$1.$2.$RANDOM
 	timeout -s KILL $((LEVEL_MAX_TIME + to * 2 + 30)) \
 	    "$LOADGEN" --port "$PORT" --keydir-list "$list" --requests "$n" \
 	    --concurrency "$c" --timeout "$to" --max-time "$LEVEL_MAX_TIME" \
@@ -258,13 +258,13 @@ load() {
 		tail -3 "$out" >&2
 		return
 	fi
-	record "$who.$key.c$c.rps" "$(kv "$res" rps)"
-	record "$who.$key.c$c.p50" "$(kv "$res" p50_ms)"
-	record "$who.$key.c$c.p99" "$(kv "$res" p99_ms)"
-	record "$who.$key.c$c.ok" "$(kv "$res" ok)"
-	record "$who.$key.c$c.fail" "$(($(kv "$res" fail) + $(kv "$res" skipped)))"
+	record "$who.$key.rps" "$(kv "$res" rps)"
+	record "$who.$key.p50" "$(kv "$res" p50_ms)"
+	record "$who.$key.p99" "$(kv "$res" p99_ms)"
+	record "$who.$key.ok" "$(kv "$res" ok)"
+	record "$who.$key.fail" "$(($(kv "$res" fail) + $(kv "$res" skipped)))"
 	[ -n "$(kv "$res" cpu_per_1k_ms)" ] &&
-	    record "$who.$key.c$c.cpu1k" "$(kv "$res" cpu_per_1k_ms)"
+	    record "$who.$key.cpu1k" "$(kv "$res" cpu_per_1k_ms)"
 	say "$who $key c=$c: $(kv "$res" ok)/$n ok, $(kv "$res" rps) req/s," \
 	    "p50 $(kv "$res" p50_ms) ms, p99 $(kv "$res" p99_ms) ms," \
 	    "CPU/1k $(kv "$res" cpu_per_1k_ms) ms"
@@ -289,7 +289,7 @@ sweep() {			# who bin rep
 			n=$(ours_requests "$c")
 			to=$OURS_TIMEOUT
 		fi
-		load "$who" 1 "$c" "$n" "$to" "$W/cfg.1/keydirs.txt"
+		load "$who" "1.c$c" "$c" "$n" "$to" "$W/cfg.1/keydirs.txt"
 	done
 	stop_server "$SPID"
 }
@@ -302,17 +302,17 @@ many() {			# who bin n rep
 	say "$who ($n clients) rep $rep: listening after $LISTEN_MS ms"
 	idle_sample "$who.$n.$rep" "$who" "$n"
 	if [ "$who" = ref ]; then
-		# About 1.5 s of CPU per request at 1,000 clients, more at
-		# 10,000: a few sequential requests only.
+		# About 1.5 s of CPU per request at 1,000 clients and 10 s or
+		# more at 10,000: a few sequential requests only.
 		c=1
 		req=$((n >= 10000 ? 1 : 3))
-		to=$((n >= 10000 ? 300 : 120))
+		to=$((n >= 10000 ? 120 : 60))
 	else
 		c=$MANY_CONC
 		req=$([ "$QUICK" = 1 ] && echo 300 || echo 2000)
 		to=$OURS_TIMEOUT
 	fi
-	load "$who" "$n" "$c" "$req" "$to" "$W/cfg.$n/keydirs.txt"
+	load "$who" "$n.load" "$c" "$req" "$to" "$W/cfg.$n/keydirs.txt"
 	stop_server "$SPID"
 }
 
@@ -349,77 +349,88 @@ done
 
 # ------------------------------------------------------------- the table
 
-samples() { touch "$W/samples"; awk -v k="$1" '$1 == k { print $2 }' "$W/samples"; }
-median() {
-	samples "$1" | grep -E '^-?[0-9.]+$' | sort -g | awk '
-		{ a[NR] = $1 }
-		END {
-			if (NR == 0) { print "-"; exit }
-			if (NR % 2) print a[(NR + 1) / 2]
-			else print (a[NR / 2] + a[NR / 2 + 1]) / 2
-		}'
-}
-total() { samples "$1" | awk '{ s += $1 } END { print NR ? s : "-" }'; }
-fmt() {				# value scale decimals
-	case $1 in -) echo - ;; *) awk -v v="$1" -v s="$2" -v d="$3" 'BEGIN { printf "%.*f", d, v / s }' ;; esac
-}
-ratio() {
-	case "$1$2" in *-*) echo - ;; *) awk -v a="$1" -v b="$2" 'BEGIN { if (b == 0) print "-"; else printf "%.3f", a / b }' ;; esac
-}
-row() {				# label key scale decimals
-	local o r
-	o=$(median "ours.$2")
-	r=$(median "ref.$2")
-	printf '%-40s %12s %12s %9s\n' "$1" "$(fmt "$o" "$3" "$4")" \
-	    "$(fmt "$r" "$3" "$4")" "$(ratio "$o" "$r")"
-}
-failed() {			# key: "failed/total" over all repetitions
-	local f o
-	f=$(total "$1.fail")
-	o=$(total "$1.ok")
-	case "$f$o" in *-*) echo - ;; *) echo "$f/$((f + o))" ;; esac
-}
-failrow() {			# label key
-	printf '%-40s %12s %12s %9s\n' "$1" "$(failed "ours.$2")" \
-	    "$(failed "ref.$2")" ""
+# The rows, one a line: "row|label|key|scale|decimals" (median of ours and
+# of the reference, and their ratio), "fail|label|key" (failed/total over
+# all repetitions), "one|label|key|decimals" (a single column).
+table_spec() {
+	local c n
+	echo "row|start-to-listen, 1 client (ms)|1.listen|1|1"
+	echo "row|idle RSS, 1 client (MiB)|1.rss|1024|1"
+	echo "row|idle PSS, 1 client (MiB)|1.pss|1024|1"
+	echo "row|idle processes, 1 client|1.nproc|1|0"
+	for c in $LEVELS; do
+		echo "row|c=$c requests/s|1.c$c.rps|1|1"
+		echo "row|c=$c latency p50 (ms)|1.c$c.p50|1|1"
+		echo "row|c=$c latency p99 (ms)|1.c$c.p99|1|1"
+		echo "row|c=$c server CPU per 1000 req (ms)|1.c$c.cpu1k|1|0"
+		echo "fail|c=$c failed/total (all reps)|1.c$c"
+	done
+	for n in $MANY; do
+		echo "row|$n clients: start-to-listen (ms)|$n.listen|1|1"
+		echo "row|$n clients: idle RSS (MiB)|$n.rss|1024|1"
+		echo "row|$n clients: idle PSS (MiB)|$n.pss|1024|1"
+		echo "row|$n clients: server CPU per 1000 req (ms)|$n.load.cpu1k|1|0"
+		echo "row|$n clients: requests/s (*)|$n.load.rps|1|1"
+		echo "row|$n clients: latency p50 (ms) (*)|$n.load.p50|1|1"
+		echo "fail|$n clients: failed/total|$n.load"
+	done
+	echo "one|floor: server CPU per 1000 exch. (ms)|floor.cpu|1"
+	echo "one|floor: client CPU per 1000 exch. (ms)|floor.client|1"
+	echo "vsfloor|ours c=16 CPU per request / floor|ours.1.c16.cpu1k|floor.cpu"
 }
 
 table() {
-	local c n
 	echo "mandos benchmark, $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs," \
 	    "load average now $(cut -d' ' -f1-3 /proc/loadavg)"
-	echo "ours: $MANDOS_BIN; reference: $([ $HAVE_REF = 1 ] && echo "$REF_BIN" || echo none);" \
-	    "medians of $REPS (reference at c>=64 and with many clients: $REF_HEAVY_REPS, 1)"
-	printf '%-40s %12s %12s %9s\n' metric ours reference ours/ref
-	row "start-to-listen, 1 client (ms)" 1.listen 1 1
-	row "idle RSS, 1 client (MiB)" 1.rss 1024 1
-	row "idle PSS, 1 client (MiB)" 1.pss 1024 1
-	row "idle processes, 1 client" 1.nproc 1 0
-	for c in $LEVELS; do
-		row "c=$c requests/s" "1.c$c.rps" 1 1
-		row "c=$c latency p50 (ms)" "1.c$c.p50" 1 1
-		row "c=$c latency p99 (ms)" "1.c$c.p99" 1 1
-		row "c=$c server CPU per 1000 req (ms)" "1.c$c.cpu1k" 1 0
-		failrow "c=$c failed/total (all reps)" "1.c$c"
-	done
-	for n in $MANY; do
-		row "$n clients: start-to-listen (ms)" "$n.listen" 1 1
-		row "$n clients: idle RSS (MiB)" "$n.rss" 1024 1
-		row "$n clients: idle PSS (MiB)" "$n.pss" 1024 1
-		for c in $MANY_CONC 1; do
-			[ -z "$(samples "ours.$n.c$c.rps")$(samples "ref.$n.c$c.rps")" ] && continue
-			row "$n clients: c=$c requests/s" "$n.c$c.rps" 1 1
-			row "$n clients: c=$c p50 (ms)" "$n.c$c.p50" 1 1
-			row "$n clients: c=$c CPU per 1000 req (ms)" "$n.c$c.cpu1k" 1 0
-			failrow "$n clients: c=$c failed/total" "$n.c$c"
-		done
-	done
-	printf '%-40s %12s\n' "floor: server CPU per 1000 exch. (ms)" \
-	    "$(fmt "$(median floor.cpu)" 1 1)"
-	printf '%-40s %12s\n' "floor: client CPU per 1000 exch. (ms)" \
-	    "$(fmt "$(median floor.client)" 1 1)"
-	c=$(median ours.1.c16.cpu1k)
-	printf '%-40s %12s\n' "ours c=16 CPU / floor" "$(ratio "$c" "$(median floor.cpu)")"
+	echo "ours: $MANDOS_BIN"
+	echo "reference: $([ $HAVE_REF = 1 ] && echo "$REF_BIN" || echo none);" \
+	    "medians of $REPS (reference: $REF_HEAVY_REPS at c>=64, 1 with many clients)"
+	touch "$W/samples"
+	table_spec | awk -F'|' '
+		NR == FNR {		# the samples: "name value"
+			split($0, f, " ")
+			n[f[1]]++
+			v[f[1], n[f[1]]] = f[2] + 0
+			sum[f[1]] += f[2]
+			next
+		}
+		function median(k,   m, i, j, t, a) {
+			m = n[k]
+			if (m == 0) return "-"
+			for (i = 1; i <= m; i++) a[i] = v[k, i]
+			for (i = 2; i <= m; i++)	# insertion sort, m is small
+				for (j = i; j > 1 && a[j - 1] > a[j]; j--) {
+					t = a[j]; a[j] = a[j - 1]; a[j - 1] = t
+				}
+			return m % 2 ? a[(m + 1) / 2] : (a[m / 2] + a[m / 2 + 1]) / 2
+		}
+		function fmt(x, s, d) { return x == "-" ? "-" : sprintf("%.*f", d, x / s) }
+		function ratio(a, b) {
+			return a == "-" || b == "-" || b == 0 ? "-" : sprintf("%.3f", a / b)
+		}
+		function failed(k) {
+			if (n[k ".fail"] == 0 && n[k ".ok"] == 0) return "-"
+			return sum[k ".fail"] + 0 "/" sum[k ".fail"] + sum[k ".ok"]
+		}
+		FNR == 1 {
+			printf "%-42s %12s %12s %9s\n", "metric", "ours", "reference", "ours/ref"
+		}
+		$1 == "row" {
+			o = median("ours." $3); r = median("ref." $3)
+			if (o == "-" && r == "-") next
+			printf "%-42s %12s %12s %9s\n", $2, fmt(o, $4, $5), fmt(r, $4, $5), ratio(o, r)
+		}
+		$1 == "fail" {
+			o = failed("ours." $3); r = failed("ref." $3)
+			if (o == "-" && r == "-") next
+			printf "%-42s %12s %12s\n", $2, o, r
+		}
+		$1 == "one" { printf "%-42s %12s\n", $2, fmt(median($3), 1, $4) }
+		$1 == "vsfloor" { printf "%-42s %12s\n", $2, ratio(median($3), median($4)) }
+	' "$W/samples" -
+	[ -n "$MANY" ] && echo "(*) with many clients ours runs $MANY_CONC at a time," \
+	    "each request a different key; the reference one at a time, 3 requests" \
+	    "(1,000 clients) or 1 (10,000)."
 }
 
 say "done; load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
