@@ -80,10 +80,15 @@ zc_client() {
 # zc_expect_password OUTFILE RC: the client exited 0 and printed $PW_ZC
 # exactly (no newline added).
 zc_expect_password() {
-	local out=$1 rc=$2
-	if [[ $rc -eq 0 ]] && printf '%s' "$PW_ZC" | cmp -s - "$out"; then
-		return 0
-	fi
+	local out=$1 rc=$2 times=${3:-1} want='' i
+	# with two servers on the net the real client may be served by both
+	# before it exits: then each copy must be the password, exactly
+	for ((i = 1; i <= times; i++)); do
+		want+=$PW_ZC
+		if [[ $rc -eq 0 ]] && printf '%s' "$want" | cmp -s - "$out"; then
+			return 0
+		fi
+	done
 	echo "client: exit $rc (124 = timed out), got: $(od -An -c "$out" | head -c 300)" >&2
 	echo "--- client stderr, without GnuTLS lines (tail):" >&2
 	grep -av -e 'GnuTLS' -e 'Unlinking' -e 'Wait until first server' \
@@ -253,7 +258,7 @@ zc_discovery() {
 	t1=$(nsw_now_ms)
 	zc_timing "zeroconf collision: first start -> both names published $((t1 - t0)) ms"
 	zc_client "$NSW_DIR/got" 30 || rc=$?
-	zc_expect_password "$NSW_DIR/got" "$rc"
+	zc_expect_password "$NSW_DIR/got" "$rc" 2
 	zc_assert_alive "$p1" first
 	zc_assert_alive "$p2" second
 	# each name points at a different listening port

@@ -127,11 +127,13 @@ stop_server() {
 		alive "$pid" || break
 		sleep 0.1
 	done
-	alive "$pid" && kill -KILL "$pid" 2>/dev/null
-	for p in $kids; do
-		alive "$p" && ours_process "$p" && kill -KILL "$p" 2>/dev/null
-	done
-	{ wait "$pid"; } 2>/dev/null	# also hides the shell's "Killed"
+	{			# stderr off: hides the shell's "Killed" notices
+		alive "$pid" && kill -KILL "$pid"
+		for p in $kids; do
+			alive "$p" && ours_process "$p" && kill -KILL "$p"
+		done
+		wait "$pid"
+	} 2>/dev/null
 	SERVER_PIDS=$(echo "$SERVER_PIDS" | tr ' ' '\n' | grep -vx "$pid" | tr '\n' ' ')
 }
 cleanup() {
@@ -374,8 +376,8 @@ table_spec() {
 		echo "row|$n clients: latency p50 (ms) (*)|$n.load.p50|1|1"
 		echo "fail|$n clients: failed/total|$n.load"
 	done
-	echo "one|floor: server CPU per 1000 exch. (ms)|floor.cpu|1"
-	echo "one|floor: client CPU per 1000 exch. (ms)|floor.client|1"
+	echo "one|floor (in-process): server CPU per 1000 (ms)|floor.cpu|1"
+	echo "one|floor (in-process): client CPU per 1000 (ms)|floor.client|1"
 	echo "vsfloor|ours c=16 CPU per request / floor|ours.1.c16.cpu1k|floor.cpu"
 }
 
@@ -405,8 +407,10 @@ table() {
 			return m % 2 ? a[(m + 1) / 2] : (a[m / 2] + a[m / 2 + 1]) / 2
 		}
 		function fmt(x, s, d) { return x == "-" ? "-" : sprintf("%.*f", d, x / s) }
-		function ratio(a, b) {
-			return a == "-" || b == "-" || b == 0 ? "-" : sprintf("%.3f", a / b)
+		function ratio(a, b,   r) {
+			if (a == "-" || b == "-" || b == 0) return "-"
+			r = a / b
+			return sprintf(r >= 100 ? "%.0f" : r >= 0.01 ? "%.3f" : "%.1e", r)
 		}
 		function failed(k) {
 			if (n[k ".fail"] == 0 && n[k ".ok"] == 0) return "-"
