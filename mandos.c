@@ -73,6 +73,7 @@
 #include <poll.h>
 #include <pwd.h>
 #include <signal.h>
+#include <spawn.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stddef.h>
@@ -104,6 +105,11 @@
 #include <avahi-common/watch.h>
 #elif HAVE_DNS_SD
 #include <dns_sd.h>
+#endif
+
+/* The D-Bus control interface's header; section 10 holds the code. */
+#if HAVE_DBUS
+#include <systemd/sd-bus.h>
 #endif
 
 /* Raw public keys (RFC 7250) arrived in GnuTLS 3.6.6; OpenPGP certificates
@@ -1931,7 +1937,6 @@ static int clients_load(const char *configdir, int config_dirfd, struct diag *di
 /*    expanded at each run with the client's attributes, shell-quoted.    */
 /* ===================================================================== */
 
-#include <spawn.h>
 
 /* Names usable as %(name)s in a checker at run time. */
 static const char *const checker_names[] = {
@@ -3911,8 +3916,6 @@ static const char *zc_self_test(void)
 #define BUS_MAX_FDS 1            /* poll slots the bus uses */
 
 #if HAVE_DBUS
-
-#include <systemd/sd-bus.h>
 
 static const char bus_backend[] = "sd-bus";
 
