@@ -181,13 +181,23 @@ static int shim_bind_to_device(int fd, const char *ifname)
 #endif
 }
 
-/* OpenBSD's pledge(2) after start-up; compiles to nothing elsewhere. */
+/* OpenBSD's pledge(2) and unveil(2) after start-up; nothing elsewhere. */
 static int shim_pledge(const char *promises)
 {
 #ifdef __OpenBSD__
     return pledge(promises, NULL);
 #else
     (void)promises;
+    return 0;
+#endif
+}
+
+static int shim_unveil(const char *path, const char *permissions)
+{
+#ifdef __OpenBSD__
+    return unveil(path, permissions);
+#else
+    (void)path; (void)permissions;
     return 0;
 #endif
 }
@@ -5884,6 +5894,12 @@ static void server_start(struct server *srv)
     statedir_check_writable(srv);
     if (chdir("/") != 0)
         log_warn("chdir /: %s", strerror(errno));
+    /* what the running server may still touch by path */
+    shim_unveil("/bin/sh", "x");
+    shim_unveil("/dev/null", "rw");
+    shim_unveil(srv->set.configdir, "r");
+    shim_unveil(srv->set.statedir, "rwc");
+    shim_unveil(NULL, NULL);
     shim_pledge("stdio rpath wpath cpath inet unix dns proc exec");
     int64_t now = mono_ms();
     for (size_t i = 0; i < srv->clients.n; i++)
