@@ -56,32 +56,34 @@ endif
 
 all: mandos
 
-# .zeroconf remembers the back end ./mandos was built with, so that
-# switching ZEROCONF rebuilds it instead of saying "up to date".
-mandos: mandos.c Makefile .zeroconf
+# .build-config remembers how ./mandos was built (back end, compiler,
+# flags, SANITIZE), so that changing any of them rebuilds it instead of
+# saying "up to date".
+BUILD_CONFIG = ZEROCONF=$(ZEROCONF) DBUS=$(DBUS) CC=$(CC) CFLAGS=$(CFLAGS) LDFLAGS=$(LDFLAGS)
+mandos: mandos.c Makefile .build-config
 	@t/deps.sh build
 	$(CC) $(WARNINGS) $(CFLAGS) $(TLS_CFLAGS) $(ZC_CFLAGS) $(DBUS_CFLAGS) -o $@ mandos.c $(LDFLAGS) $(TLS_LIBS) $(ZC_LIBS) $(DBUS_LIBS)
 
-.zeroconf: FORCE
-	@echo $(ZEROCONF) | cmp -s - $@ || echo $(ZEROCONF) > $@
+.build-config: FORCE
+	@echo '$(BUILD_CONFIG)' | cmp -s - $@ || echo '$(BUILD_CONFIG)' > $@
 
 # Builds of the other back ends, for the Zeroconf tests.
-mandos-dnssd: mandos.c Makefile
+mandos-dnssd: mandos.c Makefile .build-config
 	$(MAKE) --no-print-directory ZEROCONF=dnssd mandos-variant VARIANT=$@
-mandos-none: mandos.c Makefile
+mandos-none: mandos.c Makefile .build-config
 	$(MAKE) --no-print-directory ZEROCONF=none mandos-variant VARIANT=$@
 mandos-variant:
 	$(CC) $(WARNINGS) $(CFLAGS) $(TLS_CFLAGS) $(ZC_CFLAGS) $(DBUS_CFLAGS) -o $(VARIANT) mandos.c $(LDFLAGS) $(TLS_LIBS) $(ZC_LIBS) $(DBUS_LIBS)
 
 # Without D-Bus, for the test that this build still serves.
-mandos-nodbus: mandos.c Makefile
+mandos-nodbus: mandos.c Makefile .build-config
 	$(MAKE) --no-print-directory DBUS=0 mandos-variant VARIANT=$@
 
 # The Zeroconf tests skip the other back ends unless told where they are.
 check: mandos mandos-dnssd mandos-none mandos-nodbus
 	@t/deps.sh test
 	MANDOS_DNSSD_BIN=$${MANDOS_DNSSD_BIN:-$(CURDIR)/mandos-dnssd} \
-	MANDOS_NONE_BIN=$${MANDOS_NONE_BIN:-$(CURDIR)/mandos-none} t/run-tests.sh
+	MANDOS_NONE_BIN=$${MANDOS_NONE_BIN:-$(CURDIR)/mandos-none} SANITIZE=$(SANITIZE) t/run-tests.sh
 
 demo: mandos
 	@t/deps.sh test
@@ -129,7 +131,28 @@ uninstall:
 	    done; \
 	fi
 
-clean:
-	rm -f mandos mandos-dnssd mandos-none mandos-nodbus .zeroconf mandos.8 mandos.conf.5 mandos-clients.conf.5
+# Fuzzing (clang's libFuzzer): one binary per parser, built from mandos.c
+# itself by t/fuzz/fuzz.c; each runs FUZZ_SECONDS from its seed corpus.
+FUZZ_TARGETS = ini duration base64 version state
+FUZZ_SECONDS ?= 60
+FUZZ_CC ?= clang
+FUZZ_CFLAGS = -g -O1 -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined \
+	-fno-sanitize-recover=undefined -DHAVE_AVAHI=0 -DHAVE_DNS_SD=0
+FUZZ_BINS = $(FUZZ_TARGETS:%=t/fuzz/fuzz-%)
 
-.PHONY: all check demo man install uninstall clean mandos-variant FORCE
+t/fuzz/fuzz-%: t/fuzz/fuzz.c mandos.c
+	$(FUZZ_CC) $(WARNINGS) $(FUZZ_CFLAGS) -DFUZZ_TARGET=FUZZ_$$(echo $* | tr a-z A-Z) \
+	    $(TLS_CFLAGS) -o $@ t/fuzz/fuzz.c $(TLS_LIBS)
+
+fuzz: $(FUZZ_BINS)
+	FUZZ_SECONDS=$(FUZZ_SECONDS) t/fuzz/run.sh $(FUZZ_TARGETS)
+
+# CI's short run: 30 s per target.
+fuzz-smoke: $(FUZZ_BINS)
+	FUZZ_SECONDS=30 t/fuzz/run.sh $(FUZZ_TARGETS)
+
+clean:
+	rm -f mandos mandos-dnssd mandos-none mandos-nodbus .build-config .zeroconf mandos.8 mandos.conf.5 mandos-clients.conf.5
+	rm -f $(FUZZ_BINS)
+
+.PHONY: all check demo man install uninstall clean mandos-variant fuzz fuzz-smoke FORCE

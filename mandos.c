@@ -1044,7 +1044,9 @@ static int dur_units(const char **p, const char *order, const long long *unit_ms
             break;
         }
         last = (int)(u - order);
-        *total += n * unit_ms[last];
+        /* a count too big for its unit saturates (no overflow);
+         * duration_parse then refuses it as too long */
+        *total += n > DURATION_MAX_MS / unit_ms[last] ? DURATION_MAX_MS + 1 : n * unit_ms[last];
         (*p)++;
     }
     return last;
@@ -1070,7 +1072,7 @@ static int duration_parse_rfc3339(const char *s, int64_t *ms)
         if (*q == 'W') {
             if (q[1] != '\0')
                 return -1;
-            *ms = n * MS_PER_WEEK;
+            *ms = n > DURATION_MAX_MS / MS_PER_WEEK ? DURATION_MAX_MS + 1 : n * MS_PER_WEEK;
             return 0;
         }
     }
@@ -1275,7 +1277,7 @@ struct conn {
     int fd;
     enum conn_state state;
     gnutls_session_t tls;        /* NULL until the version line is accepted */
-    char peer[INET6_ADDRSTRLEN + 16];   /* "[addr]:port" for log lines */
+    char peer[INET6_ADDRSTRLEN + IF_NAMESIZE + 16];   /* "[addr%if]:port" for log lines */
     char line[64];               /* the version line so far */
     size_t line_len;
     int64_t deadline;            /* monotonic ms; the state's time limit */
@@ -5988,6 +5990,7 @@ static void test_durations(void)
         "PT", "P", "P1D2H", "pt5m", "P1Y1D", "P1WT1H", "1h30m", "5", "5M", "1.5h",
         "5 m", "PT1H1S", "P1YT1H", "P1Y2MT1H", "-5m", "PT5M ", "P1DT", "x", "PT-1S",
         "99999999999999999999s",
+        "P999999999999Y", "P99999999999999W", "PT99999999999999H",   /* fuzz: overflowed */
     };
     for (size_t i = 0; i < sizeof good / sizeof good[0]; i++) {
         int64_t ms = -1;
@@ -6215,6 +6218,15 @@ static void test_version_line(void)
     CHECK(version_line_accepted("-99999999999999999999999", 24, why, sizeof why));
 }
 
+/* The strings settings_defaults() allocates (server_free() at exit). */
+static void test_settings_free(struct settings *set)
+{
+    char **strings[] = { &set->interface, &set->address, &set->priority, &set->servicename,
+                         &set->statedir, &set->configdir };
+    for (size_t i = 0; i < sizeof strings / sizeof strings[0]; i++)
+        free(*strings[i]);
+}
+
 static void test_options(void)
 {
     struct cmdline cl;
@@ -6237,14 +6249,17 @@ static void test_options(void)
     CHECK(settings_apply_cmdline(&set, &cl, err, sizeof err) == 0 && set.port == 1025);
     CHECK(!set.zeroconf);
     char *a6[] = { "mandos", "--no-zeroconf", NULL };
+    test_settings_free(&set);
     settings_defaults(&set);
     CHECK(cmdline_parse(2, a6, &cl, err, sizeof err) == 0);
     CHECK(settings_apply_cmdline(&set, &cl, err, sizeof err) < 0 && strstr(err, "Needs port"));
     char *a8[] = { "mandos", NULL };   /* no port: fine only if Zeroconf can announce one */
+    test_settings_free(&set);
     settings_defaults(&set);
     CHECK(cmdline_parse(1, a8, &cl, err, sizeof err) == 0);
     CHECK((settings_apply_cmdline(&set, &cl, err, sizeof err) == 0) == ZC_AVAILABLE);
     char *a7[] = { "mandos", "--port", "0x10", NULL };
+    test_settings_free(&set);
     settings_defaults(&set);
     CHECK(cmdline_parse(3, a7, &cl, err, sizeof err) == 0);
     CHECK(settings_apply_cmdline(&set, &cl, err, sizeof err) < 0);
@@ -6253,12 +6268,14 @@ static void test_options(void)
     struct diag d = { "mandos.conf", 0, false, &errs };
     const char *conf = "[DEFAULT]\npriority = NORMAL:%COMPAT\nx = no\nuse_ipv6 = %(x)s\n"
                        "debug = maybe\nport = 1_025\n";
+    test_settings_free(&set);
     settings_defaults(&set);
     server_conf_from_buffer(&set, conf, strlen(conf), &d);
     check_str(set.priority, "NORMAL:%COMPAT", "raw priority");
     CHECK(!set.use_ipv6 && set.port == 1025);
     CHECK(d.count == 1 && errs.data && strstr(errs.data, "mandos.conf:5:"));
     buf_free(&errs);
+    test_settings_free(&set);
 }
 
 static void test_checker_expansion(void)
