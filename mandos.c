@@ -210,6 +210,15 @@ static void wipe(void *p, size_t n)
         *v++ = 0;
 }
 
+/* Free a string that may have held a secret. */
+static void free_wiped(char *s)
+{
+    if (s) {
+        wipe(s, strlen(s));
+        free(s);
+    }
+}
+
 /* ===================================================================== */
 /* 2. Small utilities                                                    */
 /*    Clocks, allocation, growable buffers, string helpers, base64, hex.  */
@@ -286,7 +295,21 @@ struct buf {
 
 static void buf_add(struct buf *b, const void *p, size_t n)
 {
-    grow((void **)&b->data, &b->cap, b->len + n + 1, 1);
+    if (b->len + n + 1 > b->cap) {
+        /* move by hand rather than realloc: a buffer may hold a secret,
+         * and the old block must not keep a copy of it */
+        size_t ncap = b->cap ? b->cap : 64;
+        while (ncap < b->len + n + 1)
+            ncap *= 2;
+        char *fresh = xcalloc(1, ncap);
+        if (b->data) {
+            memcpy(fresh, b->data, b->len);
+            wipe(b->data, b->cap);
+            free(b->data);
+        }
+        b->data = fresh;
+        b->cap = ncap;
+    }
     memcpy(b->data + b->len, p, n);
     b->len += n;
     b->data[b->len] = '\0';
@@ -690,9 +713,7 @@ static void ini_section_free(struct ini_section *s)
 {
     for (size_t k = 0; k < s->nkeys; k++) {
         free(s->keys[k].name);
-        /* values may be secrets */
-        wipe(s->keys[k].value, strlen(s->keys[k].value));
-        free(s->keys[k].value);
+        free_wiped(s->keys[k].value);     /* values may be secrets */
     }
     free(s->keys);
     free(s->name);
@@ -731,6 +752,7 @@ static void ini_key_append(struct ini_key *k, const char *text, size_t n,
     memcpy(v, k->value, old);
     memset(v + old, '\n', (size_t)blank_lines + 1);
     memcpy(v + old + blank_lines + 1, text, n);
+    wipe(k->value, old);         /* the value may be a secret */
     free(k->value);
     k->value = v;
 }
@@ -778,8 +800,9 @@ static void ini_option_line(struct ini_parse *p, const char *s, size_t n,
     while (d < n && s[d] != '=' && s[d] != ':')
         d++;
     if (d == n) {
-        diag_error(p->diag, lineno, "expected \"key = value\", got \"%.*s\"",
-                   (int)(n > 60 ? 60 : n), s);
+        /* the line itself is not shown: it may be part of a secret */
+        diag_error(p->diag, lineno, "not \"key = value\" (a value's continuation "
+                   "lines must be indented more than its key)");
         return;     /* like the reference, the previous option may continue */
     }
     const char *k = s, *v = s + d + 1;
@@ -841,8 +864,7 @@ static void ini_line(struct ini_parse *p, const char *line, size_t n, int lineno
         return;
     }
     if (!p->sec) {
-        diag_error(p->diag, lineno, "\"%.*s\" comes before any [section] header",
-                   (int)(sn > 60 ? 60 : sn), s);
+        diag_error(p->diag, lineno, "a line before any [section] header");
         return;
     }
     ini_option_line(p, s, sn, lineno);
@@ -1330,7 +1352,7 @@ struct server {
 
 /* Defined in later sections. */
 static void checker_stop(struct server *srv, struct client *c);
-static void checker_start(struct server *srv, struct client *c, int64_t now);
+static void checker_start(struct server *srv, struct client *c);
 static void conn_approval_wakeup(struct server *srv, struct client *c, int64_t now);
 static void conn_drop_for_client(struct server *srv, struct client *c);
 /* What section 10 publishes on D-Bus; each is a no-op without it. */
@@ -1612,7 +1634,7 @@ static void client_run_timers(struct server *srv, struct client *c, int64_t now)
     if (c->next_checker && c->next_checker <= now) {
         c->next_checker = now + c->cur.interval;
         if (!c->checker_pid)
-            checker_start(srv, c, now);
+            checker_start(srv, c);
     }
     client_reschedule(&srv->clients, c);
 }
@@ -1781,8 +1803,7 @@ static void client_read_secret(struct client_reader *r, struct client *c)
         const char *why;
         if (base64_decode_lenient(b64, strlen(b64), &secret, &why) < 0)
             diag_error(r->diag, line, "[%s] secret: %s", r->sec->name, why);
-        wipe(b64, strlen(b64));
-        free(b64);
+        free_wiped(b64);
     } else {
         char *file = client_value(r, "secfile", &line);
         if (!file) {
@@ -1845,7 +1866,7 @@ static struct client *client_from_section(struct client_reader *r)
     /* Every key is interpolated, unknown ones included, so that a broken
      * %(name)s anywhere in the section is reported. */
     for (size_t k = 0; k < r->sec->nkeys; k++)
-        free(client_value(r, r->sec->keys[k].name, NULL));
+        free_wiped(client_value(r, r->sec->keys[k].name, NULL));
     client_read_ids(r, c);
     client_read_secret(r, c);
     char *host = client_value(r, "host", NULL);
@@ -1993,10 +2014,13 @@ static int checker_walk(const char *cmd, char *why, size_t whylen,
         }
         size_t n = (size_t)(close - pct - 2);
         if (!checker_name_known(pct + 2, n)) {
-            snprintf(why, whylen, "unknown attribute %%(%.*s)s (known: approval_delay, "
-                     "approval_duration, created, enabled, expires, fingerprint, host, "
-                     "interval, key_id, last_approval_request, last_checked_ok, "
-                     "last_enabled, name, timeout)", (int)(n > 40 ? 40 : n), pct + 2);
+            int w = snprintf(why, whylen, "unknown attribute %%(%.*s)s (known:",
+                             (int)(n > 40 ? 40 : n), pct + 2);
+            for (size_t i = 0; i < sizeof checker_names / sizeof checker_names[0]; i++)
+                if (w > 0 && (size_t)w < whylen)
+                    w += snprintf(why + w, whylen - (size_t)w, " %s", checker_names[i]);
+            if (w > 0 && (size_t)w + 1 < whylen)
+                snprintf(why + w, whylen - (size_t)w, ")");
             return -1;
         }
         emit(ctx, pct + 2, n, true);
@@ -2119,9 +2143,8 @@ static int checker_expand(const struct client *c, struct buf *out)
     return checker_walk(c->cur.checker, why, sizeof why, checker_emit, &e);
 }
 
-static void checker_start(struct server *srv, struct client *c, int64_t now)
+static void checker_start(struct server *srv, struct client *c)
 {
-    (void)now;
     struct buf cmd = { 0 };
     if (checker_expand(c, &cmd) < 0) {
         /* only reachable when a control interface set a bad command */
@@ -2179,6 +2202,7 @@ static void checker_stop(struct server *srv, struct client *c)
 static void checker_finished(struct server *srv, struct client *c, int status)
 {
     c->checker_pid = 0;
+    state_changed(srv, false);   /* a failure matters after a restart too */
     if (WIFEXITED(status)) {
         c->last_checker_status = WEXITSTATUS(status);
         if (c->last_checker_status == 0) {
@@ -2550,6 +2574,8 @@ static void state_apply(struct client_table *clients, struct client_table *saved
         if (!s)
             continue;
         bool was_enabled = s->cur.enabled;
+        if (memcmp(c->conf.secret_hash, s->conf.secret_hash, 32) != 0)
+            log_info("The secret of %s changed in clients.conf since the last run", c->name);
         client_reconcile(c, s);
         if (c->cur.enabled && !was_enabled)
             c->last_enabled = now_wall;      /* re-enabled by an edit */
@@ -2864,39 +2890,60 @@ static enum step conn_tls_setup(struct server *srv, struct conn *cn)
     return STEP_NEXT;
 }
 
+/* Peer bytes made printable for a log line: \xHH for anything else. */
+static void escape_for_log(const char *in, size_t n, char *out, size_t outlen)
+{
+    size_t o = 0;
+    for (size_t i = 0; i < n && o + 5 < outlen; i++) {
+        unsigned char ch = (unsigned char)in[i];
+        if (ch >= 0x20 && ch < 0x7f && ch != '\\')
+            out[o++] = (char)ch;
+        else
+            o += (size_t)snprintf(out + o, outlen - o, "\\x%02X", ch);
+    }
+    out[o] = '\0';
+}
+
 /* Read the version line one byte at a time: whatever follows the newline
- * is the peer's TLS traffic and must stay in the socket. */
+ * is the peer's TLS traffic and must stay in the socket.  "\r\n", "\n"
+ * and a lone "\r" all end the line (after a "\r" we only peek). */
 static enum step conn_do_version(struct server *srv, struct conn *cn)
 {
     for (;;) {
+        bool after_cr = cn->line_len && cn->line[cn->line_len - 1] == '\r';
         char ch;
-        ssize_t r = recv(cn->fd, &ch, 1, 0);
+        ssize_t r = recv(cn->fd, &ch, 1, after_cr ? MSG_PEEK : 0);
         if (r < 0 && errno == EINTR)
             continue;
-        if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+        if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
             return STEP_WAIT;
-        }
-        if (r <= 0) {
-            conn_log(cn, LOG_WARNING, "closed before sending a protocol version%s%s",
-                     r < 0 ? ": " : "", r < 0 ? strerror(errno) : "");
+        if (r < 0 || (r == 0 && !after_cr)) {
+            conn_log(cn, LOG_ERR, "Unknown protocol version: %s before a full line",
+                     r < 0 ? strerror(errno) : "connection closed");
             return STEP_CLOSE;
+        }
+        if (after_cr) {
+            if (r == 1 && ch == '\n' && recv(cn->fd, &ch, 1, 0) != 1)
+                return STEP_CLOSE;
+            cn->line_len--;
+            break;
         }
         if (ch == '\n')
             break;
         if (cn->line_len + 1 >= sizeof cn->line) {
-            conn_log(cn, LOG_WARNING, "Unknown protocol version: line longer than %d bytes",
+            conn_log(cn, LOG_ERR, "Unknown protocol version: line longer than %d bytes",
                      VERSION_LINE_MAX);
             return STEP_CLOSE;
         }
         cn->line[cn->line_len++] = ch;
     }
-    if (cn->line_len && cn->line[cn->line_len - 1] == '\r')
-        cn->line_len--;
     cn->line[cn->line_len] = '\0';
-    conn_log(cn, LOG_DEBUG, "Protocol version: '%s'", cn->line);
-    char why[80];
+    char shown[4 * VERSION_LINE_MAX + 1], why[80], why_shown[4 * sizeof why + 1];
+    escape_for_log(cn->line, cn->line_len, shown, sizeof shown);
+    conn_log(cn, LOG_DEBUG, "Protocol version: '%s'", shown);
     if (!version_line_accepted(cn->line, cn->line_len, why, sizeof why)) {
-        conn_log(cn, LOG_ERR, "Unknown protocol version: %s", why);
+        escape_for_log(why, strlen(why), why_shown, sizeof why_shown);
+        conn_log(cn, LOG_ERR, "Unknown protocol version: %s", why_shown);
         return STEP_CLOSE;
     }
     return conn_tls_setup(srv, cn);
@@ -2975,9 +3022,14 @@ static enum step conn_do_approval(struct server *srv, struct conn *cn, int64_t n
 {
     struct client *c = cn->client;
     if (revents & (POLLIN | POLLHUP | POLLERR)) {
+        /* nothing is expected from the peer now: read only to notice it
+         * hanging up, including a close_notify GnuTLS has buffered */
         char scratch[256];
-        ssize_t r = gnutls_record_recv(cn->tls, scratch, sizeof scratch);
-        wipe(scratch, sizeof scratch);
+        ssize_t r;
+        int rounds = 0;
+        do
+            r = gnutls_record_recv(cn->tls, scratch, sizeof scratch);
+        while (r > 0 && gnutls_record_check_pending(cn->tls) && ++rounds < 64);
         if (r == 0 || (r < 0 && r != GNUTLS_E_AGAIN && r != GNUTLS_E_INTERRUPTED)) {
             conn_log(cn, LOG_INFO, "peer went away while waiting for approval");
             return STEP_CLOSE;
@@ -3064,7 +3116,7 @@ static enum step conn_do_bye(struct conn *cn)
         return STEP_WAIT;
     }
     if (rc < 0)
-        conn_log(cn, LOG_DEBUG, "GnuTLS bye failed: %s", gnutls_strerror(rc));
+        conn_log(cn, LOG_WARNING, "GnuTLS bye failed: %s", gnutls_strerror(rc));
     return STEP_CLOSE;
 }
 
@@ -3119,7 +3171,8 @@ static void conn_approval_wakeup(struct server *srv, struct client *c, int64_t n
         }
 }
 
-/* The client is going away (reload removed it): so do its connections. */
+/* The client is going away (removed, or its key replaced): so do its
+ * connections. */
 static void conn_drop_for_client(struct server *srv, struct client *c)
 {
     for (struct conn *cn = srv->conns_head; cn; cn = cn->next)
@@ -4273,7 +4326,7 @@ static int bus_set_value(struct bus_entry *e, const char *prop, sd_bus_message *
         if (!flag)
             checker_stop(srv, c);
         else if (!c->checker_pid)
-            checker_start(srv, c, now);
+            checker_start(srv, c);
     } else if (streq(prop, "LastCheckedOK")) {
         client_checked_ok(srv, c, now);          /* whatever the value */
     } else if (streq(prop, "ApprovedByDefault")) {
@@ -4295,7 +4348,7 @@ static int bus_set_value(struct bus_entry *e, const char *prop, sd_bus_message *
             c->next_checker = now + ms;
             client_reschedule(&srv->clients, c);
             if (!c->checker_pid)
-                checker_start(srv, c, now);
+                checker_start(srv, c);
         }
     } else if (streq(prop, "ExtendedTimeout")) {
         c->cur.extended_timeout = ms;
@@ -4346,7 +4399,7 @@ static int bus_client_method(sd_bus_message *m, void *userdata, sd_bus_error *er
         client_disable(srv, c, "disabled over D-Bus");
     } else if (streq(member, "StartChecker")) {
         if (!c->checker_pid)
-            checker_start(srv, c, now);
+            checker_start(srv, c);
     } else if (streq(member, "StopChecker")) {
         checker_stop(srv, c);
     }
@@ -5208,7 +5261,7 @@ static const char *settings_apply_key(struct settings *set, const char *key,
         if (!*interp)
             return NULL;
         bool port = key[0] == 'p';
-        if (parse_int_range(interp, port ? 0 : 0, port ? 65535 : INT_MAX, &n) < 0)
+        if (parse_int_range(interp, 0, port ? 65535 : INT_MAX, &n) < 0)
             return port ? "not a port number (0 to 65535)" : "not a file descriptor number";
         *(port ? &set->port : &set->socket_fd) = (int)n;
         return NULL;
@@ -5481,6 +5534,8 @@ static void daemonize(struct server *srv)
     if (pid < 0)
         fatal("fork: %s", strerror(errno));
     if (pid > 0) {
+        /* the monitor keeps nothing of the server: no sockets, no secrets */
+        client_table_clear(&srv->clients);
         close(srv->listen_fd);
         close(srv->state_dirfd);
         close(srv->config_dirfd);
@@ -5558,11 +5613,14 @@ static void signals_install(struct server *srv)
 
 /* ---- reload (SIGHUP) ----------------------------------------------------- */
 
-/* Carry run-time state from the client being replaced to its successor. */
-static void reload_carry_over(struct server *srv, struct client *n, struct client *old,
-                              int64_t now)
+/* Carry run-time state from the client being replaced to its successor.
+ * Returns what an edited `enabled` line asks for (+1 enable, -1 disable,
+ * 0 nothing); the caller applies it once the new table is in place. */
+static int reload_carry_over(struct server *srv, struct client *n, struct client *old)
 {
     client_reconcile(n, old);
+    int change = (int)n->cur.enabled - (int)old->cur.enabled;
+    n->cur.enabled = old->cur.enabled;
     n->checker_pid = old->checker_pid;
     old->checker_pid = 0;
     n->approved = old->approved;
@@ -5579,19 +5637,15 @@ static void reload_carry_over(struct server *srv, struct client *n, struct clien
         old->secret = s;
         old->secret_len = sl;
     }
-    if (old->cur.enabled && !n->cur.enabled) {
-        log_info("Disabling client %s: disabled in clients.conf", n->name);
-        n->expires = n->next_checker = 0;
-        checker_stop(srv, n);
-    } else if (!old->cur.enabled && n->cur.enabled) {
-        log_info("Enabling client %s: enabled in clients.conf", n->name);
-        n->last_enabled = wall_us();
-        n->next_checker = now + n->cur.interval;
-        n->expires = now + 2 * n->cur.interval;
-    }
+    /* Waiting connections follow the client only if its key is the same:
+     * a key replaced in clients.conf is a key revoked. */
+    bool same_key = n->indexed && old->indexed && memcmp(n->key_bin, old->key_bin, 32) == 0;
     for (struct conn *cn = srv->conns_head; cn; cn = cn->next)
-        if (cn->client == old)
+        if (cn->client == old && same_key)
             cn->client = n;
+    if (!same_key)
+        conn_drop_for_client(srv, old);
+    return change;
 }
 
 static void server_reload(struct server *srv)
@@ -5609,11 +5663,12 @@ static void server_reload(struct server *srv)
         return;
     }
     int64_t now = mono_ms();
+    int *change = xcalloc(fresh.n, sizeof *change);
     for (size_t i = 0; i < fresh.n; i++) {
         struct client *n = fresh.v[i];
         struct client *old = client_find_by_name(&srv->clients, n->name);
         if (old) {
-            reload_carry_over(srv, n, old, now);
+            change[i] = reload_carry_over(srv, n, old);
         } else {
             log_info("Adding client %s", n->name);
             client_schedule_first_checker(&fresh, n, now);
@@ -5633,6 +5688,13 @@ static void server_reload(struct server *srv)
     /* added clients are in the heap already; carried-over ones join now */
     for (size_t i = 0; i < srv->clients.n; i++)
         client_reschedule(&srv->clients, srv->clients.v[i]);
+    for (size_t i = 0; i < srv->clients.n; i++) {
+        if (change[i] > 0)
+            client_enable(srv, srv->clients.v[i], now);
+        else if (change[i] < 0)
+            client_disable(srv, srv->clients.v[i], "disabled in clients.conf");
+    }
+    free(change);
     state_changed(srv, true);
     bus_reloaded(srv);
     log_info("Reloaded: %zu clients", srv->clients.n);
@@ -6119,6 +6181,11 @@ static void test_ini_errors(void)
     }
     free(errs);
     client_table_clear(&t);
+    /* a bad line is reported without its text: it may be part of a secret */
+    errs = parse_clients("[c]\nsecret = aGVs\nU0VDUkVUU0VDUkVU\n", &t);
+    CHECK(strstr(errs, "clients.conf:3:") && !strstr(errs, "U0VDUkVU"));
+    free(errs);
+    client_table_clear(&t);
     errs = parse_clients("key = before any header\n", &t);
     CHECK(strstr(errs, "clients.conf:1:") != NULL);
     free(errs);
@@ -6199,6 +6266,28 @@ static void test_key_id(void)
     }
     check_str(hex, "16FADC8E51108E940E1AFAF22B2154F651D203F2A10D991A7F71960ADACCC4D9", "key_id");
     buf_free(&der);
+}
+
+/* The reader takes exactly one line and leaves what follows (TLS) alone. */
+static void test_version_reader(void)
+{
+    static const struct { const char *in; size_t n; } cases[] = {
+        { "2\r\nX", 4 }, { "2\rX", 3 }, { "2\nX", 3 },
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        int sv[2];
+        CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0);
+        CHECK(set_nonblock_cloexec(sv[0]) == 0);
+        CHECK(write(sv[1], cases[i].in, cases[i].n) == (ssize_t)cases[i].n);
+        struct conn cn;
+        memset(&cn, 0, sizeof cn);
+        cn.fd = sv[0];
+        CHECK(conn_do_version(NULL, &cn) == STEP_CLOSE);   /* "2" is refused */
+        char rest[4] = "";
+        CHECK(recv(sv[0], rest, sizeof rest, 0) == 1 && rest[0] == 'X');
+        close(sv[0]);
+        close(sv[1]);
+    }
 }
 
 static void test_version_line(void)
@@ -6485,6 +6574,7 @@ static const struct {
     { "base64: lenient decoding", test_base64 },
     { "key_id: normalisation and SHA-256 of the SPKI", test_key_id },
     { "protocol version line rule", test_version_line },
+    { "version line reader leaves the TLS bytes in the socket", test_version_reader },
     { "options and mandos.conf", test_options },
     { "checker expansion and shell quoting", test_checker_expansion },
     { "state file: round trip, corruption", test_state_round_trip },
