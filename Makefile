@@ -151,8 +151,14 @@ fuzz: $(FUZZ_BINS)
 fuzz-smoke: $(FUZZ_BINS)
 	FUZZ_SECONDS=30 t/fuzz/run.sh $(FUZZ_TARGETS)
 
+# Side by side with the reference server; prints a table (t/bench/run.sh).
+bench: mandos
+	$(MAKE) -C t/bench all
+	t/bench/run.sh
+
 clean:
+	-$(MAKE) -C t/bench clean
 	rm -f mandos mandos-dnssd mandos-none mandos-nodbus .build-config .zeroconf mandos.8 mandos.conf.5 mandos-clients.conf.5
 	rm -f $(FUZZ_BINS)
 
-.PHONY: all check demo man install uninstall clean mandos-variant fuzz fuzz-smoke FORCE
+.PHONY: all check demo man install uninstall clean mandos-variant fuzz fuzz-smoke bench FORCE
