@@ -293,23 +293,29 @@ struct buf {
     size_t len, cap;
 };
 
+/* Make room for `need` bytes in all.  Moved by hand rather than with
+ * realloc: a buffer may hold a secret, and the old block must not keep a
+ * copy of it. */
+static void buf_reserve(struct buf *b, size_t need)
+{
+    if (need <= b->cap)
+        return;
+    size_t ncap = b->cap ? b->cap : 64;
+    while (ncap < need)
+        ncap *= 2;
+    char *fresh = xcalloc(1, ncap);
+    if (b->data) {
+        memcpy(fresh, b->data, b->len);
+        wipe(b->data, b->cap);
+        free(b->data);
+    }
+    b->data = fresh;
+    b->cap = ncap;
+}
+
 static void buf_add(struct buf *b, const void *p, size_t n)
 {
-    if (b->len + n + 1 > b->cap) {
-        /* move by hand rather than realloc: a buffer may hold a secret,
-         * and the old block must not keep a copy of it */
-        size_t ncap = b->cap ? b->cap : 64;
-        while (ncap < b->len + n + 1)
-            ncap *= 2;
-        char *fresh = xcalloc(1, ncap);
-        if (b->data) {
-            memcpy(fresh, b->data, b->len);
-            wipe(b->data, b->cap);
-            free(b->data);
-        }
-        b->data = fresh;
-        b->cap = ncap;
-    }
+    buf_reserve(b, b->len + n + 1);
     memcpy(b->data + b->len, p, n);
     b->len += n;
     b->data[b->len] = '\0';
@@ -426,6 +432,67 @@ static int hex_decode(const char *s, unsigned char *out, size_t n)
     return 0;
 }
 
+/* An open-addressing index from names to array positions, so that
+ * lookups stay O(1) with thousands of clients.  The caller says how to
+ * read the name at a position (`name_at`), so the index stores only
+ * positions and survives the array being reallocated. */
+struct name_index {
+    size_t *slot;                /* position + 1; 0 = empty */
+    size_t cap;                  /* a power of two, more than twice `used` */
+    size_t used;
+};
+
+static size_t name_hash(const char *s)
+{
+    uint64_t h = 14695981039346656037ULL;    /* FNV-1a */
+    for (; *s; s++)
+        h = (h ^ (unsigned char)*s) * 1099511628211ULL;
+    return (size_t)h;
+}
+
+static size_t name_index_find(const struct name_index *ix, const char *name,
+                              const char *(*name_at)(const void *, size_t), const void *ctx)
+{
+    for (size_t i = ix->cap ? name_hash(name) & (ix->cap - 1) : 0, n = 0; n < ix->cap;
+         i = (i + 1) & (ix->cap - 1), n++) {
+        if (!ix->slot[i])
+            break;
+        if (streq(name_at(ctx, ix->slot[i] - 1), name))
+            return ix->slot[i] - 1;
+    }
+    return SIZE_MAX;
+}
+
+static void name_index_put(struct name_index *ix, const char *name, size_t pos)
+{
+    size_t i = name_hash(name) & (ix->cap - 1);
+    while (ix->slot[i])
+        i = (i + 1) & (ix->cap - 1);
+    ix->slot[i] = pos + 1;
+}
+
+static void name_index_add(struct name_index *ix, const char *name, size_t pos,
+                           const char *(*name_at)(const void *, size_t), const void *ctx)
+{
+    if ((ix->used + 1) * 2 > ix->cap) {
+        struct name_index bigger = { NULL, ix->cap ? ix->cap * 2 : 16, ix->used };
+        bigger.slot = xcalloc(bigger.cap, sizeof *bigger.slot);
+        for (size_t i = 0; i < ix->cap; i++)
+            if (ix->slot[i])
+                name_index_put(&bigger, name_at(ctx, ix->slot[i] - 1), ix->slot[i] - 1);
+        free(ix->slot);
+        *ix = bigger;
+    }
+    name_index_put(ix, name, pos);
+    ix->used++;
+}
+
+static void name_index_free(struct name_index *ix)
+{
+    free(ix->slot);
+    memset(ix, 0, sizeof *ix);
+}
+
 /* Lenient base64, the way the reference decodes `secret`: bytes outside the
  * alphabet are skipped, a '=' that cannot be padding is ignored, padding
  * that completes a group ends the data.  Returns 0, or -1 with *why set. */
@@ -434,6 +501,7 @@ static int base64_decode_lenient(const char *in, size_t n, struct buf *out,
 {
     int quad = 0, pads = 0;
     unsigned left = 0;
+    buf_reserve(out, out->len + n / 4 * 3 + 4);
     for (size_t i = 0; i < n; i++) {
         unsigned char c = (unsigned char)in[i];
         int v;
@@ -497,6 +565,9 @@ static int read_file_at(int dirfd, const char *path, struct buf *out)
     int fd = openat(dirfd, path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
         return -1;
+    struct stat st;
+    if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_size > 0)
+        buf_reserve(out, out->len + (size_t)st.st_size + 1);   /* one allocation */
     char chunk[8192];
     for (;;) {
         ssize_t r = read(fd, chunk, sizeof chunk);
@@ -690,7 +761,13 @@ struct ini_section {
 struct ini {
     struct ini_section *sections;
     size_t n, cap;
+    struct name_index names;     /* section name -> position */
 };
+
+static const char *ini_section_name_at(const void *ini, size_t pos)
+{
+    return ((const struct ini *)ini)->sections[pos].name;
+}
 
 static struct ini_section *ini_add_section(struct ini *ini, const char *name,
                                            size_t len, int line)
@@ -700,6 +777,7 @@ static struct ini_section *ini_add_section(struct ini *ini, const char *name,
     memset(s, 0, sizeof *s);
     s->name = xstrndup(name, len);
     s->line = line;
+    name_index_add(&ini->names, s->name, ini->n - 1, ini_section_name_at, ini);
     return s;
 }
 
@@ -724,15 +802,14 @@ static void ini_free(struct ini *ini)
     for (size_t i = 0; i < ini->n; i++)
         ini_section_free(&ini->sections[i]);
     free(ini->sections);
+    name_index_free(&ini->names);
     memset(ini, 0, sizeof *ini);
 }
 
 static struct ini_section *ini_find_section(struct ini *ini, const char *name)
 {
-    for (size_t i = 0; i < ini->n; i++)
-        if (streq(ini->sections[i].name, name))
-            return &ini->sections[i];
-    return NULL;
+    size_t pos = name_index_find(&ini->names, name, ini_section_name_at, ini);
+    return pos == SIZE_MAX ? NULL : &ini->sections[pos];
 }
 
 static struct ini_key *ini_find_key(struct ini_section *s, const char *name)
@@ -1284,6 +1361,7 @@ struct client_table {
     size_t nbuckets;
     struct client **heap;        /* min-heap on client_next_event() */
     size_t heap_n, heap_cap;
+    struct name_index names;     /* client name -> position in v */
 };
 
 enum conn_state {
@@ -1413,8 +1491,17 @@ static size_t key_hash(const unsigned char key[32], size_t nbuckets)
     return h & (nbuckets - 1);
 }
 
+static const char *client_name_at(const void *t, size_t pos)
+{
+    return ((const struct client_table *)t)->v[pos]->name;
+}
+
+/* Rebuild both indexes (key_id and name) after the table changed. */
 static void client_table_reindex(struct client_table *t)
 {
+    name_index_free(&t->names);
+    for (size_t i = 0; i < t->n; i++)
+        name_index_add(&t->names, t->v[i]->name, i, client_name_at, t);
     size_t nb = 16;
     while (nb < t->n * 2)
         nb *= 2;
@@ -1445,10 +1532,8 @@ static struct client *client_find_by_key_id(const struct client_table *t,
 
 static struct client *client_find_by_name(const struct client_table *t, const char *name)
 {
-    for (size_t i = 0; i < t->n; i++)
-        if (streq(t->v[i]->name, name))
-            return t->v[i];
-    return NULL;
+    size_t pos = name_index_find(&t->names, name, client_name_at, t);
+    return pos == SIZE_MAX ? NULL : t->v[pos];
 }
 
 /* ---- timer heap ---------------------------------------------------------
@@ -1936,6 +2021,7 @@ static void client_table_clear(struct client_table *t)
     free(t->v);
     free(t->buckets);
     free(t->heap);
+    name_index_free(&t->names);
     memset(t, 0, sizeof *t);
 }
 
@@ -2512,6 +2598,7 @@ static int state_parse(const char *data, size_t len, struct diag *diag,
     if (diag->count == 0 && cur)
         diag_error(diag, lineno, "incomplete: the last client has no \"end\" line");
     client_free(cur);
+    client_table_reindex(out);
     buf_free(&line);
     buf_free(&scratch);
     return diag->count;
