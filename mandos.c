@@ -1001,12 +1001,14 @@ static const char *ini_lookup(struct ini *ini, struct ini_section *sec,
 }
 
 #define INI_MAX_DEPTH 10
+/* References fanning out (each level naming the next several times) grow
+ * exponentially within the depth limit: bound the work and the result. */
+#define INI_MAX_REFS 1000
+#define INI_MAX_VALUE (1024 * 1024)
 
-/* Expand %(name)s and %% in `raw` into `out`.  Returns 0 or -1 with a
- * message in `why` (the caller adds file and line). */
-static int ini_interpolate(struct ini *ini, struct ini_section *sec,
-                           const char *raw, const struct ini_default *builtin,
-                           int depth, struct buf *out, char *why, size_t whylen)
+static int ini_expand(struct ini *ini, struct ini_section *sec, const char *raw,
+                      const struct ini_default *builtin, int depth, int *refs_left,
+                      struct buf *out, char *why, size_t whylen)
 {
     if (depth > INI_MAX_DEPTH) {
         snprintf(why, whylen, "%%(name)s references nest deeper than %d levels",
@@ -1015,6 +1017,11 @@ static int ini_interpolate(struct ini *ini, struct ini_section *sec,
     }
     const char *p = raw;
     while (*p) {
+        if (out->len > INI_MAX_VALUE) {
+            snprintf(why, whylen, "value longer than %d bytes after %%(name)s expansion",
+                     INI_MAX_VALUE);
+            return -1;
+        }
         const char *pct = strchr(p, '%');
         if (!pct) {
             buf_adds(out, p);
@@ -1035,6 +1042,11 @@ static int ini_interpolate(struct ini *ini, struct ini_section *sec,
             snprintf(why, whylen, "bad reference \"%.40s\" (expected %%(name)s)", pct);
             return -1;
         }
+        if (--*refs_left < 0) {
+            snprintf(why, whylen, "%%(name)s references expand more than %d times",
+                     INI_MAX_REFS);
+            return -1;
+        }
         char *name = xstrndup(pct + 2, (size_t)(close - pct - 2));
         for (char *c = name; *c; c++)
             *c = (char)tolower((unsigned char)*c);
@@ -1045,11 +1057,21 @@ static int ini_interpolate(struct ini *ini, struct ini_section *sec,
             return -1;
         }
         free(name);
-        if (ini_interpolate(ini, sec, val, builtin, depth + 1, out, why, whylen) < 0)
+        if (ini_expand(ini, sec, val, builtin, depth + 1, refs_left, out, why, whylen) < 0)
             return -1;
         p = close + 2;
     }
     return 0;
+}
+
+/* Expand %(name)s and %% in `raw` into `out`.  Returns 0 or -1 with a
+ * message in `why` (the caller adds file and line). */
+static int ini_interpolate(struct ini *ini, struct ini_section *sec,
+                           const char *raw, const struct ini_default *builtin,
+                           int depth, struct buf *out, char *why, size_t whylen)
+{
+    int refs_left = INI_MAX_REFS;
+    return ini_expand(ini, sec, raw, builtin, depth, &refs_left, out, why, whylen);
 }
 
 /* ---- Value parsers ---------------------------------------------------- */
@@ -6298,6 +6320,24 @@ static void test_ini_errors(void)
     CHECK(strstr(errs, "nest deeper") != NULL);
     free(errs);
     client_table_clear(&t);
+    /* references fanning out (8 per level) ran for ever; 3 levels over
+     * a 2100-byte value stay under the reference count, not the size */
+    for (int levels = 11; levels >= 3; levels -= 8) {
+        struct buf fan = { 0 };
+        buf_adds(&fan, "[a]\nsecret=\n");
+        for (int i = 0; i < levels; i++) {
+            buf_printf(&fan, "k%d = ", i);
+            for (int j = 0; j < 8; j++)
+                buf_printf(&fan, "%%(k%d)s", i + 1);
+            buf_addc(&fan, '\n');
+        }
+        buf_printf(&fan, "k%d = %0*d\n", levels, levels == 11 ? 1 : 2100, 0);
+        errs = parse_clients(fan.data, &t);
+        CHECK(strstr(errs, levels == 11 ? "expand more than" : "value longer than") != NULL);
+        free(errs);
+        buf_free(&fan);
+        client_table_clear(&t);
+    }
 }
 
 static void test_base64(void)
