@@ -202,7 +202,7 @@ hostile_round() {
 	fd1=$(settle_fds 10)
 	rss1=$(server_rss_kb)
 	loadgen --keydir-list "$MIXED" --requests 19000 --concurrency 8 --max-time 300
-	expect_ok 15600
+	expect_ok 15200
 	if can_run_client; then client_gets alpha "$PW" 30; fi
 	fd2=$(settle_fds 10)
 	rss2=$(server_rss_kb)
