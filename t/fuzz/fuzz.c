@@ -189,14 +189,18 @@ static void fuzz_version_reader(const uint8_t *data, size_t size, size_t chunk)
         }
         r = conn_do_version(&fuzz_srv, &cn);
     }
-    const uint8_t *nl = sent ? memchr(data, '\n', sent) : NULL;
+    /* the line ends at the first "\n", "\r\n" or lone "\r" */
+    size_t end = 0;
+    while (end < sent && data[end] != '\n' && data[end] != '\r')
+        end++;
+    size_t used = end + 1 + (end + 1 < sent && data[end] == '\r' && data[end + 1] == '\n');
     if (r == STEP_NEXT) {
         fuzz_assert(cn.state == CONN_HANDSHAKE && cn.tls != NULL);
-        fuzz_assert(nl != NULL && (size_t)(nl - data) < VERSION_LINE_MAX);
-        size_t rest = sent - (size_t)(nl - data) - 1;
+        fuzz_assert(end < sent && end < VERSION_LINE_MAX);
+        size_t rest = sent - used;
         uint8_t *got = xcalloc(1, rest + 1);
         ssize_t n = rest ? recv(sv[0], got, rest + 1, 0) : 0;
-        fuzz_assert(n == (ssize_t)rest && memcmp(got, nl + 1, rest) == 0);
+        fuzz_assert(n == (ssize_t)rest && memcmp(got, data + used, rest) == 0);
         free(got);
     } else if (r == STEP_WAIT) {
         /* only if a send failed: after the half-close, EOF must end it */
