@@ -1300,7 +1300,7 @@ static void timestamp_render(int64_t us, char sep, struct buf *out)
 
 /* ===================================================================== */
 /* 5. Clients                                                            */
-/*    The data model (server, client, connection), the key_id index, the */
+/*    The data model (server, client), the key_id index, the              */
 /*    timer heap, and the client life cycle: enable, disable, checked-ok, */
 /*    approval.  Reading clients.conf into clients also lives here.       */
 /* ===================================================================== */
@@ -1384,30 +1384,6 @@ struct client_table {
     struct client **heap;        /* min-heap on client_next_event() */
     size_t heap_n, heap_cap;
     struct name_index names;     /* client name -> position in v */
-};
-
-enum conn_state {
-    CONN_VERSION,      /* reading the "1\r\n" line, byte by byte */
-    CONN_HANDSHAKE,    /* TLS handshake; we are the TLS client */
-    CONN_APPROVAL,     /* identified; waiting for approval or its timeout */
-    CONN_SEND,         /* sending the secret */
-    CONN_BYE,          /* TLS close_notify exchange */
-    CONN_CLOSED        /* finished; freed at the end of the loop turn */
-};
-
-struct conn {
-    int fd;
-    enum conn_state state;
-    gnutls_session_t tls;        /* NULL until the version line is accepted */
-    char peer[INET6_ADDRSTRLEN + IF_NAMESIZE + 16];   /* "[addr%if]:port" for log lines */
-    char line[64];               /* the version line so far */
-    size_t line_len;
-    int64_t deadline;            /* monotonic ms; the state's time limit */
-    struct client *client;       /* once identified */
-    bool counted_pending;        /* this conn is in client->approvals_pending */
-    unsigned char *secret;       /* private copy while sending; wiped after */
-    size_t secret_len, secret_sent;
-    struct conn *prev, *next;    /* oldest first */
 };
 
 /* Server settings: built-in defaults, then mandos.conf, then the command
@@ -2732,6 +2708,30 @@ static void state_restore(struct server *srv)
 
 #define DEFAULT_PRIORITY "SECURE128:!CTYPE-X.509:+CTYPE-RAWPK:!RSA:!VERS-ALL:+VERS-TLS1.3:%PROFILE_ULTRA"
 #define VERSION_LINE_MAX 64      /* "1\r\n" is all a real client sends */
+
+enum conn_state {
+    CONN_VERSION,      /* reading the "1\r\n" line, byte by byte */
+    CONN_HANDSHAKE,    /* TLS handshake; we are the TLS client */
+    CONN_APPROVAL,     /* identified; waiting for approval or its timeout */
+    CONN_SEND,         /* sending the secret */
+    CONN_BYE,          /* TLS close_notify exchange */
+    CONN_CLOSED        /* finished; freed at the end of the loop turn */
+};
+
+struct conn {
+    int fd;
+    enum conn_state state;
+    gnutls_session_t tls;        /* NULL until the version line is accepted */
+    char peer[INET6_ADDRSTRLEN + IF_NAMESIZE + 16];   /* "[addr%if]:port" for log lines */
+    char line[64];               /* the version line so far */
+    size_t line_len;
+    int64_t deadline;            /* monotonic ms; the state's time limit */
+    struct client *client;       /* once identified */
+    bool counted_pending;        /* this conn is in client->approvals_pending */
+    unsigned char *secret;       /* private copy while sending; wiped after */
+    size_t secret_len, secret_sent;
+    struct conn *prev, *next;    /* oldest first */
+};
 
 enum step { STEP_WAIT, STEP_NEXT, STEP_CLOSE };
 
