@@ -3,6 +3,7 @@
 #   make ZEROCONF=avahi|dnssd|none
 #   make DBUS=1|0             D-Bus control API (default: 1 if libsystemd is found)
 #   make check [SANITIZE=1]   self-tests and the Bats suite
+#   make mutate               break mandos.c on purpose (t/mutations); the tests must notice
 #   make demo                 run the server on an example set-up
 #   make man | install | uninstall | bench | fuzz | clean
 
@@ -72,8 +73,10 @@ mandos-dnssd: mandos.c Makefile .build-config
 	$(MAKE) --no-print-directory ZEROCONF=dnssd mandos-variant VARIANT=$@
 mandos-none: mandos.c Makefile .build-config
 	$(MAKE) --no-print-directory ZEROCONF=none mandos-variant VARIANT=$@
+# VARIANT_SRC: t/mutate.sh builds changed copies of mandos.c this way.
+VARIANT_SRC ?= mandos.c
 mandos-variant:
-	$(CC) $(WARNINGS) $(CFLAGS) $(TLS_CFLAGS) $(ZC_CFLAGS) $(DBUS_CFLAGS) -o $(VARIANT) mandos.c $(LDFLAGS) $(TLS_LIBS) $(ZC_LIBS) $(DBUS_LIBS)
+	$(CC) $(WARNINGS) $(CFLAGS) $(TLS_CFLAGS) $(ZC_CFLAGS) $(DBUS_CFLAGS) -o $(VARIANT) $(VARIANT_SRC) $(LDFLAGS) $(TLS_LIBS) $(ZC_LIBS) $(DBUS_LIBS)
 
 # Without D-Bus, for the test that this build still serves.
 mandos-nodbus: mandos.c Makefile .build-config
@@ -82,8 +85,14 @@ mandos-nodbus: mandos.c Makefile .build-config
 # The Zeroconf tests skip the other back ends unless told where they are.
 check: mandos mandos-dnssd mandos-none mandos-nodbus
 	@t/deps.sh test
+	@t/mutate.sh --verify
 	MANDOS_DNSSD_BIN=$${MANDOS_DNSSD_BIN:-$(CURDIR)/mandos-dnssd} \
 	MANDOS_NONE_BIN=$${MANDOS_NONE_BIN:-$(CURDIR)/mandos-none} SANITIZE=$(SANITIZE) t/run-tests.sh
+
+# Not part of check: each mutation rebuilds and reruns tests (t/mutate.sh).
+mutate:
+	@t/deps.sh test
+	t/mutate.sh
 
 demo: mandos
 	@t/deps.sh test
@@ -161,4 +170,4 @@ clean:
 	rm -f mandos mandos-dnssd mandos-none mandos-nodbus .build-config .zeroconf mandos.8 mandos.conf.5 mandos-clients.conf.5
 	rm -f $(FUZZ_BINS)
 
-.PHONY: all check demo man install uninstall clean mandos-variant fuzz fuzz-smoke bench FORCE
+.PHONY: all check mutate demo man install uninstall clean mandos-variant fuzz fuzz-smoke bench FORCE
