@@ -1,6 +1,10 @@
 #!/bin/bash
-# Run the self-tests and the Bats suite; end with "N passed, N failed".
+# Run the self-tests and the Bats suite; end with "N passed, N failed, N skipped".
 # Environment: BATS_FILES (default: every t/*.bats), MANDOS_BIN.
+#
+# Every way a run can go wrong counts as a failure: bats missing or exiting
+# non-zero, no TAP plan, a plan of zero tests, fewer tests reported than
+# the plan declares.  A skipped test ("ok N ... # skip") is not a pass.
 set -u
 cd "$(dirname "$0")/.."
 bin=${MANDOS_BIN:-./mandos}
@@ -22,22 +26,46 @@ if [ "${SANITIZE:-}" = 1 ] || grep -qa __asan_init "$bin" 2>/dev/null; then
     echo "# sanitized build: reports collected in $san_dir"
 fi
 
+self_pass=0 self_fail=0
 "$bin" --check | tee "$log"
-self_pass=$(sed -n 's/^\([0-9]*\) passed, \([0-9]*\) failed$/\1/p' "$log")
-self_fail=$(sed -n 's/^\([0-9]*\) passed, \([0-9]*\) failed$/\2/p' "$log")
-[ -n "$self_pass" ] || { self_pass=0; self_fail=1; }
+rc=${PIPESTATUS[0]}
+line=$(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$log" | tail -n 1)
+if [ -z "$line" ]; then
+    echo "# $bin --check (exit $rc) printed no 'N passed, N failed' line" >&2
+    self_fail=$((self_fail + 1))
+else
+    self_pass=$((self_pass + ${line%% passed*}))
+    f=${line#*passed, }
+    self_fail=$((self_fail + ${f%% failed}))
+    if [ "$rc" -ne 0 ] && [ "${f%% failed}" -eq 0 ]; then
+        echo "# $bin --check exited $rc with nothing failed" >&2
+        self_fail=$((self_fail + 1))
+    fi
+fi
 
 # shellcheck disable=SC2086
 bats --tap ${BATS_FILES:-t/*.bats} | tee "$log"
-bats_pass=$(grep -c '^ok ' "$log")
-bats_skip=$(grep -c '^ok .* # skip' "$log")
+bats_rc=${PIPESTATUS[0]}
+plan=$(sed -n 's/^1\.\.\([0-9][0-9]*\)$/\1/p' "$log" | head -n 1)
+bats_skip=$(grep -cE '^ok [0-9]+ .* # skip( |$)' "$log")
+bats_pass=$(($(grep -c '^ok ' "$log") - bats_skip))
 bats_fail=$(grep -c '^not ok ' "$log")
-total=$(grep -m1 '^1\.\.' "$log" | cut -d. -f3)
-ran=$((bats_pass + bats_fail))
-if [ -n "$total" ] && [ "$ran" -lt "$total" ]; then
-    echo "# bats stopped after $ran of $total tests" >&2
-    bats_fail=$((bats_fail + total - ran))
+ran=$((bats_pass + bats_skip + bats_fail))
+if [ -z "$plan" ]; then
+    echo "# bats (exit $bats_rc) printed no TAP plan: bats missing, or no test file?" >&2
+    bats_fail=$((bats_fail + 1))
+elif [ "$plan" -eq 0 ]; then
+    echo "# the TAP plan declares no test at all: ${BATS_FILES:-t/*.bats}" >&2
+    bats_fail=$((bats_fail + 1))
+elif [ "$ran" -lt "$plan" ]; then
+    echo "# bats reported $ran of the $plan tests its plan declares" >&2
+    bats_fail=$((bats_fail + plan - ran))
 fi
+if [ "$bats_rc" -ne 0 ] && [ "$bats_fail" -eq 0 ]; then
+    echo "# bats exited $bats_rc although no test failed" >&2
+    bats_fail=1
+fi
+
 san_fail=0
 if [ -n "$san_dir" ]; then
     for f in "$san_dir"/*; do
@@ -48,6 +76,7 @@ if [ -n "$san_dir" ]; then
     done
     echo "# sanitizer reports: $san_fail"
 fi
-echo "# self-tests: $self_pass passed, $self_fail failed; bats: $bats_pass passed ($bats_skip skipped), $bats_fail failed"
-echo "$((self_pass + bats_pass)) passed, $((self_fail + bats_fail + san_fail)) failed"
+echo "# self-tests: $self_pass passed, $self_fail failed;" \
+    "bats: $bats_pass passed, $bats_fail failed, $bats_skip skipped"
+echo "$((self_pass + bats_pass)) passed, $((self_fail + bats_fail + san_fail)) failed, $bats_skip skipped"
 [ "$self_fail" -eq 0 ] && [ "$bats_fail" -eq 0 ] && [ "$san_fail" -eq 0 ]
