@@ -82,12 +82,15 @@ mandos-variant:
 mandos-nodbus: mandos.c Makefile .build-config
 	$(MAKE) --no-print-directory DBUS=0 mandos-variant VARIANT=$@
 
-# The Zeroconf tests skip the other back ends unless told where they are.
+# The self-tests of every build count; the Zeroconf tests skip the other
+# back ends unless told where they are.
 check: mandos mandos-dnssd mandos-none mandos-nodbus
 	@t/deps.sh test
 	@t/mutate.sh --verify
 	MANDOS_DNSSD_BIN=$${MANDOS_DNSSD_BIN:-$(CURDIR)/mandos-dnssd} \
-	MANDOS_NONE_BIN=$${MANDOS_NONE_BIN:-$(CURDIR)/mandos-none} SANITIZE=$(SANITIZE) t/run-tests.sh
+	MANDOS_NONE_BIN=$${MANDOS_NONE_BIN:-$(CURDIR)/mandos-none} SANITIZE=$(SANITIZE) \
+	MANDOS_CHECK_BINS="$(CURDIR)/mandos-dnssd $(CURDIR)/mandos-none $(CURDIR)/mandos-nodbus" \
+	t/run-tests.sh
 
 # Not part of check: each mutation rebuilds and reruns tests (t/mutate.sh).
 mutate:

@@ -1,6 +1,7 @@
 #!/bin/bash
 # Run the self-tests and the Bats suite; end with "N passed, N failed, N skipped".
-# Environment: BATS_FILES (default: every t/*.bats), MANDOS_BIN.
+# Environment: BATS_FILES (default: every t/*.bats), MANDOS_BIN,
+# MANDOS_CHECK_BINS (more builds whose --check self-tests count too).
 #
 # Every way a run can go wrong counts as a failure: bats missing or exiting
 # non-zero, no TAP plan, a plan of zero tests, fewer tests reported than
@@ -26,22 +27,32 @@ if [ "${SANITIZE:-}" = 1 ] || grep -qa __asan_init "$bin" 2>/dev/null; then
     echo "# sanitized build: reports collected in $san_dir"
 fi
 
+# self_check BIN: run BIN --check; add its counts to self_pass/self_fail.
+# No summary line, or a non-zero exit with nothing failed, is one failure.
 self_pass=0 self_fail=0
-"$bin" --check | tee "$log"
-rc=${PIPESTATUS[0]}
-line=$(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$log" | tail -n 1)
-if [ -z "$line" ]; then
-    echo "# $bin --check (exit $rc) printed no 'N passed, N failed' line" >&2
-    self_fail=$((self_fail + 1))
-else
+self_check() {
+    local rc line f
+    echo "# $1 --check"
+    "$1" --check | tee "$log"
+    rc=${PIPESTATUS[0]}
+    line=$(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$log" | tail -n 1)
+    if [ -z "$line" ]; then
+        echo "# $1 --check (exit $rc) printed no 'N passed, N failed' line" >&2
+        self_fail=$((self_fail + 1))
+        return
+    fi
     self_pass=$((self_pass + ${line%% passed*}))
     f=${line#*passed, }
-    self_fail=$((self_fail + ${f%% failed}))
-    if [ "$rc" -ne 0 ] && [ "${f%% failed}" -eq 0 ]; then
-        echo "# $bin --check exited $rc with nothing failed" >&2
+    f=${f%% failed}
+    self_fail=$((self_fail + f))
+    if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then
+        echo "# $1 --check exited $rc with nothing failed" >&2
         self_fail=$((self_fail + 1))
     fi
-fi
+}
+for b in "$bin" ${MANDOS_CHECK_BINS:-}; do
+    self_check "$b"
+done
 
 # shellcheck disable=SC2086
 bats --tap ${BATS_FILES:-t/*.bats} | tee "$log"
