@@ -1298,6 +1298,298 @@ static void timestamp_render(int64_t us, char sep, struct buf *out)
         buf_printf(out, ".%06d", (int)(us % 1000000));
 }
 
+/* ---- Server settings: one table for options, mandos.conf and --help ---- */
+
+/* The server's settings: built-in defaults, then mandos.conf, then the
+ * command line.  Other sections read them; only this one writes them. */
+struct settings {
+    char *interface, *address, *priority, *servicename, *statedir, *configdir;
+    int port;                    /* -1 = unset (the kernel picks) */
+    int socket_fd;               /* -1 = unset */
+    bool debug, use_dbus, use_ipv6, restore, foreground, zeroconf;
+    int debuglevel;              /* syslog level threshold */
+    long max_connections;
+    int64_t connection_timeout;  /* ms */
+};
+
+/* How an option's text becomes a setting. */
+enum opt_type {
+    OPT_HELP, OPT_VERSION, OPT_CHECK, /* actions, not settings */
+    OPT_STRING,                  /* taken raw, without %(name)s expansion */
+    OPT_LEVEL,                   /* a log level name, also raw */
+    OPT_BOOL,                    /* as a flag: the opposite of its default */
+    OPT_PORT,                    /* 0 to 65535; blank = unset */
+    OPT_FD,                      /* a descriptor number; blank = unset */
+    OPT_LIMIT,                   /* 1 to 1000000 */
+    OPT_DURATION                 /* longer than zero */
+};
+
+struct opt {
+    const char *name;            /* --name, or NULL: mandos.conf only */
+    char letter;                 /* -x, or 0 */
+    const char *arg;             /* the argument's name; NULL: a flag */
+    const char *key;             /* the mandos.conf key; NULL: command line only */
+    const char *builtin;         /* default, spelled as in mandos.conf */
+    enum opt_type type;
+    size_t offset;               /* of the setting in struct settings */
+    const char *help;
+};
+
+#define SET(field) offsetof(struct settings, field)
+
+static const struct opt opts[] = {
+    { "help", 'h', NULL, NULL, NULL, OPT_HELP, 0, "show this help and exit" },
+    { "version", 'v', NULL, NULL, NULL, OPT_VERSION, 0, "show the version and exit" },
+    { "interface", 'i', "IF", "interface", "", OPT_STRING, SET(interface),
+      "bind to and announce on this interface only" },
+    { "address", 'a', "ADDR", "address", "", OPT_STRING, SET(address),
+      "listen on this address (fe80::1%IF allowed)" },
+    { "port", 'p', "PORT", "port", "", OPT_PORT, SET(port),
+      "listen on this TCP port (default: any free one)" },
+    { "check", 0, NULL, NULL, NULL, OPT_CHECK, 0, "run the built-in self-tests and exit" },
+    { "debug", 0, NULL, "debug", "False", OPT_BOOL, SET(debug),
+      "stay in the foreground and log everything to stderr" },
+    { "debuglevel", 0, "LEVEL", "debuglevel", "", OPT_LEVEL, SET(debuglevel),
+      "log threshold: CRITICAL ERROR WARNING INFO DEBUG" },
+    { "priority", 0, "STRING", "priority",
+      "SECURE128:!CTYPE-X.509:+CTYPE-RAWPK:!RSA:!VERS-ALL:+VERS-TLS1.3:%PROFILE_ULTRA",
+      OPT_STRING, SET(priority), "GnuTLS priority string" },
+    { "servicename", 0, "NAME", "servicename", "Mandos", OPT_STRING, SET(servicename),
+      "Zeroconf service name" },
+    { "configdir", 0, "DIR", NULL, "/etc/mandos", OPT_STRING, SET(configdir),
+      "where mandos.conf and clients.conf are" },
+    { "no-dbus", 0, NULL, "use_dbus", "True", OPT_BOOL, SET(use_dbus),
+      "no D-Bus control interface" },
+    { "no-ipv6", 0, NULL, "use_ipv6", "True", OPT_BOOL, SET(use_ipv6), "use IPv4 only" },
+    { "no-restore", 0, NULL, "restore", "True", OPT_BOOL, SET(restore),
+      "ignore the saved client state" },
+    { "socket", 0, "FD", "socket", "", OPT_FD, SET(socket_fd),
+      "use this inherited listening socket" },
+    { "statedir", 0, "DIR", "statedir", "/var/lib/mandos", OPT_STRING, SET(statedir),
+      "where the client state is kept" },
+    { "foreground", 0, NULL, "foreground", "False", OPT_BOOL, SET(foreground),
+      "do not become a daemon" },
+    { "no-zeroconf", 0, NULL, "zeroconf", "True", OPT_BOOL, SET(zeroconf),
+      "do not announce the service with Zeroconf" },
+    { NULL, 0, NULL, "max_connections", "1024", OPT_LIMIT, SET(max_connections),
+      "connections served at once" },
+    { NULL, 0, NULL, "connection_timeout", "PT10S", OPT_DURATION, SET(connection_timeout),
+      "time limit of each step of a connection" },
+};
+
+#define N_OPTS (sizeof opts / sizeof opts[0])
+
+static int parse_log_level(const char *s, int *level)
+{
+    static const struct { const char *name; int level; } levels[] = {
+        { "", LOG_WARNING }, { "CRITICAL", LOG_CRIT }, { "FATAL", LOG_CRIT },
+        { "ERROR", LOG_ERR }, { "WARNING", LOG_WARNING }, { "WARN", LOG_WARNING },
+        { "INFO", LOG_INFO }, { "DEBUG", LOG_DEBUG }, { "NOTSET", LOG_DEBUG },
+    };
+    for (size_t i = 0; i < sizeof levels / sizeof levels[0]; i++)
+        if (streq_nocase(s, levels[i].name)) {
+            *level = levels[i].level;
+            return 0;
+        }
+    return -1;
+}
+
+/* Python-style integers with a range. */
+static int parse_int_range(const char *s, long lo, long hi, long *out)
+{
+    long long v;
+    bool overflow;
+    if (parse_pyint(s, strlen(s), &v, &overflow) < 0 || overflow || v < lo || v > hi)
+        return -1;
+    *out = (long)v;
+    return 0;
+}
+
+static void set_string(char **slot, const char *value)
+{
+    free(*slot);
+    *slot = xstrdup(value);
+}
+
+/* A port or a descriptor: blank means unset (-1). */
+static const char *opt_set_number(int *slot, const char *text, long hi, const char *why)
+{
+    long n = -1;
+    if (*text && parse_int_range(text, 0, hi, &n) < 0)
+        return why;
+    *slot = (int)n;
+    return NULL;
+}
+
+/* Set one setting from its text.  Returns NULL or what is wrong with it. */
+static const char *opt_set(const struct opt *o, struct settings *set, const char *text)
+{
+    void *slot = (char *)set + o->offset;
+    const char *why = NULL;
+    long n;
+    int64_t ms;
+    switch (o->type) {
+    case OPT_STRING:
+        set_string(slot, text);
+        break;
+    case OPT_LEVEL:
+        if (parse_log_level(text, slot) < 0)
+            why = "not a log level (CRITICAL, ERROR, WARNING, INFO or DEBUG)";
+        break;
+    case OPT_BOOL:
+        if (parse_bool(text, slot) < 0)
+            why = "not a boolean (use true or false)";
+        break;
+    case OPT_PORT:
+        why = opt_set_number(slot, text, 65535, "not a port number (0 to 65535)");
+        break;
+    case OPT_FD:
+        why = opt_set_number(slot, text, INT_MAX, "not a file descriptor number");
+        break;
+    case OPT_LIMIT:
+        if (parse_int_range(text, 1, 1000000, &n) < 0)
+            why = "not a number from 1 to 1000000";
+        else
+            *(long *)slot = n;
+        break;
+    case OPT_DURATION:
+        if (duration_parse(text, &ms, &why) == 0 && ms <= 0)
+            why = "must be longer than zero";
+        else if (!why)
+            *(int64_t *)slot = ms;
+        break;
+    default:
+        break;
+    }
+    return why;
+}
+
+static void settings_defaults(struct settings *set)
+{
+    memset(set, 0, sizeof *set);
+    for (size_t i = 0; i < N_OPTS; i++)
+        if (opts[i].builtin)
+            opt_set(&opts[i], set, opts[i].builtin);
+}
+
+static void settings_clear(struct settings *set)
+{
+    for (size_t i = 0; i < N_OPTS; i++) {
+        if (opts[i].type != OPT_STRING)
+            continue;
+        char **slot = (char **)(void *)((char *)set + opts[i].offset);
+        free(*slot);
+        *slot = NULL;
+    }
+}
+
+/* Apply one line of mandos.conf's [DEFAULT] section.  Strings are taken
+ * raw, everything else after %(name)s expansion, as the reference does. */
+static void settings_conf_key(struct settings *set, struct ini *ini, struct ini_key *key,
+                              const struct ini_default *builtins, struct diag *diag)
+{
+    const struct opt *o = NULL;
+    for (size_t i = 0; i < N_OPTS && !o; i++)
+        if (opts[i].key && streq(opts[i].key, key->name))
+            o = &opts[i];
+    bool raw = o && (o->type == OPT_STRING || o->type == OPT_LEVEL);
+    struct buf v = { 0 };
+    char why[200];
+    buf_adds(&v, "");
+    if (!raw && ini_interpolate(ini, &ini->sections[0], key->value, builtins, 1, &v, why,
+                                sizeof why) < 0) {
+        diag_error(diag, key->line, "%s: %s", key->name, why);
+    } else if (!o) {
+        log_warn("%s:%d: unknown key \"%s\" ignored", diag->file, key->line, key->name);
+    } else {
+        const char *problem = opt_set(o, set, raw ? key->value : v.data);
+        if (problem)
+            diag_error(diag, key->line, "%s = \"%s\": %s", key->name, key->value, problem);
+    }
+    buf_free(&v);
+}
+
+/* Apply mandos.conf from a buffer: only its [DEFAULT] section counts. */
+static void settings_from_conf(struct settings *set, const char *data, size_t len,
+                               struct diag *diag)
+{
+    struct ini_default builtins[N_OPTS + 1];
+    size_t n = 0;
+    for (size_t i = 0; i < N_OPTS; i++)
+        if (opts[i].key)
+            builtins[n++] = (struct ini_default){ opts[i].key, opts[i].builtin };
+    builtins[n] = (struct ini_default){ NULL, NULL };
+    struct ini ini;
+    ini_init(&ini);
+    ini_parse_buffer(&ini, data, len, diag);
+    struct ini_section *def = &ini.sections[0];
+    for (size_t k = 0; k < def->nkeys; k++)
+        settings_conf_key(set, &ini, &def->keys[k], builtins, diag);
+    ini_free(&ini);
+}
+
+static int settings_conf_load(struct settings *set, struct diag *diag)
+{
+    struct buf path = { 0 }, data = { 0 };
+    buf_printf(&path, "%s/mandos.conf", set->configdir);
+    diag->file = path.data;
+    if (read_file(path.data, &data) == 0)
+        settings_from_conf(set, data.data ? data.data : "", data.len, diag);
+    else if (errno != ENOENT)
+        diag_error(diag, 0, "cannot read: %s", strerror(errno));
+    buf_free(&data);
+    diag->file = NULL;
+    buf_free(&path);
+    return diag->count;
+}
+
+/* The command line as given: value[i] is the text for opts[i] (a flag's
+ * own argument for a flag), or NULL if the option is absent. */
+struct cmdline {
+    const char *value[N_OPTS];
+};
+
+/* Apply the command line: first (keyed false) what mandos.conf cannot set,
+ * since --configdir says where it is; after it, the rest, which wins. */
+static int settings_from_cmdline(struct settings *set, const struct cmdline *cl, bool keyed,
+                                 char *err, size_t errlen)
+{
+    for (size_t i = 0; i < N_OPTS; i++) {
+        const struct opt *o = &opts[i];
+        const char *v = cl->value[i];
+        if (!v || o->type <= OPT_CHECK || (o->key != NULL) != keyed)
+            continue;
+        const char *problem;
+        if (!o->arg)
+            problem = opt_set(o, set, streq(o->builtin, "True") ? "False" : "True");
+        else if (!*v && (o->type == OPT_PORT || o->type == OPT_FD))
+            problem = "needs a number";
+        else
+            problem = opt_set(o, set, v);
+        if (problem) {
+            snprintf(err, errlen, "--%s \"%s\": %s", o->name, v, problem);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* Rules between settings, once all are read. */
+static int settings_finish(struct settings *set, char *err, size_t errlen)
+{
+    if (set->debug) {
+        set->foreground = true;
+        set->debuglevel = LOG_DEBUG;
+    }
+    /* A build without Zeroconf cannot be found either: same rule. */
+    if ((!set->zeroconf || !ZC_AVAILABLE) && set->port <= 0 && set->socket_fd < 0) {
+        snprintf(err, errlen, "Needs port or socket to work without Zeroconf%s",
+                 ZC_AVAILABLE ? "" : " (this build has no Zeroconf support)");
+        return -1;
+    }
+    return 0;
+}
+
 /* ===================================================================== */
 /* 5. Clients                                                            */
 /*    The data model (server, client), the key_id index, the              */
@@ -1384,18 +1676,6 @@ struct client_table {
     struct client **heap;        /* min-heap on client_next_event() */
     size_t heap_n, heap_cap;
     struct name_index names;     /* client name -> position in v */
-};
-
-/* Server settings: built-in defaults, then mandos.conf, then the command
- * line. */
-struct settings {
-    char *interface, *address, *priority, *servicename, *statedir, *configdir;
-    int port;                    /* -1 = unset (the kernel picks) */
-    int socket_fd;               /* -1 = unset */
-    bool debug, use_dbus, use_ipv6, restore, foreground, zeroconf;
-    int debuglevel;              /* syslog level threshold */
-    long max_connections;
-    int64_t connection_timeout;  /* ms */
 };
 
 struct zc;                       /* the Zeroconf back end's own state */
@@ -2706,7 +2986,6 @@ static void state_restore(struct server *srv)
 /*    (we are the TLS client), key lookup, approval, secret, close.       */
 /* ===================================================================== */
 
-#define DEFAULT_PRIORITY "SECURE128:!CTYPE-X.509:+CTYPE-RAWPK:!RSA:!VERS-ALL:+VERS-TLS1.3:%PROFILE_ULTRA"
 #define VERSION_LINE_MAX 64      /* "1\r\n" is all a real client sends */
 
 enum conn_state {
@@ -5156,84 +5435,66 @@ static void bus_got_secret(struct server *srv, const struct client *c)
 /*    poll() loop, signals, SIGHUP reload, systemd notification.          */
 /* ===================================================================== */
 
-enum opt_id {
-    OPT_HELP, OPT_VERSION, OPT_INTERFACE, OPT_ADDRESS, OPT_PORT, OPT_CHECK,
-    OPT_DEBUG, OPT_DEBUGLEVEL, OPT_PRIORITY, OPT_SERVICENAME, OPT_CONFIGDIR,
-    OPT_NO_DBUS, OPT_NO_IPV6, OPT_NO_RESTORE, OPT_SOCKET, OPT_STATEDIR,
-    OPT_FOREGROUND, OPT_NO_ZEROCONF, OPT_COUNT
-};
+static int run_self_tests(void);
 
-struct option_spec {
-    const char *name;
-    char short_name;             /* 0 = none */
-    const char *arg;             /* argument name, or NULL for a flag */
-    const char *help;
-};
-
-static const struct option_spec option_specs[OPT_COUNT] = {
-    [OPT_HELP] = { "help", 'h', NULL, "show this help and exit" },
-    [OPT_VERSION] = { "version", 'v', NULL, "show the version and exit" },
-    [OPT_INTERFACE] = { "interface", 'i', "IF", "bind to and announce on this interface only" },
-    [OPT_ADDRESS] = { "address", 'a', "ADDR", "listen on this address (fe80::1%IF allowed)" },
-    [OPT_PORT] = { "port", 'p', "PORT", "listen on this TCP port (default: any free one)" },
-    [OPT_CHECK] = { "check", 0, NULL, "run the built-in self-tests and exit" },
-    [OPT_DEBUG] = { "debug", 0, NULL, "stay in the foreground and log everything to stderr" },
-    [OPT_DEBUGLEVEL] = { "debuglevel", 0, "LEVEL", "log threshold: CRITICAL ERROR WARNING INFO DEBUG" },
-    [OPT_PRIORITY] = { "priority", 0, "STRING", "GnuTLS priority string" },
-    [OPT_SERVICENAME] = { "servicename", 0, "NAME", "Zeroconf service name (default Mandos)" },
-    [OPT_CONFIGDIR] = { "configdir", 0, "DIR", "where mandos.conf and clients.conf are (default /etc/mandos)" },
-    [OPT_NO_DBUS] = { "no-dbus", 0, NULL, "no D-Bus control interface" },
-    [OPT_NO_IPV6] = { "no-ipv6", 0, NULL, "use IPv4 only" },
-    [OPT_NO_RESTORE] = { "no-restore", 0, NULL, "ignore the saved client state" },
-    [OPT_SOCKET] = { "socket", 0, "FD", "use this inherited listening socket" },
-    [OPT_STATEDIR] = { "statedir", 0, "DIR", "where the client state is kept (default /var/lib/mandos)" },
-    [OPT_FOREGROUND] = { "foreground", 0, NULL, "do not become a daemon" },
-    [OPT_NO_ZEROCONF] = { "no-zeroconf", 0, NULL, "do not announce the service with Zeroconf" },
-};
-
-struct cmdline {
-    const char *value[OPT_COUNT];
-    bool given[OPT_COUNT];
-};
+/* ---- the command line ------------------------------------------------------ */
 
 static void usage_print(FILE *f)
 {
     fprintf(f, "Usage: mandos [OPTION]...\n"
             "Serve encrypted root file system passwords to Mandos clients.\n\n");
-    for (int i = 0; i < OPT_COUNT; i++) {
-        const struct option_spec *o = &option_specs[i];
-        char left[64];
-        if (o->short_name)
-            snprintf(left, sizeof left, "-%c, --%s%s%s", o->short_name, o->name,
-                     o->arg ? " " : "", o->arg ? o->arg : "");
-        else
-            snprintf(left, sizeof left, "    --%s%s%s", o->name, o->arg ? " " : "",
-                     o->arg ? o->arg : "");
-        fprintf(f, "  %-28s %s\n", left, o->help);
+    for (size_t i = 0; i < N_OPTS; i++) {
+        const struct opt *o = &opts[i];
+        char left[64], letter[8] = "    ";
+        if (!o->name)
+            continue;
+        if (o->letter)
+            snprintf(letter, sizeof letter, "-%c, ", o->letter);
+        snprintf(left, sizeof left, "%s--%s %s", letter, o->name, o->arg ? o->arg : "");
+        fprintf(f, "  %-28s %s", left, o->help);
+        if (!o->key && o->builtin)
+            fprintf(f, " (default %s)", o->builtin);
+        fprintf(f, "\n");
     }
-    fprintf(f, "\nSettings also come from CONFIGDIR/mandos.conf; options given here win.\n"
-            "See mandos(8), mandos.conf(5) and mandos-clients.conf(5).\n");
+    fprintf(f, "\nSettings also come from CONFIGDIR/mandos.conf, whose [DEFAULT] section\n"
+            "knows these keys (shown with their defaults); options given here win:\n");
+    for (size_t i = 0; i < N_OPTS; i++) {
+        const struct opt *o = &opts[i];
+        char left[200];
+        if (!o->key)
+            continue;
+        snprintf(left, sizeof left, "%s = %s", o->key, o->builtin);
+        fprintf(f, "  %-28s %s%s\n", left, o->name ? "see --" : "", o->name ? o->name : o->help);
+    }
+    fprintf(f, "See mandos(8), mandos.conf(5) and mandos-clients.conf(5).\n");
 }
 
-/* Find a long option by exact name or unambiguous prefix. */
-static int option_lookup(const char *name, size_t n, char *err, size_t errlen)
+/* A long option by its exact name or an unambiguous prefix. */
+static int opt_find_long(const char *name, size_t n, char *err, size_t errlen)
 {
     int found = -1, matches = 0;
-    for (int i = 0; i < OPT_COUNT; i++) {
-        const char *o = option_specs[i].name;
-        if (strlen(o) == n && strncmp(o, name, n) == 0)
-            return i;
-        if (strncmp(o, name, n) == 0) {
-            found = i;
-            matches++;
-        }
+    for (size_t i = 0; i < N_OPTS; i++) {
+        const char *o = opts[i].name;
+        if (!o || strncmp(o, name, n) != 0)
+            continue;
+        if (strlen(o) == n)
+            return (int)i;
+        found = (int)i;
+        matches++;
     }
     if (matches == 1)
         return found;
-    if (matches == 0)
-        snprintf(err, errlen, "unrecognized option --%.*s", (int)n, name);
-    else
-        snprintf(err, errlen, "ambiguous option --%.*s", (int)n, name);
+    snprintf(err, errlen, "%s option --%.*s", matches ? "ambiguous" : "unrecognized",
+             (int)n, name);
+    return -1;
+}
+
+static int opt_find_short(char letter, char *err, size_t errlen)
+{
+    for (size_t i = 0; i < N_OPTS; i++)
+        if (opts[i].letter == letter)
+            return (int)i;
+    snprintf(err, errlen, "unrecognized option -%c", letter);
     return -1;
 }
 
@@ -5243,268 +5504,58 @@ static int cmdline_parse(int argc, char **argv, struct cmdline *cl, char *err, s
     memset(cl, 0, sizeof *cl);
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
-        const char *inline_value = NULL;
-        int id = -1;
+        const char *value = NULL;          /* given inside the same argument */
+        int id;
         if (a[0] == '-' && a[1] == '-' && a[2]) {
             const char *eq = strchr(a + 2, '=');
-            size_t n = eq ? (size_t)(eq - a - 2) : strlen(a + 2);
-            id = option_lookup(a + 2, n, err, errlen);
-            if (id < 0)
-                return -1;
-            if (eq)
-                inline_value = eq + 1;
+            id = opt_find_long(a + 2, eq ? (size_t)(eq - a - 2) : strlen(a + 2), err, errlen);
+            value = eq ? eq + 1 : NULL;
         } else if (a[0] == '-' && a[1] && a[1] != '-') {
-            for (int k = 0; k < OPT_COUNT; k++)
-                if (option_specs[k].short_name == a[1])
-                    id = k;
-            if (id < 0) {
-                snprintf(err, errlen, "unrecognized option -%c", a[1]);
-                return -1;
-            }
-            if (a[2] && option_specs[id].arg)
-                inline_value = a + 2;
-            else if (a[2]) {
-                snprintf(err, errlen, "option -%c takes no argument", a[1]);
-                return -1;
-            }
+            id = opt_find_short(a[1], err, errlen);
+            value = a[2] ? a + 2 : NULL;
         } else {
             snprintf(err, errlen, "unexpected argument \"%s\"", a);
             return -1;
         }
-        const struct option_spec *o = &option_specs[id];
-        if (o->arg && !inline_value) {
-            if (i + 1 >= argc) {
-                snprintf(err, errlen, "option --%s needs an argument (%s)", o->name, o->arg);
-                return -1;
-            }
-            inline_value = argv[++i];
-        } else if (!o->arg && inline_value) {
+        if (id < 0)
+            return -1;
+        const struct opt *o = &opts[id];
+        if (o->arg && !value && i + 1 < argc)
+            value = argv[++i];
+        if (o->arg && !value) {
+            snprintf(err, errlen, "option --%s needs an argument (%s)", o->name, o->arg);
+            return -1;
+        }
+        if (!o->arg && value) {
             snprintf(err, errlen, "option --%s takes no argument", o->name);
             return -1;
         }
-        cl->given[id] = true;
-        cl->value[id] = inline_value;
+        cl->value[id] = o->arg ? value : a;
     }
     return 0;
 }
 
-/* Every mandos.conf key we understand (the manual's consistency test
- * reads this table). */
-static const struct cfg_key server_keys[] = {
-    { "interface", "" },
-    { "address", "" },
-    { "port", "" },
-    { "debug", "False" },
-    { "debuglevel", "" },
-    { "priority", DEFAULT_PRIORITY },
-    { "servicename", "Mandos" },
-    { "use_dbus", "True" },
-    { "use_ipv6", "True" },
-    { "restore", "True" },
-    { "socket", "" },
-    { "statedir", "/var/lib/mandos" },
-    { "foreground", "False" },
-    { "zeroconf", "True" },
-    { "max_connections", "1024" },
-    { "connection_timeout", "PT10S" },
-};
-
-#define N_SERVER_KEYS (sizeof server_keys / sizeof server_keys[0])
-
-static int parse_log_level(const char *s, int *level)
+/* Run the action given (--help, --version, --check), if any: its exit
+ * status, or -1 when there is none and the server is to start. */
+static int cmdline_action(const struct cmdline *cl)
 {
-    static const struct { const char *name; int level; } levels[] = {
-        { "CRITICAL", LOG_CRIT }, { "FATAL", LOG_CRIT }, { "ERROR", LOG_ERR },
-        { "WARNING", LOG_WARNING }, { "WARN", LOG_WARNING }, { "INFO", LOG_INFO },
-        { "DEBUG", LOG_DEBUG }, { "NOTSET", LOG_DEBUG },
-    };
-    if (!*s) {
-        *level = LOG_WARNING;
-        return 0;
-    }
-    for (size_t i = 0; i < sizeof levels / sizeof levels[0]; i++)
-        if (streq_nocase(s, levels[i].name)) {
-            *level = levels[i].level;
+    for (size_t i = 0; i < N_OPTS; i++) {
+        if (!cl->value[i])
+            continue;
+        if (opts[i].type == OPT_CHECK)
+            return run_self_tests();
+        if (opts[i].type == OPT_HELP) {
+            usage_print(stdout);
             return 0;
         }
+        if (opts[i].type == OPT_VERSION) {
+            printf("mandos %s\nmandos.c %s; GnuTLS %s; Zeroconf: %s; D-Bus: %s\n",
+                   MANDOS_VERSION, MANDOS_C_VERSION, gnutls_check_version(NULL),
+                   ZEROCONF_NAME, bus_backend);
+            return 0;
+        }
+    }
     return -1;
-}
-
-static void settings_defaults(struct settings *set)
-{
-    memset(set, 0, sizeof *set);
-    set->interface = xstrdup("");
-    set->address = xstrdup("");
-    set->priority = xstrdup(DEFAULT_PRIORITY);
-    set->servicename = xstrdup("Mandos");
-    set->statedir = xstrdup("/var/lib/mandos");
-    set->configdir = xstrdup("/etc/mandos");
-    set->port = -1;
-    set->socket_fd = -1;
-    set->use_dbus = set->use_ipv6 = set->restore = set->zeroconf = true;
-    set->debuglevel = LOG_WARNING;
-    set->max_connections = 1024;
-    set->connection_timeout = 10 * MS_PER_SECOND;
-}
-
-static void set_string(char **slot, const char *value)
-{
-    free(*slot);
-    *slot = xstrdup(value);
-}
-
-/* port, socket, max_connections: Python-style integers with a range. */
-static int parse_int_range(const char *s, long lo, long hi, long *out)
-{
-    long long v;
-    bool overflow;
-    if (parse_pyint(s, strlen(s), &v, &overflow) < 0 || overflow || v < lo || v > hi)
-        return -1;
-    *out = (long)v;
-    return 0;
-}
-
-/* Apply one mandos.conf key.  Returns NULL or what is wrong with it. */
-static const char *settings_apply_key(struct settings *set, const char *key,
-                                      const char *raw, const char *interp)
-{
-    long n;
-    bool *flag = streq(key, "debug") ? &set->debug : streq(key, "use_dbus") ? &set->use_dbus
-        : streq(key, "use_ipv6") ? &set->use_ipv6 : streq(key, "restore") ? &set->restore
-        : streq(key, "foreground") ? &set->foreground : streq(key, "zeroconf") ? &set->zeroconf
-        : NULL;
-    if (flag)
-        return parse_bool(interp, flag) < 0 ? "not a boolean (use true or false)" : NULL;
-    if (streq(key, "port") || streq(key, "socket")) {
-        if (!*interp)
-            return NULL;
-        bool port = key[0] == 'p';
-        if (parse_int_range(interp, 0, port ? 65535 : INT_MAX, &n) < 0)
-            return port ? "not a port number (0 to 65535)" : "not a file descriptor number";
-        *(port ? &set->port : &set->socket_fd) = (int)n;
-        return NULL;
-    }
-    if (streq(key, "max_connections")) {
-        if (parse_int_range(interp, 1, 1000000, &n) < 0)
-            return "not a number from 1 to 1000000";
-        set->max_connections = n;
-        return NULL;
-    }
-    if (streq(key, "connection_timeout")) {
-        const char *why;
-        int64_t ms;
-        if (duration_parse(interp, &ms, &why) < 0)
-            return why;
-        if (ms <= 0)
-            return "must be longer than zero";
-        set->connection_timeout = ms;
-        return NULL;
-    }
-    if (streq(key, "debuglevel"))
-        return parse_log_level(raw, &set->debuglevel) < 0
-            ? "not a log level (CRITICAL, ERROR, WARNING, INFO or DEBUG)" : NULL;
-    char **str = streq(key, "interface") ? &set->interface : streq(key, "address") ? &set->address
-        : streq(key, "priority") ? &set->priority : streq(key, "servicename") ? &set->servicename
-        : streq(key, "statedir") ? &set->statedir : NULL;
-    if (str) {
-        set_string(str, raw);
-        return NULL;
-    }
-    return "unknown key (ignored)";
-}
-
-static bool server_key_interpolated(const char *key)
-{
-    return !(streq(key, "interface") || streq(key, "address") || streq(key, "priority")
-             || streq(key, "servicename") || streq(key, "statedir") || streq(key, "debuglevel"));
-}
-
-/* Apply mandos.conf's [DEFAULT] section from a buffer. */
-static void server_conf_from_buffer(struct settings *set, const char *data, size_t len,
-                                    struct diag *diag)
-{
-    struct ini ini;
-    ini_init(&ini);
-    ini_parse_buffer(&ini, data, len, diag);
-    static struct ini_default builtins[N_SERVER_KEYS + 1];
-    for (size_t i = 0; i < N_SERVER_KEYS; i++)
-        builtins[i] = (struct ini_default){ server_keys[i].name, server_keys[i].builtin };
-    struct ini_section *def = &ini.sections[0];
-    for (size_t k = 0; k < def->nkeys; k++) {
-        struct ini_key *key = &def->keys[k];
-        struct buf v = { 0 };
-        char why[200];
-        buf_adds(&v, "");
-        if (server_key_interpolated(key->name)
-            && ini_interpolate(&ini, def, key->value, builtins, 1, &v, why, sizeof why) < 0) {
-            diag_error(diag, key->line, "%s: %s", key->name, why);
-            buf_free(&v);
-            continue;
-        }
-        const char *problem = settings_apply_key(set, key->name, key->value, v.data);
-        if (problem && streq(problem, "unknown key (ignored)"))
-            log_warn("%s:%d: unknown key \"%s\" ignored", diag->file, key->line, key->name);
-        else if (problem)
-            diag_error(diag, key->line, "%s = \"%s\": %s", key->name, key->value, problem);
-        buf_free(&v);
-    }
-    ini_free(&ini);
-}
-
-static int server_conf_load(struct settings *set, struct diag *diag)
-{
-    struct buf path = { 0 }, data = { 0 };
-    buf_printf(&path, "%s/mandos.conf", set->configdir);
-    diag->file = path.data;
-    if (read_file(path.data, &data) == 0)
-        server_conf_from_buffer(set, data.data ? data.data : "", data.len, diag);
-    else if (errno != ENOENT)
-        diag_error(diag, 0, "cannot read: %s", strerror(errno));
-    buf_free(&data);
-    diag->file = NULL;
-    buf_free(&path);
-    return diag->count;
-}
-
-/* Command-line values over mandos.conf.  Flags only ever switch one way. */
-static int settings_apply_cmdline(struct settings *set, const struct cmdline *cl,
-                                  char *err, size_t errlen)
-{
-    static const struct { enum opt_id id; const char *key; } valued[] = {
-        { OPT_INTERFACE, "interface" }, { OPT_ADDRESS, "address" }, { OPT_PORT, "port" },
-        { OPT_DEBUGLEVEL, "debuglevel" }, { OPT_PRIORITY, "priority" },
-        { OPT_SERVICENAME, "servicename" }, { OPT_SOCKET, "socket" },
-        { OPT_STATEDIR, "statedir" },
-    };
-    for (size_t i = 0; i < sizeof valued / sizeof valued[0]; i++) {
-        if (!cl->given[valued[i].id])
-            continue;
-        const char *v = cl->value[valued[i].id];
-        const char *problem = settings_apply_key(set, valued[i].key, v, v);
-        if ((valued[i].id == OPT_PORT || valued[i].id == OPT_SOCKET) && !*v)
-            problem = "needs a number";
-        if (problem) {
-            snprintf(err, errlen, "--%s \"%s\": %s", option_specs[valued[i].id].name, v, problem);
-            return -1;
-        }
-    }
-    if (cl->given[OPT_DEBUG]) set->debug = true;
-    if (cl->given[OPT_FOREGROUND]) set->foreground = true;
-    if (cl->given[OPT_NO_DBUS]) set->use_dbus = false;
-    if (cl->given[OPT_NO_IPV6]) set->use_ipv6 = false;
-    if (cl->given[OPT_NO_RESTORE]) set->restore = false;
-    if (cl->given[OPT_NO_ZEROCONF]) set->zeroconf = false;
-    if (set->debug) {
-        set->foreground = true;
-        set->debuglevel = LOG_DEBUG;
-    }
-    /* A build without Zeroconf cannot be found either: same rule. */
-    if ((!set->zeroconf || !ZC_AVAILABLE) && set->port <= 0 && set->socket_fd < 0) {
-        snprintf(err, errlen, "Needs port or socket to work without Zeroconf%s",
-                 ZC_AVAILABLE ? "" : " (this build has no Zeroconf support)");
-        return -1;
-    }
-    return 0;
 }
 
 /* ---- process set-up ------------------------------------------------------ */
@@ -5959,13 +6010,9 @@ static void server_free(struct server *srv)
     for (size_t i = 0; i < sizeof fds / sizeof fds[0]; i++)
         if (fds[i] >= 0)
             close(fds[i]);
-    struct settings *set = &srv->set;
-    char **strings[] = { &set->interface, &set->address, &set->priority, &set->servicename,
-                         &set->statedir, &set->configdir, &srv->pidfile };
-    for (size_t i = 0; i < sizeof strings / sizeof strings[0]; i++) {
-        free(*strings[i]);
-        *strings[i] = NULL;
-    }
+    settings_clear(&srv->set);
+    free(srv->pidfile);
+    srv->pidfile = NULL;
 }
 
 /* Room for max_connections sockets plus our own few descriptors. */
@@ -6021,13 +6068,13 @@ static void server_configure(struct server *srv, const struct cmdline *cl)
 {
     char err[300];
     settings_defaults(&srv->set);
-    if (cl->given[OPT_CONFIGDIR])
-        set_string(&srv->set.configdir, cl->value[OPT_CONFIGDIR]);
+    settings_from_cmdline(&srv->set, cl, false, err, sizeof err);
     struct diag diag = { NULL, 0, false, NULL };
-    if (server_conf_load(&srv->set, &diag) > 0)
+    if (settings_conf_load(&srv->set, &diag) > 0)
         fatal("%d error%s in %s/mandos.conf; not starting", diag.count,
               diag.count == 1 ? "" : "s", srv->set.configdir);
-    if (settings_apply_cmdline(&srv->set, cl, err, sizeof err) < 0) {
+    if (settings_from_cmdline(&srv->set, cl, true, err, sizeof err) < 0
+        || settings_finish(&srv->set, err, sizeof err) < 0) {
         fprintf(stderr, "mandos: error: %s\n", err);
         exit(2);
     }
@@ -6093,8 +6140,6 @@ static void server_start(struct server *srv)
     notify_send(srv, "READY=1");
 }
 
-static int run_self_tests(void);
-
 int main(int argc, char **argv)
 {
     const char *slash = strrchr(argv[0], '/');
@@ -6108,15 +6153,9 @@ int main(int argc, char **argv)
         fprintf(stderr, "mandos: error: %s (see mandos --help)\n", err);
         return 2;
     }
-    if (cl.given[OPT_HELP]) {
-        usage_print(stdout);
-        return 0;
-    }
-    if (cl.given[OPT_VERSION]) {
-        printf("mandos %s\nmandos.c %s; GnuTLS %s; Zeroconf: %s; D-Bus: %s\n", MANDOS_VERSION,
-               MANDOS_C_VERSION, gnutls_check_version(NULL), ZEROCONF_NAME, bus_backend);
-        return 0;
-    }
+    int status = cmdline_action(&cl);
+    if (status >= 0)
+        return status;
     struct server srv;
     memset(&srv, 0, sizeof srv);
     srv.listen_fd = srv.notify_fd = srv.state_dirfd = srv.config_dirfd = -1;
@@ -6485,64 +6524,122 @@ static void test_version_line(void)
     CHECK(version_line_accepted("-99999999999999999999999", 24, why, sizeof why));
 }
 
-/* The strings settings_defaults() allocates (server_free() at exit). */
-static void test_settings_free(struct settings *set)
+/* The settings as "key=value" words, for comparing. */
+static void test_settings_text(const struct settings *set, struct buf *out)
 {
-    char **strings[] = { &set->interface, &set->address, &set->priority, &set->servicename,
-                         &set->statedir, &set->configdir };
-    for (size_t i = 0; i < sizeof strings / sizeof strings[0]; i++)
-        free(*strings[i]);
+    for (size_t i = 0; i < N_OPTS; i++) {
+        const struct opt *o = &opts[i];
+        const void *slot = (const char *)set + o->offset;
+        const char *name = o->key ? o->key : o->name;
+        if (o->type == OPT_STRING)
+            buf_printf(out, " %s=%s", name, *(char *const *)slot);
+        else if (o->type == OPT_BOOL)
+            buf_printf(out, " %s=%s", name, *(const bool *)slot ? "True" : "False");
+        else if (o->type == OPT_PORT || o->type == OPT_FD || o->type == OPT_LEVEL)
+            buf_printf(out, " %s=%d", name, *(const int *)slot);
+        else if (o->type == OPT_LIMIT)
+            buf_printf(out, " %s=%ld", name, *(const long *)slot);
+        else if (o->type == OPT_DURATION)
+            buf_printf(out, " %s=%" PRId64, name, *(const int64_t *)slot);
+    }
+    buf_adds(out, " ");
 }
 
+/* Start-up's reading of a command line and a mandos.conf: "errors=N"
+ * and each error, then the settings if there was none. */
+static void test_options_run(const char *args, const char *conf, struct buf *out)
+{
+    char *copy = xstrdup(args);
+    char *argv[16] = { "mandos" };
+    int argc = 1;
+    for (char *t = strtok(copy, " "); t && argc < 15; t = strtok(NULL, " "))
+        argv[argc++] = t;
+    struct cmdline cl;
+    struct settings set;
+    char err[200] = "";
+    struct diag d = { "mandos.conf", 0, false, out };
+    settings_defaults(&set);
+    buf_adds(out, " ");
+    if (cmdline_parse(argc, argv, &cl, err, sizeof err) == 0) {
+        settings_from_cmdline(&set, &cl, false, err, sizeof err);
+        settings_from_conf(&set, conf, strlen(conf), &d);
+        if (settings_from_cmdline(&set, &cl, true, err, sizeof err) == 0)
+            settings_finish(&set, err, sizeof err);
+    }
+    buf_printf(out, " errors=%d %s", d.count + !!*err, err);
+    if (!d.count && !*err)
+        test_settings_text(&set, out);
+    settings_clear(&set);
+    free(copy);
+}
+
+/* `text` holds `word` between blanks (or at its end). */
+static bool test_has_word(const char *text, const char *word)
+{
+    size_t n = strlen(word);
+    for (const char *p = strstr(text, word); p; p = strstr(p + 1, word))
+        if (p > text && isspace((unsigned char)p[-1])
+            && (!p[n] || isspace((unsigned char)p[n])))
+            return true;
+    return false;
+}
+
+/* Each word of `want` must appear in what test_options_run() says. */
 static void test_options(void)
 {
-    struct cmdline cl;
-    char err[200];
-    char *a1[] = { "mandos", "--fore", "-p1025", "--address=::1", "--debuglevel", "info", NULL };
-    CHECK(cmdline_parse(6, a1, &cl, err, sizeof err) == 0);
-    CHECK(cl.given[OPT_FOREGROUND] && cl.given[OPT_PORT] && streq(cl.value[OPT_PORT], "1025"));
-    CHECK(cl.given[OPT_ADDRESS] && streq(cl.value[OPT_ADDRESS], "::1"));
-    CHECK(cl.given[OPT_DEBUGLEVEL] && streq(cl.value[OPT_DEBUGLEVEL], "info"));
-    char *a2[] = { "mandos", "--deb", NULL };
-    CHECK(cmdline_parse(2, a2, &cl, err, sizeof err) < 0 && strstr(err, "ambiguous"));
-    char *a3[] = { "mandos", "stray", NULL };
-    CHECK(cmdline_parse(2, a3, &cl, err, sizeof err) < 0);
-    char *a4[] = { "mandos", "--port", NULL };
-    CHECK(cmdline_parse(2, a4, &cl, err, sizeof err) < 0 && strstr(err, "needs an argument"));
-    char *a5[] = { "mandos", "--no-z", "-p", "1_025", NULL };
-    struct settings set;
-    settings_defaults(&set);
-    CHECK(cmdline_parse(4, a5, &cl, err, sizeof err) == 0);
-    CHECK(settings_apply_cmdline(&set, &cl, err, sizeof err) == 0 && set.port == 1025);
-    CHECK(!set.zeroconf);
-    char *a6[] = { "mandos", "--no-zeroconf", NULL };
-    test_settings_free(&set);
-    settings_defaults(&set);
-    CHECK(cmdline_parse(2, a6, &cl, err, sizeof err) == 0);
-    CHECK(settings_apply_cmdline(&set, &cl, err, sizeof err) < 0 && strstr(err, "Needs port"));
-    char *a8[] = { "mandos", NULL };   /* no port: fine only if Zeroconf can announce one */
-    test_settings_free(&set);
-    settings_defaults(&set);
-    CHECK(cmdline_parse(1, a8, &cl, err, sizeof err) == 0);
-    CHECK((settings_apply_cmdline(&set, &cl, err, sizeof err) == 0) == ZC_AVAILABLE);
-    char *a7[] = { "mandos", "--port", "0x10", NULL };
-    test_settings_free(&set);
-    settings_defaults(&set);
-    CHECK(cmdline_parse(3, a7, &cl, err, sizeof err) == 0);
-    CHECK(settings_apply_cmdline(&set, &cl, err, sizeof err) < 0);
-    /* mandos.conf: strings raw, booleans interpolated, and flags one way */
-    struct buf errs = { 0 };
-    struct diag d = { "mandos.conf", 0, false, &errs };
-    const char *conf = "[DEFAULT]\npriority = NORMAL:%COMPAT\nx = no\nuse_ipv6 = %(x)s\n"
-                       "debug = maybe\nport = 1_025\n";
-    test_settings_free(&set);
-    settings_defaults(&set);
-    server_conf_from_buffer(&set, conf, strlen(conf), &d);
-    check_str(set.priority, "NORMAL:%COMPAT", "raw priority");
-    CHECK(!set.use_ipv6 && set.port == 1025);
-    CHECK(d.count == 1 && errs.data && strstr(errs.data, "mandos.conf:5:"));
-    buf_free(&errs);
-    test_settings_free(&set);
+    const char *no_port = ZC_AVAILABLE ? "errors=0 port=-1 zeroconf=True" : "Needs port";
+    const struct { const char *args, *conf, *want; } cases[] = {
+        { "--fore -p1025 --address=::1 --debuglevel info", "",
+          "errors=0 foreground=True port=1025 address=::1 debuglevel=6" },
+        { "--deb", "", "errors=1 ambiguous option --deb" },
+        { "stray", "", "errors=1 unexpected argument \"stray\"" },
+        { "--port", "", "errors=1 needs an argument" },
+        { "-vx", "", "errors=1 takes no argument" },
+        { "-Z", "", "errors=1 unrecognized option -Z" },
+        { "--bogus", "", "errors=1 unrecognized option --bogus" },
+        { "--max_connections 5", "", "errors=1 unrecognized" },
+        { "--no-z -p 1_025", "", "errors=0 port=1025 zeroconf=False" },
+        { "--no-zeroconf", "", "errors=1 Needs port" },
+        { "", "", no_port },
+        { "--port 0x10", "", "errors=1 not a port number" },
+        { "--port=", "", "errors=1 needs a number" },
+        { "-p1 --debug --no-dbus --no-ipv6 --no-restore", "",
+          "errors=0 debug=True foreground=True debuglevel=7 use_dbus=False use_ipv6=False "
+          "restore=False" },
+        { "-p1 --socket 3 --statedir /s --configdir /c --priority NORMAL", "",
+          "errors=0 socket=3 statedir=/s configdir=/c priority=NORMAL" },
+        { "-p1", "", "errors=0 interface= address= debug=False debuglevel=4 servicename=Mandos "
+          "configdir=/etc/mandos use_dbus=True use_ipv6=True restore=True socket=-1 "
+          "statedir=/var/lib/mandos foreground=False zeroconf=True max_connections=1024 "
+          "connection_timeout=10000" },
+        /* strings raw, everything else interpolated; the command line wins */
+        { "-p 2 --servicename S", "[DEFAULT]\npriority = NORMAL:%COMPAT\nx = no\n"
+          "use_ipv6 = %(x)s\nport = 1_025\nservicename = %(x)s\nforeground = 1\n",
+          "errors=0 priority=NORMAL:%COMPAT use_ipv6=False port=2 servicename=S "
+          "foreground=True" },
+        { "", "[DEFAULT]\nport = 1\nmax_connections = 7\nconnection_timeout = 2s\n"
+          "debuglevel = %(x)s\n", "errors=1 mandos.conf:5: debuglevel" },
+        { "", "[DEFAULT]\nport = 1\nmax_connections = 0\nconnection_timeout = PT0S\n"
+          "debug = maybe\nsocket = -1\nfoo = 100%\n[other]\nport = x\n",
+          "errors=5 mandos.conf:3: mandos.conf:4: mandos.conf:5: mandos.conf:6: "
+          "mandos.conf:7:" },
+        { "--port 1", "[DEFAULT]\nmax_connections = 7\nconnection_timeout = 2s\nuse_dbus = no\n"
+          "zeroconf = off\nrestore = 0\ndebug = 1\n", "errors=0 max_connections=7 "
+          "connection_timeout=2000 use_dbus=False zeroconf=False restore=False debug=True" },
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        struct buf out = { 0 };
+        test_options_run(cases[i].args, cases[i].conf, &out);
+        char *want = xstrdup(cases[i].want);
+        for (char *w = strtok(want, " "); w; w = strtok(NULL, " ")) {
+            bool found = test_has_word(out.data, w);
+            if (!found)
+                printf("    \"%s\": no \"%s\" in [%s]\n", cases[i].args, w, out.data);
+            CHECK(found);
+        }
+        free(want);
+        buf_free(&out);
+    }
 }
 
 static void test_checker_expansion(void)
