@@ -2981,9 +2981,10 @@ static void state_restore(struct server *srv)
 
 /* ===================================================================== */
 /* 8. Network and TLS connections                                        */
-/*    The listening socket, and one struct conn per peer advanced by      */
-/*    conn_advance() through the protocol: version line, TLS handshake    */
-/*    (we are the TLS client), key lookup, approval, secret, close.       */
+/*    The listening socket, and one struct conn per peer that conn_step() */
+/*    moves through the protocol: version line, TLS handshake (we are the */
+/*    TLS client), key lookup, approval, secret, close; each state with a */
+/*    deadline.                                                           */
 /* ===================================================================== */
 
 #define VERSION_LINE_MAX 64      /* "1\r\n" is all a real client sends */
@@ -2997,14 +2998,20 @@ enum conn_state {
     CONN_CLOSED        /* finished; freed at the end of the loop turn */
 };
 
+/* For "timed out while ..." */
+static const char *const conn_state_names[] = {
+    "reading the protocol version", "TLS handshake", "waiting for approval",
+    "sending the secret", "closing TLS", "closed",
+};
+
 struct conn {
     int fd;
     enum conn_state state;
+    int64_t deadline;            /* monotonic ms: the end of this state */
     gnutls_session_t tls;        /* NULL until the version line is accepted */
     char peer[INET6_ADDRSTRLEN + IF_NAMESIZE + 16];   /* "[addr%if]:port" for log lines */
-    char line[64];               /* the version line so far */
+    char line[VERSION_LINE_MAX]; /* the version line so far */
     size_t line_len;
-    int64_t deadline;            /* monotonic ms; the state's time limit */
     struct client *client;       /* once identified */
     bool counted_pending;        /* this conn is in client->approvals_pending */
     unsigned char *secret;       /* private copy while sending; wiped after */
@@ -3012,19 +3019,8 @@ struct conn {
     struct conn *prev, *next;    /* oldest first */
 };
 
+/* What a state's handler says: wait for the peer, go on, or give up. */
 enum step { STEP_WAIT, STEP_NEXT, STEP_CLOSE };
-
-static const char *conn_state_name(enum conn_state s)
-{
-    switch (s) {
-    case CONN_VERSION: return "reading the protocol version";
-    case CONN_HANDSHAKE: return "TLS handshake";
-    case CONN_APPROVAL: return "waiting for approval";
-    case CONN_SEND: return "sending the secret";
-    case CONN_BYE: return "closing TLS";
-    default: return "closed";
-    }
-}
 
 /* Every line about a connection names the peer and, once known, the client. */
 PRINTF_LIKE(3, 4)
@@ -3041,64 +3037,61 @@ static void conn_log(const struct conn *cn, int level, const char *fmt, ...)
         log_msg(level, "%s: %s", cn->peer, msg);
 }
 
+/* "addr:port", or "[addr%scope]:port" for IPv6. */
 static void format_peer(const struct sockaddr_storage *ss, char *out, size_t n)
 {
+    const struct sockaddr_in6 *s6 = (const void *)ss;
+    const struct sockaddr_in *s4 = (const void *)ss;
     char host[INET6_ADDRSTRLEN] = "?";
-    unsigned port = 0;
-    if (ss->ss_family == AF_INET6) {
-        const struct sockaddr_in6 *s6 = (const void *)ss;
-        inet_ntop(AF_INET6, &s6->sin6_addr, host, sizeof host);
-        port = ntohs(s6->sin6_port);
-        if (s6->sin6_scope_id) {
-            char ifname[IF_NAMESIZE] = "";
-            if (if_indextoname(s6->sin6_scope_id, ifname))
-                snprintf(out, n, "[%s%%%s]:%u", host, ifname, port);
-            else
-                snprintf(out, n, "[%s%%%u]:%u", host, (unsigned)s6->sin6_scope_id, port);
-            return;
-        }
-        snprintf(out, n, "[%s]:%u", host, port);
+    char scope[IF_NAMESIZE + 2] = "";
+    if (ss->ss_family == AF_INET) {
+        inet_ntop(AF_INET, &s4->sin_addr, host, sizeof host);
+        snprintf(out, n, "%s:%u", host, (unsigned)ntohs(s4->sin_port));
         return;
     }
-    if (ss->ss_family == AF_INET) {
-        const struct sockaddr_in *s4 = (const void *)ss;
-        inet_ntop(AF_INET, &s4->sin_addr, host, sizeof host);
-        port = ntohs(s4->sin_port);
+    if (ss->ss_family != AF_INET6) {
+        snprintf(out, n, "?:0");
+        return;
     }
-    snprintf(out, n, "%s:%u", host, port);
+    inet_ntop(AF_INET6, &s6->sin6_addr, host, sizeof host);
+    unsigned id = (unsigned)s6->sin6_scope_id;
+    if (id && if_indextoname(id, scope + 1))
+        scope[0] = '%';
+    else if (id)
+        snprintf(scope, sizeof scope, "%%%u", id);
+    snprintf(out, n, "[%s%s]:%u", host, scope, (unsigned)ntohs(s6->sin6_port));
 }
 
-/* Split "fe80::1%eth0" into an address and a scope; -1 on a bad literal. */
-static int parse_address(const char *text, bool ipv6, const char *interface,
-                         struct sockaddr_storage *ss, socklen_t *len)
+/* The address to bind: an IPv4 or IPv6 literal, the latter optionally
+ * "fe80::1%eth0"; a link-local one without a scope takes --interface's.
+ * -1 on a bad literal or an unknown scope. */
+static int listen_address(const char *text, const struct settings *set, uint16_t port,
+                          struct sockaddr_storage *ss, socklen_t *len)
 {
+    struct sockaddr_in *s4 = (void *)ss;
+    struct sockaddr_in6 *s6 = (void *)ss;
     memset(ss, 0, sizeof *ss);
-    if (!ipv6) {
-        struct sockaddr_in *s4 = (void *)ss;
+    if (!set->use_ipv6) {
         s4->sin_family = AF_INET;
+        s4->sin_port = htons(port);
         *len = sizeof *s4;
         return inet_pton(AF_INET, text, &s4->sin_addr) == 1 ? 0 : -1;
     }
-    struct sockaddr_in6 *s6 = (void *)ss;
     s6->sin6_family = AF_INET6;
+    s6->sin6_port = htons(port);
     *len = sizeof *s6;
     char addr[INET6_ADDRSTRLEN + IF_NAMESIZE + 2];
     snprintf(addr, sizeof addr, "%s", text);
-    char *pct = strchr(addr, '%');
-    if (pct)
-        *pct++ = '\0';
+    char *scope = strchr(addr, '%');
+    if (scope)
+        *scope++ = '\0';
     if (inet_pton(AF_INET6, addr, &s6->sin6_addr) != 1)
         return -1;
-    const char *scope = pct ? pct : NULL;
-    /* A link-local address needs a scope: take it from --interface. */
-    if (!scope && IN6_IS_ADDR_LINKLOCAL(&s6->sin6_addr) && interface && *interface)
-        scope = interface;
-    if (scope) {
+    if (!scope && IN6_IS_ADDR_LINKLOCAL(&s6->sin6_addr) && *set->interface)
+        scope = set->interface;
+    if (scope)
         s6->sin6_scope_id = if_nametoindex(scope);
-        if (!s6->sin6_scope_id)
-            return -1;
-    }
-    return 0;
+    return scope && !s6->sin6_scope_id ? -1 : 0;
 }
 
 static void listen_bind_device(int fd, const char *interface)
@@ -3115,12 +3108,29 @@ static void listen_bind_device(int fd, const char *interface)
         fatal("cannot bind to interface %s: %s", interface, strerror(errno));
 }
 
+/* Bind to --address and --port; with neither, listen() picks a port. */
+static void listen_bind(int fd, const struct settings *set)
+{
+    const char *any = set->use_ipv6 ? "::" : "0.0.0.0";
+    const char *addr = *set->address ? set->address : any;
+    uint16_t port = (uint16_t)(set->port > 0 ? set->port : 0);
+    struct sockaddr_storage ss;
+    socklen_t len;
+    if (listen_address(addr, set, port, &ss, &len) < 0)
+        fatal("bad address \"%s\" (an IP%s literal%s)", addr, set->use_ipv6 ? "v6" : "v4",
+              set->use_ipv6 ? ", optionally with %interface" : "");
+    int one = 1;
+    if (port)
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (bind(fd, (struct sockaddr *)&ss, len) < 0)
+        fatal("cannot bind to address %s port %d: %s", addr, port, strerror(errno));
+}
+
 /* Create (or adopt, with --socket) the listening socket, bind it and
  * start listening.  Runs as root, before privileges are dropped. */
 static void listen_open(struct server *srv)
 {
     const struct settings *set = &srv->set;
-    int family = set->use_ipv6 ? AF_INET6 : AF_INET;
     int fd;
     if (set->socket_fd >= 0) {
         /* keep it clear of stdin/stdout/stderr, which daemonizing replaces */
@@ -3129,7 +3139,7 @@ static void listen_open(struct server *srv)
             fatal("--socket %d: %s", set->socket_fd, strerror(errno));
         close(set->socket_fd);
     } else {
-        fd = socket(family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        fd = socket(set->use_ipv6 ? AF_INET6 : AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
         if (fd < 0)
             fatal("cannot create a socket: %s", strerror(errno));
     }
@@ -3137,46 +3147,40 @@ static void listen_open(struct server *srv)
         fatal("cannot set up the listening socket: %s", strerror(errno));
     if (*set->interface)
         listen_bind_device(fd, set->interface);
-    if (*set->address || set->port > 0) {
-        struct sockaddr_storage ss;
-        socklen_t len;
-        const char *addr = *set->address ? set->address : (set->use_ipv6 ? "::" : "0.0.0.0");
-        if (parse_address(addr, set->use_ipv6, set->interface, &ss, &len) < 0)
-            fatal("bad address \"%s\" (an IP%s literal%s)", addr, set->use_ipv6 ? "v6" : "v4",
-                  set->use_ipv6 ? ", optionally with %interface" : "");
-        if (set->port > 0) {
-            int one = 1;
-            setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-        }
-        if (family == AF_INET6)
-            ((struct sockaddr_in6 *)(void *)&ss)->sin6_port = htons((uint16_t)(set->port > 0 ? set->port : 0));
-        else
-            ((struct sockaddr_in *)(void *)&ss)->sin_port = htons((uint16_t)(set->port > 0 ? set->port : 0));
-        if (bind(fd, (struct sockaddr *)&ss, len) < 0)
-            fatal("cannot bind to address %s port %d: %s", addr, set->port > 0 ? set->port : 0,
-                  strerror(errno));
-    }
+    if (*set->address || set->port > 0)
+        listen_bind(fd, set);
     if (listen(fd, SOMAXCONN) < 0)
         fatal("cannot listen: %s", strerror(errno));
     struct sockaddr_storage ss;
     socklen_t len = sizeof ss;
     if (getsockname(fd, (struct sockaddr *)&ss, &len) < 0)
         fatal("getsockname: %s", strerror(errno));
+    const struct sockaddr_in6 *s6 = (const void *)&ss;
+    const struct sockaddr_in *s4 = (const void *)&ss;
+    bool v6 = ss.ss_family == AF_INET6;
+    const void *ip = v6 ? (const void *)&s6->sin6_addr : (const void *)&s4->sin_addr;
     char where[INET6_ADDRSTRLEN] = "?";
-    if (ss.ss_family == AF_INET6) {
-        struct sockaddr_in6 *s6 = (void *)&ss;
-        inet_ntop(AF_INET6, &s6->sin6_addr, where, sizeof where);
-        srv->port = ntohs(s6->sin6_port);
-    } else {
-        struct sockaddr_in *s4 = (void *)&ss;
-        inet_ntop(AF_INET, &s4->sin_addr, where, sizeof where);
-        srv->port = ntohs(s4->sin_port);
-    }
+    inet_ntop(ss.ss_family, ip, where, sizeof where);
+    srv->port = ntohs(v6 ? s6->sin6_port : s4->sin_port);
     srv->listen_fd = fd;
     log_info("Now listening on address '%s', port %d", where, srv->port);
 }
 
-/* ---- connection bookkeeping ---------------------------------------------- */
+/* ---- the protocol, one state at a time ----------------------------------- */
+
+static bool tls_again(ssize_t rc)
+{
+    return rc == GNUTLS_E_AGAIN || rc == GNUTLS_E_INTERRUPTED;
+}
+
+/* Move to a state that the connection timeout bounds. */
+static enum step conn_enter(struct server *srv, struct conn *cn, enum conn_state s,
+                            int64_t now)
+{
+    cn->state = s;
+    cn->deadline = now + srv->set.connection_timeout;
+    return STEP_NEXT;
+}
 
 static void conn_leave_approval(struct conn *cn)
 {
@@ -3184,6 +3188,14 @@ static void conn_leave_approval(struct conn *cn)
         cn->client->approvals_pending--;
         cn->counted_pending = false;
     }
+}
+
+static void conn_forget_secret(struct conn *cn)
+{
+    if (cn->secret)
+        wipe(cn->secret, cn->secret_len);
+    free(cn->secret);
+    cn->secret = NULL;
 }
 
 /* Release everything now; the struct itself is freed by conn_sweep(), so
@@ -3194,11 +3206,7 @@ static void conn_close(struct server *srv, struct conn *cn)
         return;
     srv->nconns--;
     conn_leave_approval(cn);
-    if (cn->secret) {
-        wipe(cn->secret, cn->secret_len);
-        free(cn->secret);
-        cn->secret = NULL;
-    }
+    conn_forget_secret(cn);
     if (cn->tls)
         gnutls_deinit(cn->tls);
     cn->tls = NULL;
@@ -3207,59 +3215,82 @@ static void conn_close(struct server *srv, struct conn *cn)
     cn->state = CONN_CLOSED;
 }
 
-static void conn_sweep(struct server *srv)
+/* Peer bytes made printable for a log line: \xHH for anything else. */
+static void escape_for_log(const char *in, size_t n, char *out, size_t outlen)
 {
-    struct conn *cn = srv->conns_head;
-    while (cn) {
-        struct conn *next = cn->next;
-        if (cn->state == CONN_CLOSED) {
-            if (cn->prev) cn->prev->next = cn->next;
-            else srv->conns_head = cn->next;
-            if (cn->next) cn->next->prev = cn->prev;
-            else srv->conns_tail = cn->prev;
-            free(cn);
-        }
-        cn = next;
+    size_t o = 0;
+    for (size_t i = 0; i < n && o + 5 < outlen; i++) {
+        unsigned char ch = (unsigned char)in[i];
+        if (ch >= 0x20 && ch < 0x7f && ch != '\\')
+            out[o++] = (char)ch;
+        else
+            o += (size_t)snprintf(out + o, outlen - o, "\\x%02X", ch);
     }
+    out[o] = '\0';
 }
-
-/* Which way a GnuTLS call that said "again" wants to go. */
-static short tls_poll_events(gnutls_session_t tls)
-{
-    return gnutls_record_get_direction(tls) ? POLLOUT : POLLIN;
-}
-
-/* ---- the protocol steps ---------------------------------------------------- */
 
 /* The reference's rule: the first word must be an integer <= 1. */
 static bool version_line_accepted(const char *line, size_t n, char *why, size_t whylen)
 {
-    const char *p = line;
-    while (n && is_blank((unsigned char)*p)) {
-        p++;
+    while (n && is_blank((unsigned char)*line)) {
+        line++;
         n--;
     }
     size_t w = 0;
-    while (w < n && !is_blank((unsigned char)p[w]))
+    while (w < n && !is_blank((unsigned char)line[w]))
         w++;
+    int shown = (int)(w > 20 ? 20 : w);
     long long v;
     bool overflow;
-    if (w == 0) {
+    if (w == 0)
         snprintf(why, whylen, "empty version line");
-        return false;
-    }
-    if (parse_pyint(p, w, &v, &overflow) < 0) {
-        snprintf(why, whylen, "not an integer: \"%.*s\"", (int)(w > 20 ? 20 : w), p);
-        return false;
-    }
-    if (v > 1) {
-        snprintf(why, whylen, "version %.*s is newer than 1", (int)(w > 20 ? 20 : w), p);
-        return false;
-    }
-    return true;
+    else if (parse_pyint(line, w, &v, &overflow) < 0)
+        snprintf(why, whylen, "not an integer: \"%.*s\"", shown, line);
+    else if (v > 1)
+        snprintf(why, whylen, "version %.*s is newer than 1", shown, line);
+    else
+        return true;
+    return false;
 }
 
-static enum step conn_tls_setup(struct server *srv, struct conn *cn)
+/* Read the version line one byte at a time: whatever follows the newline
+ * is the peer's TLS traffic and must stay in the socket.  "\r\n", "\n"
+ * and a lone "\r" all end the line (after a "\r" we only peek).
+ * 1: the line is in cn->line; 0: wait for more; -1: give up. */
+static int conn_read_line(struct conn *cn)
+{
+    for (;;) {
+        bool after_cr = cn->line_len && cn->line[cn->line_len - 1] == '\r';
+        char ch;
+        ssize_t r = recv(cn->fd, &ch, 1, after_cr ? MSG_PEEK : 0);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            return 0;
+        if (r < 0 || (r == 0 && !after_cr)) {
+            conn_log(cn, LOG_ERR, "Unknown protocol version: %s before a full line",
+                     r < 0 ? strerror(errno) : "connection closed");
+            return -1;
+        }
+        if (after_cr && r == 1 && ch == '\n' && recv(cn->fd, &ch, 1, 0) != 1)
+            return -1;
+        if (after_cr || ch == '\n') {
+            cn->line_len -= after_cr;
+            cn->line[cn->line_len] = '\0';
+            return 1;
+        }
+        if (cn->line_len + 1 >= sizeof cn->line) {
+            conn_log(cn, LOG_ERR, "Unknown protocol version: line longer than %d bytes",
+                     VERSION_LINE_MAX);
+            return -1;
+        }
+        cn->line[cn->line_len++] = ch;
+    }
+}
+
+/* The version line is accepted: start TLS, as its client.  The deadline
+ * set at accept() covers the line and the handshake together. */
+static enum step conn_tls_start(struct server *srv, struct conn *cn)
 {
     int rc = gnutls_init(&cn->tls, GNUTLS_CLIENT | GNUTLS_NO_TICKETS | GNUTLS_ENABLE_RAWPK
                          | GNUTLS_NONBLOCK);
@@ -3278,54 +3309,11 @@ static enum step conn_tls_setup(struct server *srv, struct conn *cn)
     return STEP_NEXT;
 }
 
-/* Peer bytes made printable for a log line: \xHH for anything else. */
-static void escape_for_log(const char *in, size_t n, char *out, size_t outlen)
-{
-    size_t o = 0;
-    for (size_t i = 0; i < n && o + 5 < outlen; i++) {
-        unsigned char ch = (unsigned char)in[i];
-        if (ch >= 0x20 && ch < 0x7f && ch != '\\')
-            out[o++] = (char)ch;
-        else
-            o += (size_t)snprintf(out + o, outlen - o, "\\x%02X", ch);
-    }
-    out[o] = '\0';
-}
-
-/* Read the version line one byte at a time: whatever follows the newline
- * is the peer's TLS traffic and must stay in the socket.  "\r\n", "\n"
- * and a lone "\r" all end the line (after a "\r" we only peek). */
 static enum step conn_do_version(struct server *srv, struct conn *cn)
 {
-    for (;;) {
-        bool after_cr = cn->line_len && cn->line[cn->line_len - 1] == '\r';
-        char ch;
-        ssize_t r = recv(cn->fd, &ch, 1, after_cr ? MSG_PEEK : 0);
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
-            return STEP_WAIT;
-        if (r < 0 || (r == 0 && !after_cr)) {
-            conn_log(cn, LOG_ERR, "Unknown protocol version: %s before a full line",
-                     r < 0 ? strerror(errno) : "connection closed");
-            return STEP_CLOSE;
-        }
-        if (after_cr) {
-            if (r == 1 && ch == '\n' && recv(cn->fd, &ch, 1, 0) != 1)
-                return STEP_CLOSE;
-            cn->line_len--;
-            break;
-        }
-        if (ch == '\n')
-            break;
-        if (cn->line_len + 1 >= sizeof cn->line) {
-            conn_log(cn, LOG_ERR, "Unknown protocol version: line longer than %d bytes",
-                     VERSION_LINE_MAX);
-            return STEP_CLOSE;
-        }
-        cn->line[cn->line_len++] = ch;
-    }
-    cn->line[cn->line_len] = '\0';
+    int r = conn_read_line(cn);
+    if (r <= 0)
+        return r == 0 ? STEP_WAIT : STEP_CLOSE;
     char shown[4 * VERSION_LINE_MAX + 1], why[80], why_shown[4 * sizeof why + 1];
     escape_for_log(cn->line, cn->line_len, shown, sizeof shown);
     conn_log(cn, LOG_DEBUG, "Protocol version: '%s'", shown);
@@ -3334,7 +3322,7 @@ static enum step conn_do_version(struct server *srv, struct conn *cn)
         conn_log(cn, LOG_ERR, "Unknown protocol version: %s", why_shown);
         return STEP_CLOSE;
     }
-    return conn_tls_setup(srv, cn);
+    return conn_tls_start(srv, cn);
 }
 
 /* A key_id: SHA-256 of a DER SubjectPublicKeyInfo; a GnuTLS error code. */
@@ -3375,18 +3363,11 @@ static int conn_peer_key_id(struct conn *cn, unsigned char key_id[32])
     return 0;
 }
 
-static void conn_start_bye(struct server *srv, struct conn *cn, int64_t now)
-{
-    cn->state = CONN_BYE;
-    cn->deadline = now + srv->set.connection_timeout;
-}
-
 static enum step conn_do_handshake(struct server *srv, struct conn *cn, int64_t now)
 {
     int rc = gnutls_handshake(cn->tls);
-    if (rc == GNUTLS_E_AGAIN || rc == GNUTLS_E_INTERRUPTED) {
+    if (tls_again(rc))
         return STEP_WAIT;
-    }
     if (rc < 0) {
         conn_log(cn, LOG_WARNING, "Handshake failed: %s", gnutls_strerror(rc));
         return STEP_CLOSE;
@@ -3394,60 +3375,57 @@ static enum step conn_do_handshake(struct server *srv, struct conn *cn, int64_t 
     conn_log(cn, LOG_DEBUG, "Handshake succeeded");
     unsigned char key[32];
     char hex[65];
-    if (conn_peer_key_id(cn, key) < 0) {
-        conn_start_bye(srv, cn, now);
-        return STEP_NEXT;
-    }
+    if (conn_peer_key_id(cn, key) < 0)
+        return conn_enter(srv, cn, CONN_BYE, now);
     hex_encode_upper(key, 32, hex);
     conn_log(cn, LOG_DEBUG, "Key ID: %s", hex);
-    struct client *c = client_find_by_key_id(&srv->clients, key);
-    if (!c) {
-        conn_log(cn, LOG_INFO, "Client not found for key ID: %s", hex);
-        bus_client_not_found(srv, hex, cn->peer);
-        conn_start_bye(srv, cn, now);
-        return STEP_NEXT;
-    }
-    cn->client = c;
-    cn->state = CONN_APPROVAL;
-    return STEP_NEXT;
+    cn->client = client_find_by_key_id(&srv->clients, key);
+    if (cn->client)
+        return conn_enter(srv, cn, CONN_APPROVAL, now);
+    conn_log(cn, LOG_INFO, "Client not found for key ID: %s", hex);
+    bus_client_not_found(srv, hex, cn->peer);
+    return conn_enter(srv, cn, CONN_BYE, now);
+}
+
+/* Nothing is expected from a peer awaiting approval: read only to notice
+ * it hanging up, including a close_notify GnuTLS has buffered. */
+static bool conn_peer_gone(struct conn *cn)
+{
+    char scratch[256];
+    ssize_t r;
+    int rounds = 0;
+    do
+        r = gnutls_record_recv(cn->tls, scratch, sizeof scratch);
+    while (r > 0 && gnutls_record_check_pending(cn->tls) && ++rounds < 64);
+    return r == 0 || (r < 0 && !tls_again(r));
+}
+
+static enum step conn_reject(struct server *srv, struct conn *cn, const char *reason,
+                             int64_t now)
+{
+    bus_rejected(srv, cn->client, reason);
+    return conn_enter(srv, cn, CONN_BYE, now);
 }
 
 /* The approval rules, evaluated on entry and whenever something changes
  * (approve/deny, enable/disable, the deadline, the peer hanging up). */
-static enum step conn_do_approval(struct server *srv, struct conn *cn, int64_t now,
-                                  short revents)
+static enum step conn_do_approval(struct server *srv, struct conn *cn, short revents,
+                                  int64_t now)
 {
     struct client *c = cn->client;
-    if (revents & (POLLIN | POLLHUP | POLLERR)) {
-        /* nothing is expected from the peer now: read only to notice it
-         * hanging up, including a close_notify GnuTLS has buffered */
-        char scratch[256];
-        ssize_t r;
-        int rounds = 0;
-        do
-            r = gnutls_record_recv(cn->tls, scratch, sizeof scratch);
-        while (r > 0 && gnutls_record_check_pending(cn->tls) && ++rounds < 64);
-        if (r == 0 || (r < 0 && r != GNUTLS_E_AGAIN && r != GNUTLS_E_INTERRUPTED)) {
-            conn_log(cn, LOG_INFO, "peer went away while waiting for approval");
-            return STEP_CLOSE;
-        }
+    if ((revents & (POLLIN | POLLHUP | POLLERR)) && conn_peer_gone(cn)) {
+        conn_log(cn, LOG_INFO, "peer went away while waiting for approval");
+        return STEP_CLOSE;
     }
     if (!c->cur.enabled) {
         conn_log(cn, LOG_INFO, "Client %s is disabled", c->name);
-        bus_rejected(srv, c, "Disabled");
-        conn_start_bye(srv, cn, now);
-        return STEP_NEXT;
+        return conn_reject(srv, cn, "Disabled", now);
     }
-    if (c->approved == APPROVAL_GRANTED || c->cur.approval_delay == 0) {
-        cn->state = CONN_SEND;
-        cn->deadline = now + srv->set.connection_timeout;
-        return STEP_NEXT;
-    }
+    if (c->approved == APPROVAL_GRANTED || c->cur.approval_delay == 0)
+        return conn_enter(srv, cn, CONN_SEND, now);
     if (c->approved == APPROVAL_DENIED) {
         conn_log(cn, LOG_WARNING, "Client %s was not approved", c->name);
-        bus_rejected(srv, c, "Denied");
-        conn_start_bye(srv, cn, now);
-        return STEP_NEXT;
+        return conn_reject(srv, cn, "Denied", now);
     }
     if (!cn->counted_pending) {
         cn->counted_pending = true;
@@ -3458,18 +3436,12 @@ static enum step conn_do_approval(struct server *srv, struct conn *cn, int64_t n
         conn_log(cn, LOG_INFO, "Client %s needs approval", c->name);
         bus_need_approval(srv, c);
     }
-    if (now < cn->deadline) {
+    if (now < cn->deadline)
         return STEP_WAIT;
-    }
-    if (!c->cur.approved_by_default) {
-        conn_log(cn, LOG_WARNING, "Client %s timed out while waiting for approval", c->name);
-        bus_rejected(srv, c, "Approval timed out");
-        conn_start_bye(srv, cn, now);
-        return STEP_NEXT;
-    }
-    cn->state = CONN_SEND;
-    cn->deadline = now + srv->set.connection_timeout;
-    return STEP_NEXT;
+    if (c->cur.approved_by_default)
+        return conn_enter(srv, cn, CONN_SEND, now);
+    conn_log(cn, LOG_WARNING, "Client %s timed out while waiting for approval", c->name);
+    return conn_reject(srv, cn, "Approval timed out", now);
 }
 
 static enum step conn_do_send(struct server *srv, struct conn *cn, int64_t now)
@@ -3479,39 +3451,33 @@ static enum step conn_do_send(struct server *srv, struct conn *cn, int64_t now)
     if (!cn->secret) {
         /* a private copy: a reload or a new secret must not change the
          * bytes of a send that is under way */
-        cn->secret_len = c->secret_len;
         cn->secret = xcalloc(1, c->secret_len + 1);
         memcpy(cn->secret, c->secret, c->secret_len);
-        cn->secret_sent = 0;
+        cn->secret_len = c->secret_len;
     }
     while (cn->secret_sent < cn->secret_len) {
         ssize_t r = gnutls_record_send(cn->tls, cn->secret + cn->secret_sent,
                                        cn->secret_len - cn->secret_sent);
-        if (r == GNUTLS_E_AGAIN || r == GNUTLS_E_INTERRUPTED) {
+        if (tls_again(r))
             return STEP_WAIT;
-        }
         if (r < 0) {
             conn_log(cn, LOG_WARNING, "gnutls send failed: %s", gnutls_strerror((int)r));
             return STEP_CLOSE;
         }
         cn->secret_sent += (size_t)r;
     }
-    wipe(cn->secret, cn->secret_len);
-    free(cn->secret);
-    cn->secret = NULL;
+    conn_forget_secret(cn);
     conn_log(cn, LOG_INFO, "Sending secret to %s", c->name);
     bus_got_secret(srv, c);
     client_bump(srv, c, c->cur.extended_timeout, now);
-    conn_start_bye(srv, cn, now);
-    return STEP_NEXT;
+    return conn_enter(srv, cn, CONN_BYE, now);
 }
 
 static enum step conn_do_bye(struct conn *cn)
 {
     int rc = gnutls_bye(cn->tls, GNUTLS_SHUT_RDWR);
-    if (rc == GNUTLS_E_AGAIN || rc == GNUTLS_E_INTERRUPTED) {
+    if (tls_again(rc))
         return STEP_WAIT;
-    }
     if (rc < 0)
         conn_log(cn, LOG_WARNING, "GnuTLS bye failed: %s", gnutls_strerror(rc));
     return STEP_CLOSE;
@@ -3519,53 +3485,52 @@ static enum step conn_do_bye(struct conn *cn)
 
 /* Advance a connection as far as it can go without waiting.  `revents`
  * is what poll() reported (0 when woken for another reason). */
-static void conn_advance(struct server *srv, struct conn *cn, short revents, int64_t now)
+static void conn_step(struct server *srv, struct conn *cn, short revents, int64_t now)
 {
-    for (int guard = 0; guard < 16 && cn->state != CONN_CLOSED; guard++) {
-        enum step r = STEP_CLOSE;
+    enum step r = STEP_NEXT;
+    for (int guard = 0; guard < 16 && r == STEP_NEXT; guard++) {
         switch (cn->state) {
         case CONN_VERSION: r = conn_do_version(srv, cn); break;
         case CONN_HANDSHAKE: r = conn_do_handshake(srv, cn, now); break;
-        case CONN_APPROVAL: r = conn_do_approval(srv, cn, now, revents); break;
+        case CONN_APPROVAL: r = conn_do_approval(srv, cn, revents, now); break;
         case CONN_SEND: r = conn_do_send(srv, cn, now); break;
         case CONN_BYE: r = conn_do_bye(cn); break;
         case CONN_CLOSED: return;
         }
         revents = 0;
-        if (r == STEP_WAIT)
-            return;
-        if (r == STEP_CLOSE) {
-            conn_close(srv, cn);
-            return;
-        }
     }
+    if (r == STEP_CLOSE)
+        conn_close(srv, cn);
 }
 
-/* Per-connection poll events, remembered between loop turns. */
+/* What to poll for: the version line and a waiting peer are read; TLS
+ * says which way it is blocked. */
 static short conn_events(const struct conn *cn)
 {
     if (cn->state == CONN_VERSION || cn->state == CONN_APPROVAL || !cn->tls)
         return POLLIN;
-    return tls_poll_events(cn->tls);
+    return gnutls_record_get_direction(cn->tls) ? POLLOUT : POLLIN;
 }
 
+/* The deadline passed: approval decides by its own rules, the rest end. */
 static void conn_expire(struct server *srv, struct conn *cn, int64_t now)
 {
     if (cn->state == CONN_APPROVAL) {
-        conn_advance(srv, cn, 0, now);
+        conn_step(srv, cn, 0, now);
         return;
     }
-    conn_log(cn, LOG_WARNING, "timed out while %s", conn_state_name(cn->state));
+    conn_log(cn, LOG_WARNING, "timed out while %s", conn_state_names[cn->state]);
     conn_close(srv, cn);
 }
+
+/* ---- the set of connections ------------------------------------------------ */
 
 /* Something changed for client c: let its waiting connections re-decide. */
 static void conn_approval_wakeup(struct server *srv, struct client *c, int64_t now)
 {
     for (struct conn *cn = srv->conns_head; cn; cn = cn->next)
-        if (cn->client == c && cn->state == CONN_APPROVAL) {
-            conn_advance(srv, cn, 0, now);
-        }
+        if (cn->client == c && cn->state == CONN_APPROVAL)
+            conn_step(srv, cn, 0, now);
 }
 
 /* The client is going away (removed, or its key replaced): so do its
@@ -3595,41 +3560,62 @@ static bool conn_make_room(struct server *srv)
     return false;
 }
 
+/* A new connection at the tail of the list, waiting for its version line. */
+static void conn_new(struct server *srv, int fd, const char *peer, int64_t now)
+{
+    int one = 1;
+    /* the secret is one small record: send it now, not after an ACK */
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    struct conn *cn = xcalloc(1, sizeof *cn);
+    cn->fd = fd;
+    conn_enter(srv, cn, CONN_VERSION, now);
+    snprintf(cn->peer, sizeof cn->peer, "%s", peer);
+    cn->prev = srv->conns_tail;
+    if (srv->conns_tail)
+        srv->conns_tail->next = cn;
+    else
+        srv->conns_head = cn;
+    srv->conns_tail = cn;
+    srv->nconns++;
+    log_info("TCP connection from: %s", cn->peer);
+    conn_step(srv, cn, POLLIN, now);
+}
+
 static void conn_accept(struct server *srv, int64_t now)
 {
     for (int i = 0; i < 64; i++) {
         struct sockaddr_storage ss;
         socklen_t len = sizeof ss;
         int fd = accept(srv->listen_fd, (struct sockaddr *)&ss, &len);
-        if (fd < 0) {
-            if (errno == EINTR || errno == ECONNABORTED)
-                continue;
-            if (errno != EAGAIN && errno != EWOULDBLOCK)
-                log_warn("accept: %s", strerror(errno));
+        if (fd < 0 && (errno == EINTR || errno == ECONNABORTED))
+            continue;
+        if (fd < 0 && errno != EAGAIN && errno != EWOULDBLOCK)
+            log_warn("accept: %s", strerror(errno));
+        if (fd < 0)
             return;
-        }
         char peer[sizeof ((struct conn *)0)->peer];
         format_peer(&ss, peer, sizeof peer);
-        if (!conn_make_room(srv) || set_nonblock_cloexec(fd) < 0) {
-            log_warn("%s: refused: %zu connections open", peer, srv->nconns);
-            close(fd);
+        if (conn_make_room(srv) && set_nonblock_cloexec(fd) == 0) {
+            conn_new(srv, fd, peer, now);
             continue;
         }
-        int one = 1;
-        /* the secret is one small record: send it now, not after an ACK */
-        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-        struct conn *cn = xcalloc(1, sizeof *cn);
-        cn->fd = fd;
-        cn->state = CONN_VERSION;
-        cn->deadline = now + srv->set.connection_timeout;
-        memcpy(cn->peer, peer, sizeof cn->peer);
-        cn->prev = srv->conns_tail;
-        if (srv->conns_tail) srv->conns_tail->next = cn;
-        else srv->conns_head = cn;
-        srv->conns_tail = cn;
-        srv->nconns++;
-        log_info("TCP connection from: %s", cn->peer);
-        conn_advance(srv, cn, POLLIN, now);
+        log_warn("%s: refused: %zu connections open", peer, srv->nconns);
+        close(fd);
+    }
+}
+
+/* Free the connections conn_close() finished with during this turn. */
+static void conn_sweep(struct server *srv)
+{
+    struct conn *cn = srv->conns_head;
+    while (cn) {
+        struct conn *next = cn->next;
+        if (cn->state == CONN_CLOSED) {
+            *(cn->prev ? &cn->prev->next : &srv->conns_head) = cn->next;
+            *(cn->next ? &cn->next->prev : &srv->conns_tail) = cn->prev;
+            free(cn);
+        }
+        cn = next;
     }
 }
 
@@ -5962,7 +5948,7 @@ static void server_loop(struct server *srv)
         if (rc > 0) {
             for (size_t i = conn_first; i < n; i++)
                 if (fds[i].revents && owner[i - conn_first]->state != CONN_CLOSED)
-                    conn_advance(srv, owner[i - conn_first], fds[i].revents, now);
+                    conn_step(srv, owner[i - conn_first], fds[i].revents, now);
             zc_process(srv, fds + zc_first, conn_first - zc_first, now);
             if (fds[1].revents)
                 conn_accept(srv, now);
