@@ -240,9 +240,9 @@ static int64_t wall_us(void)
     return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
-static void *xcalloc(size_t n, size_t size)
+/* Out of memory is not worth recovering from in a daemon this small. */
+static void *x_or_die(void *p)
 {
-    void *p = calloc(n ? n : 1, size ? size : 1);
     if (!p) {
         fputs("mandos: out of memory\n", stderr);
         abort();
@@ -250,12 +250,14 @@ static void *xcalloc(size_t n, size_t size)
     return p;
 }
 
-static char *xstrdup(const char *s)
+static void *xcalloc(size_t n, size_t size)
 {
-    size_t n = strlen(s) + 1;
-    char *p = xcalloc(1, n);
-    memcpy(p, s, n);
-    return p;
+    return x_or_die(calloc(n ? n : 1, size ? size : 1));
+}
+
+static void *xrealloc(void *p, size_t size)
+{
+    return x_or_die(realloc(p, size ? size : 1));
 }
 
 static char *xstrndup(const char *s, size_t n)
@@ -265,14 +267,9 @@ static char *xstrndup(const char *s, size_t n)
     return p;
 }
 
-static void *xrealloc(void *p, size_t size)
+static char *xstrdup(const char *s)
 {
-    void *q = realloc(p, size ? size : 1);
-    if (!q) {
-        fputs("mandos: out of memory\n", stderr);
-        abort();
-    }
-    return q;
+    return xstrndup(s, strlen(s));
 }
 
 /* Grow an array of `size`-byte items so that it holds at least `need`. */
@@ -345,7 +342,7 @@ static void buf_printf(struct buf *b, const char *fmt, ...)
         buf_add(b, small, (size_t)n);
         return;
     }
-    grow((void **)&b->data, &b->cap, b->len + (size_t)n + 1, 1);
+    buf_reserve(b, b->len + (size_t)n + 1);
     va_start(ap, fmt);
     vsnprintf(b->data + b->len, (size_t)n + 1, fmt, ap);
     va_end(ap);
@@ -499,48 +496,27 @@ static void name_index_free(struct name_index *ix)
 static int base64_decode_lenient(const char *in, size_t n, struct buf *out,
                                  const char **why)
 {
+    static const char alphabet[] =
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    unsigned bits = 0;           /* the group so far, six bits a character */
     int quad = 0, pads = 0;
-    unsigned left = 0;
     buf_reserve(out, out->len + n / 4 * 3 + 4);
     for (size_t i = 0; i < n; i++) {
         unsigned char c = (unsigned char)in[i];
-        int v;
+        const char *hit = c ? strchr(alphabet, c) : NULL;
         if (c >= 0x80) {
             *why = "secret contains non-ASCII characters";
             return -1;
         }
-        if (c == '=') {
-            if (quad >= 2 && quad + ++pads >= 4)
-                return 0;           /* completed padding: the rest is ignored */
-            continue;
-        }
-        if (c >= 'A' && c <= 'Z') v = c - 'A';
-        else if (c >= 'a' && c <= 'z') v = c - 'a' + 26;
-        else if (c >= '0' && c <= '9') v = c - '0' + 52;
-        else if (c == '+') v = 62;
-        else if (c == '/') v = 63;
-        else continue;              /* blanks, newlines, '-', '_' ... */
+        if (c == '=' && quad >= 2 && quad + ++pads >= 4)
+            return 0;            /* completed padding: the rest is ignored */
+        if (!hit)
+            continue;            /* blanks, newlines, '-', '_', a stray '=' ... */
         pads = 0;
-        switch (quad) {
-        case 0:
-            left = (unsigned)v;
-            quad = 1;
-            break;
-        case 1:
-            buf_addc(out, (char)(left << 2 | (unsigned)v >> 4));
-            left = (unsigned)v & 0x0f;
-            quad = 2;
-            break;
-        case 2:
-            buf_addc(out, (char)(left << 4 | (unsigned)v >> 2));
-            left = (unsigned)v & 0x03;
-            quad = 3;
-            break;
-        default:
-            buf_addc(out, (char)(left << 6 | (unsigned)v));
-            quad = 0;
-            break;
-        }
+        bits = bits << 6 | (unsigned)(hit - alphabet);
+        if (quad > 0)            /* the 2nd, 3rd and 4th character end a byte */
+            buf_addc(out, (char)(bits >> (6 - 2 * quad) & 0xff));
+        quad = (quad + 1) % 4;
     }
     if (quad == 1) {
         *why = "bad base64: one character too many (length is 1 more than a multiple of 4)";
@@ -558,8 +534,10 @@ static void sha256(const void *data, size_t n, unsigned char out[32])
     gnutls_hash_fast(GNUTLS_DIG_SHA256, data, n, out);
 }
 
-/* Read a whole file into a buffer; -1 with errno on failure.  A relative
- * path is taken relative to the directory `dirfd` (or AT_FDCWD). */
+/* Read a whole file into a buffer, NUL-terminated; -1 with errno on
+ * failure.  A relative path is taken relative to the directory `dirfd`
+ * (or AT_FDCWD).  Read straight into the buffer, which wipes what it
+ * leaves behind: the file may hold secrets. */
 static int read_file_at(int dirfd, const char *path, struct buf *out)
 {
     int fd = openat(dirfd, path, O_RDONLY | O_CLOEXEC);
@@ -568,25 +546,17 @@ static int read_file_at(int dirfd, const char *path, struct buf *out)
     struct stat st;
     if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_size > 0)
         buf_reserve(out, out->len + (size_t)st.st_size + 1);   /* one allocation */
-    char chunk[8192];
-    for (;;) {
-        ssize_t r = read(fd, chunk, sizeof chunk);
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r < 0) {
-            int e = errno;
-            wipe(chunk, sizeof chunk);
-            close(fd);
-            errno = e;
-            return -1;
-        }
-        if (r == 0)
-            break;
-        buf_add(out, chunk, (size_t)r);
-    }
-    wipe(chunk, sizeof chunk);
+    ssize_t r;
+    do {
+        buf_reserve(out, out->len + 2);
+        r = read(fd, out->data + out->len, out->cap - out->len - 1);
+        out->len += r > 0 ? (size_t)r : 0;
+    } while (r > 0 || (r < 0 && errno == EINTR));
+    int e = errno;
     close(fd);
-    return 0;
+    out->data[out->len] = '\0';
+    errno = e;
+    return r < 0 ? -1 : 0;
 }
 
 static int read_file(const char *path, struct buf *out)
