@@ -3607,6 +3607,29 @@ static void conn_close_all(struct server *srv)
 #define ZC_SERVICE_TYPE "_mandos._tcp"
 #define ZC_RETRY_MS 5000         /* wait before asking a missing daemon again */
 
+#if ZC_AVAILABLE
+
+/* --interface as the index to announce on; `any` when unset or unknown. */
+static long zc_ifindex(const struct server *srv, long any)
+{
+    const char *name = srv->set.interface;
+    unsigned idx = *name ? if_nametoindex(name) : 0;
+    if (*name && !idx)
+        log_warn("Zeroconf: no interface '%s'; announcing on all interfaces", name);
+    return idx ? (long)idx : any;
+}
+
+/* A daemon away for an hour should not fill the log: after the first
+ * report, the same complaint goes to DEBUG until something succeeds. */
+static int zc_retry_level(bool *said_so)
+{
+    int level = *said_so ? LOG_DEBUG : LOG_ERR;
+    *said_so = true;
+    return level;
+}
+
+#endif
+
 #if HAVE_AVAHI
 
 /* ---- avahi: the Avahi client library inside our own poll() loop ------------
@@ -3629,7 +3652,9 @@ enum zc_slot_state {
                                   * the old watch never reach a new one */
 };
 
-struct AvahiWatch {              /* Avahi declares the type; each main loop defines it */
+/* Avahi declares these two types; each main loop defines them.  Avahi's
+ * AVAHI_WATCH_* flags are poll()'s own POLL* values. */
+struct AvahiWatch {
     enum zc_slot_state state;
     int fd;
     AvahiWatchEvent events;      /* what Avahi waits for */
@@ -3670,13 +3695,11 @@ static AvahiWatch *zc_watch_new(const AvahiPoll *api, int fd, AvahiWatchEvent ev
                                 AvahiWatchCallback cb, void *userdata)
 {
     struct zc *zc = api->userdata;
-    for (size_t i = 0; i < ZC_MAX_FDS; i++) {
-        struct AvahiWatch *w = &zc->watch[i];
-        if (w->state == ZC_FREE) {
-            *w = (struct AvahiWatch){ ZC_LIVE, fd, events, 0, cb, userdata };
-            return w;
+    for (size_t i = 0; i < ZC_MAX_FDS; i++)
+        if (zc->watch[i].state == ZC_FREE) {
+            zc->watch[i] = (struct AvahiWatch){ ZC_LIVE, fd, events, 0, cb, userdata };
+            return &zc->watch[i];
         }
-    }
     log_err("Zeroconf: more than %d Avahi watches wanted", ZC_MAX_FDS);
     return NULL;
 }
@@ -3699,7 +3722,7 @@ static void zc_watch_free(AvahiWatch *w)
 /* Avahi gives absolute times on the wall clock (gettimeofday); our loop runs
  * on the monotonic clock, which a clock step cannot disturb.  Convert the
  * distance from now, rounded up so a timer never fires early. */
-static void zc_timeout_set(AvahiTimeout *t, const struct timeval *tv)
+static void zc_timeout_update(AvahiTimeout *t, const struct timeval *tv)
 {
     t->armed = tv != NULL;
     if (!tv)
@@ -3713,21 +3736,14 @@ static AvahiTimeout *zc_timeout_new(const AvahiPoll *api, const struct timeval *
                                     AvahiTimeoutCallback cb, void *userdata)
 {
     struct zc *zc = api->userdata;
-    for (size_t i = 0; i < ZC_MAX_TIMEOUTS; i++) {
-        struct AvahiTimeout *t = &zc->timeout[i];
-        if (t->state == ZC_FREE) {
-            *t = (struct AvahiTimeout){ ZC_LIVE, false, 0, cb, userdata };
-            zc_timeout_set(t, tv);
-            return t;
+    for (size_t i = 0; i < ZC_MAX_TIMEOUTS; i++)
+        if (zc->timeout[i].state == ZC_FREE) {
+            zc->timeout[i] = (struct AvahiTimeout){ ZC_LIVE, false, 0, cb, userdata };
+            zc_timeout_update(&zc->timeout[i], tv);
+            return &zc->timeout[i];
         }
-    }
     log_err("Zeroconf: more than %d Avahi timeouts wanted", ZC_MAX_TIMEOUTS);
     return NULL;
-}
-
-static void zc_timeout_update(AvahiTimeout *t, const struct timeval *tv)
-{
-    zc_timeout_set(t, tv);
 }
 
 static void zc_timeout_free(AvahiTimeout *t)
@@ -3742,17 +3758,6 @@ static void zc_api_init(struct zc *zc)
                            zc_timeout_free };
 }
 
-/* End of a turn: slots Avahi gave back become reusable. */
-static void zc_reap(struct zc *zc)
-{
-    for (size_t i = 0; i < ZC_MAX_FDS; i++)
-        if (zc->watch[i].state == ZC_DEAD)
-            zc->watch[i].state = ZC_FREE;
-    for (size_t i = 0; i < ZC_MAX_TIMEOUTS; i++)
-        if (zc->timeout[i].state == ZC_DEAD)
-            zc->timeout[i].state = ZC_FREE;
-}
-
 /* -- the announcement -- */
 
 /* Take the service off the network; keep the group for the next add. */
@@ -3765,18 +3770,15 @@ static void zc_withdraw(struct zc *zc)
 /* Someone else has our name: ask Avahi for the next one ("Mandos #2"). */
 static int zc_rename(struct zc *zc)
 {
-    if (zc->renames >= ZC_MAX_RENAMES) {
+    char *alt = zc->renames < ZC_MAX_RENAMES ? avahi_alternative_service_name(zc->name) : NULL;
+    if (!alt && zc->renames >= ZC_MAX_RENAMES)
         log_err("No suitable Zeroconf service name found after %ld retries; "
                 "not announcing the service", zc->renames);
-        zc->gave_up = true;
-        return -1;
-    }
-    char *alt = avahi_alternative_service_name(zc->name);
-    if (!alt) {
+    else if (!alt)
         log_err("Zeroconf: no alternative to service name '%s'", zc->name);
-        zc->gave_up = true;
+    zc->gave_up = !alt;
+    if (!alt)
         return -1;
-    }
     free(zc->name);
     zc->name = xstrdup(alt);
     avahi_free(alt);
@@ -3795,13 +3797,12 @@ static void zc_publish(struct zc *zc)
 {
     if (zc->gave_up)
         return;
-    if (!zc->group) {
+    if (!zc->group)
         zc->group = avahi_entry_group_new(zc->client, zc_group_cb, zc);
-        if (!zc->group) {
-            log_err("Zeroconf: cannot create an Avahi entry group: %s",
-                    avahi_strerror(avahi_client_errno(zc->client)));
-            return;
-        }
+    if (!zc->group) {
+        log_err("Zeroconf: cannot create an Avahi entry group: %s",
+                avahi_strerror(avahi_client_errno(zc->client)));
+        return;
     }
     AvahiProtocol proto = zc->srv->set.use_ipv6 ? AVAHI_PROTO_INET6 : AVAHI_PROTO_INET;
     int rc;
@@ -3851,6 +3852,21 @@ static void zc_group_cb(AvahiEntryGroup *g, AvahiEntryGroupState state, void *us
 
 /* -- the client: our link to avahi-daemon -- */
 
+/* Freeing the client inside its own callback would pull the ground from
+ * under Avahi: zc_process does it after the dispatch. */
+static void zc_client_failed(struct zc *zc, int err)
+{
+    zc->client_failed = true;
+    if (err == AVAHI_ERR_DISCONNECTED) {
+        log_warn("Zeroconf: lost avahi-daemon; waiting for it to return");
+        zc->retry_at = mono_ms();
+        return;
+    }
+    log_err("Zeroconf server failure: %s; trying again in %d s", avahi_strerror(err),
+            ZC_RETRY_MS / 1000);
+    zc->retry_at = mono_ms() + ZC_RETRY_MS;
+}
+
 static void zc_client_cb(AvahiClient *c, AvahiClientState state, void *userdata)
 {
     struct zc *zc = userdata;
@@ -3876,17 +3892,7 @@ static void zc_client_cb(AvahiClient *c, AvahiClientState state, void *userdata)
         zc->waiting = true;
         break;
     case AVAHI_CLIENT_FAILURE:
-        /* Freeing the client inside its own callback would pull the ground
-         * from under Avahi: zc_process does it after the dispatch. */
-        zc->client_failed = true;
-        if (avahi_client_errno(c) == AVAHI_ERR_DISCONNECTED) {
-            log_warn("Zeroconf: lost avahi-daemon; waiting for it to return");
-            zc->retry_at = mono_ms();
-        } else {
-            log_err("Zeroconf server failure: %s; trying again in %d s",
-                    avahi_strerror(avahi_client_errno(c)), ZC_RETRY_MS / 1000);
-            zc->retry_at = mono_ms() + ZC_RETRY_MS;
-        }
+        zc_client_failed(zc, avahi_client_errno(c));
         break;
     }
 }
@@ -3906,20 +3912,16 @@ static void zc_client_open(struct zc *zc)
 {
     int err = 0;
     zc->retry_at = 0;
-    AvahiClient *c = avahi_client_new(&zc->api, AVAHI_CLIENT_NO_FAIL, zc_client_cb, zc, &err);
-    zc->client = c;              /* NULL on failure, whatever the callback saw */
-    zc->client_failed = false;
-    if (!c) {
-        /* Even NO_FAIL needs the system bus itself.  A bus away for an
-         * hour should not fill the log: repeats go to DEBUG. */
-        log_msg(zc->said_so ? LOG_DEBUG : LOG_ERR,
-                "Zeroconf: cannot reach Avahi: %s; trying again every %d s",
-                avahi_strerror(err), ZC_RETRY_MS / 1000);
-        zc->said_so = true;
-        zc->retry_at = mono_ms() + ZC_RETRY_MS;
+    zc->client = avahi_client_new(&zc->api, AVAHI_CLIENT_NO_FAIL, zc_client_cb, zc, &err);
+    zc->client_failed = false;   /* the client is NULL on failure, whatever the callback saw */
+    if (zc->client) {
+        zc->said_so = false;
         return;
     }
-    zc->said_so = false;
+    /* even NO_FAIL needs the system bus itself */
+    log_msg(zc_retry_level(&zc->said_so), "Zeroconf: cannot reach Avahi: %s; "
+            "trying again every %d s", avahi_strerror(err), ZC_RETRY_MS / 1000);
+    zc->retry_at = mono_ms() + ZC_RETRY_MS;
 }
 
 /* The retry timer: a new client, or a new group for a failed one.  Runs
@@ -3939,7 +3941,18 @@ static void zc_retry(struct zc *zc)
         zc_publish(zc);
 }
 
-/* -- the five zc_* functions -- */
+/* End of a turn: slots Avahi gave back become reusable. */
+static void zc_reap(struct zc *zc)
+{
+    for (size_t i = 0; i < ZC_MAX_FDS; i++)
+        if (zc->watch[i].state == ZC_DEAD)
+            zc->watch[i].state = ZC_FREE;
+    for (size_t i = 0; i < ZC_MAX_TIMEOUTS; i++)
+        if (zc->timeout[i].state == ZC_DEAD)
+            zc->timeout[i].state = ZC_FREE;
+}
+
+/* -- the zc_* functions the loop calls -- */
 
 static void zc_start(struct server *srv)
 {
@@ -3949,15 +3962,7 @@ static void zc_start(struct server *srv)
     srv->zc = zc;
     zc->srv = srv;
     zc->name = xstrdup(srv->set.servicename);
-    zc->ifindex = AVAHI_IF_UNSPEC;
-    if (*srv->set.interface) {
-        unsigned idx = if_nametoindex(srv->set.interface);
-        if (idx)
-            zc->ifindex = (AvahiIfIndex)idx;
-        else
-            log_warn("Zeroconf: no interface '%s'; announcing on all interfaces",
-                     srv->set.interface);
-    }
+    zc->ifindex = (AvahiIfIndex)zc_ifindex(srv, AVAHI_IF_UNSPEC);
     zc_api_init(zc);
     zc_client_open(zc);
 }
@@ -3966,16 +3971,12 @@ static size_t zc_pollfds(struct server *srv, struct pollfd *fds, size_t max)
 {
     struct zc *zc = srv->zc;
     size_t n = 0;
-    if (!zc)
-        return 0;
-    for (size_t i = 0; i < ZC_MAX_FDS && n < max; i++) {
+    for (size_t i = 0; zc && i < ZC_MAX_FDS && n < max; i++) {
         struct AvahiWatch *w = &zc->watch[i];
         if (w->state != ZC_LIVE || !w->events)
             continue;
-        short ev = (short)(((w->events & AVAHI_WATCH_IN) ? POLLIN : 0)
-                           | ((w->events & AVAHI_WATCH_OUT) ? POLLOUT : 0));
         zc->slot[n] = i;
-        fds[n++] = (struct pollfd){ w->fd, ev, 0 };
+        fds[n++] = (struct pollfd){ w->fd, (short)w->events, 0 };
     }
     return n;
 }
@@ -3989,13 +3990,10 @@ static void zc_process(struct server *srv, const struct pollfd *fds, size_t n, i
         return;
     for (size_t i = 0; i < n; i++) {
         struct AvahiWatch *w = &zc->watch[zc->slot[i]];
-        if (!fds[i].revents || w->state != ZC_LIVE || w->fd != fds[i].fd)
-            continue;
         short r = fds[i].revents;
-        w->revents = (AvahiWatchEvent)(((r & POLLIN) ? AVAHI_WATCH_IN : 0)
-                                       | ((r & POLLOUT) ? AVAHI_WATCH_OUT : 0)
-                                       | ((r & (POLLERR | POLLNVAL)) ? AVAHI_WATCH_ERR : 0)
-                                       | ((r & POLLHUP) ? AVAHI_WATCH_HUP : 0));
+        if (!r || w->state != ZC_LIVE || w->fd != fds[i].fd)
+            continue;
+        w->revents = (AvahiWatchEvent)((r & ~POLLNVAL) | ((r & POLLNVAL) ? POLLERR : 0));
         w->cb(w, w->fd, w->revents, w->userdata);
         w->revents = 0;
     }
@@ -4016,16 +4014,12 @@ static void zc_process(struct server *srv, const struct pollfd *fds, size_t n, i
 static int64_t zc_deadline(const struct server *srv)
 {
     const struct zc *zc = srv->zc;
-    int64_t next = 0;
-    if (!zc)
-        return 0;
-    for (size_t i = 0; i < ZC_MAX_TIMEOUTS; i++) {
+    int64_t next = zc ? zc->retry_at : 0;
+    for (size_t i = 0; zc && i < ZC_MAX_TIMEOUTS; i++) {
         const struct AvahiTimeout *t = &zc->timeout[i];
         if (t->state == ZC_LIVE && t->armed && (!next || t->due < next))
             next = t->due;
     }
-    if (zc->retry_at && (!next || zc->retry_at < next))
-        next = zc->retry_at;
     return next;
 }
 
@@ -4044,7 +4038,8 @@ static void zc_stop(struct server *srv)
  * Returns NULL, or what went wrong. */
 static void zc_test_watch_cb(AvahiWatch *w, int fd, AvahiWatchEvent ev, void *seen)
 {
-    (void)w; (void)fd;
+    (void)w;
+    (void)fd;
     *(AvahiWatchEvent *)seen = ev;
 }
 
@@ -4057,11 +4052,10 @@ static void zc_test_timeout_cb(AvahiTimeout *t, void *fired)
 static const char *zc_self_test(void)
 {
     static struct server srv;    /* static: struct server is large */
-    struct zc zc;
+    static struct zc zc;
     struct pollfd fds[ZC_MAX_FDS];
     AvahiWatchEvent seen = 0;
     int fired = 0;
-    memset(&zc, 0, sizeof zc);
     srv.zc = &zc;
     zc.srv = &srv;
     zc_api_init(&zc);
@@ -4137,7 +4131,9 @@ static void zc_register_cb(DNSServiceRef ref, DNSServiceFlags flags, DNSServiceE
                            void *context)
 {
     struct zc *zc = context;
-    (void)ref; (void)flags; (void)type;
+    (void)ref;
+    (void)flags;
+    (void)type;
     if (err != kDNSServiceErr_NoError) {
         log_err("Zeroconf: registration of '%s' failed: %s (%d); trying again every %d s",
                 zc->name, zc_dnssd_strerror(err), (int)err, ZC_RETRY_MS / 1000);
@@ -4159,18 +4155,16 @@ static void zc_register(struct zc *zc, int64_t now)
 {
     /* Our own name again: the daemon renames afresh if it still clashes. */
     const char *want = zc->srv->set.servicename;
+    uint16_t port = htons((uint16_t)zc->srv->port);
     zc->retry_at = 0;
     zc->failed = false;
     DNSServiceErrorType err = DNSServiceRegister(&zc->ref, 0, zc->ifindex, want,
-                                                 ZC_SERVICE_TYPE, NULL, NULL,
-                                                 htons((uint16_t)zc->srv->port), 0, NULL,
+                                                 ZC_SERVICE_TYPE, NULL, NULL, port, 0, NULL,
                                                  zc_register_cb, zc);
     if (err != kDNSServiceErr_NoError) {
-        /* A daemon away for an hour should not fill the log. */
-        log_msg(zc->said_so ? LOG_DEBUG : LOG_ERR,
+        log_msg(zc_retry_level(&zc->said_so),
                 "Zeroconf: cannot register '%s': %s (%d); trying again every %d s",
                 want, zc_dnssd_strerror(err), (int)err, ZC_RETRY_MS / 1000);
-        zc->said_so = true;
         zc->ref = NULL;
         zc->retry_at = now + ZC_RETRY_MS;
         return;
@@ -4178,13 +4172,6 @@ static void zc_register(struct zc *zc, int64_t now)
     free(zc->name);
     zc->name = xstrdup(want);
     log_debug("Registering Zeroconf service '%s' of type '%s' ...", want, ZC_SERVICE_TYPE);
-}
-
-static void zc_unregister(struct zc *zc)
-{
-    if (zc->ref)
-        DNSServiceRefDeallocate(zc->ref);
-    zc->ref = NULL;
 }
 
 static void zc_start(struct server *srv)
@@ -4197,13 +4184,7 @@ static void zc_start(struct server *srv)
     struct zc *zc = xcalloc(1, sizeof *zc);
     srv->zc = zc;
     zc->srv = srv;
-    zc->ifindex = kDNSServiceInterfaceIndexAny;
-    if (*srv->set.interface) {
-        zc->ifindex = if_nametoindex(srv->set.interface);
-        if (!zc->ifindex)
-            log_warn("Zeroconf: no interface '%s'; announcing on all interfaces",
-                     srv->set.interface);
-    }
+    zc->ifindex = (uint32_t)zc_ifindex(srv, kDNSServiceInterfaceIndexAny);
     zc_register(zc, mono_ms());
 }
 
@@ -4216,32 +4197,30 @@ static size_t zc_pollfds(struct server *srv, struct pollfd *fds, size_t max)
     return 1;
 }
 
+/* Readable means one reply waits, so ProcessResult does not block. */
 static void zc_process(struct server *srv, const struct pollfd *fds, size_t n, int64_t now)
 {
     struct zc *zc = srv->zc;
-    if (!zc)
-        return;
-    if (n >= 1 && zc->ref && fds[0].revents) {
-        if (fds[0].revents & POLLIN) {
-            /* readable: one reply waits, so this read does not block */
-            DNSServiceErrorType err = DNSServiceProcessResult(zc->ref);
-            if (err != kDNSServiceErr_NoError) {
-                log_err("Zeroconf: lost the DNS-SD daemon: %s (%d); trying again every %d s",
-                        zc_dnssd_strerror(err), (int)err, ZC_RETRY_MS / 1000);
-                zc->failed = zc->said_so = true;
-            }
-        } else {
-            log_err("Zeroconf: the DNS-SD connection broke; trying again every %d s",
-                    ZC_RETRY_MS / 1000);
-            zc->failed = zc->said_so = true;
-        }
+    short r = n >= 1 && zc && zc->ref ? fds[0].revents : 0;
+    DNSServiceErrorType err = kDNSServiceErr_NoError;
+    if (r & POLLIN)
+        err = DNSServiceProcessResult(zc->ref);
+    if (err != kDNSServiceErr_NoError) {
+        log_err("Zeroconf: lost the DNS-SD daemon: %s (%d); trying again every %d s",
+                zc_dnssd_strerror(err), (int)err, ZC_RETRY_MS / 1000);
+        zc->failed = zc->said_so = true;
+    } else if (r && !(r & POLLIN)) {
+        log_err("Zeroconf: the DNS-SD connection broke; trying again every %d s",
+                ZC_RETRY_MS / 1000);
+        zc->failed = zc->said_so = true;
     }
-    if (zc->failed) {
-        zc_unregister(zc);
+    if (zc && zc->failed) {
+        DNSServiceRefDeallocate(zc->ref);
+        zc->ref = NULL;
         zc->failed = false;
         zc->retry_at = now + ZC_RETRY_MS;
     }
-    if (!zc->ref && zc->retry_at && zc->retry_at <= now)
+    if (zc && !zc->ref && zc->retry_at && zc->retry_at <= now)
         zc_register(zc, now);
 }
 
@@ -4255,7 +4234,8 @@ static void zc_stop(struct server *srv)
     struct zc *zc = srv->zc;
     if (!zc)
         return;
-    zc_unregister(zc);           /* closing the connection withdraws the service */
+    if (zc->ref)                 /* closing the connection withdraws the service */
+        DNSServiceRefDeallocate(zc->ref);
     free(zc->name);
     free(zc);
     srv->zc = NULL;
@@ -4265,8 +4245,7 @@ static void zc_stop(struct server *srv)
 static const char *zc_self_test(void)
 {
     static struct server srv;    /* static: struct server is large */
-    struct zc zc;
-    memset(&zc, 0, sizeof zc);
+    static struct zc zc;
     srv.zc = &zc;
     zc.srv = &srv;
     zc.retry_at = 5000;
@@ -4296,13 +4275,18 @@ static void zc_start(struct server *srv)
 
 static size_t zc_pollfds(struct server *srv, struct pollfd *fds, size_t max)
 {
-    (void)srv; (void)fds; (void)max;
+    (void)srv;
+    (void)fds;
+    (void)max;
     return 0;
 }
 
 static void zc_process(struct server *srv, const struct pollfd *fds, size_t n, int64_t now)
 {
-    (void)srv; (void)fds; (void)n; (void)now;
+    (void)srv;
+    (void)fds;
+    (void)n;
+    (void)now;
 }
 
 static int64_t zc_deadline(const struct server *srv)
