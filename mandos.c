@@ -6374,29 +6374,28 @@ static void test_ini_errors(void)
     test_ini_fan_out(&t);
 }
 
+/* Each input and what it decodes to, or the error it gives. */
 static void test_base64(void)
 {
-    static const struct { const char *in; const char *want; } good[] = {
-        { "aGVsbG8=", "hello" }, { "aGVs bG8=", "hello" }, { "aGVsbG8=extra", "hello" },
-        { "aGVs=bG8=", "hello" }, { "", "" }, { "a-G_V*s\nbG8=", "hello" },
-        { "=aGVsbG8=", "hello" }, { "aGVsbA==", "hell" },
+    static const char *const pad = "bad base64: incorrect padding";
+    static const char *const one =
+        "bad base64: one character too many (length is 1 more than a multiple of 4)";
+    static const struct { const char *in, *want; size_t n; const char *why; } cases[] = {
+        { "aGVsbG8=", "hello", 5, NULL }, { "aGVs bG8=", "hello", 5, NULL },
+        { "aGVsbG8=extra", "hello", 5, NULL }, { "aGVs=bG8=", "hello", 5, NULL },
+        { "", "", 0, NULL }, { "a-G_V*s\nbG8=", "hello", 5, NULL },
+        { "=aGVsbG8=", "hello", 5, NULL }, { "aGVsbA==", "hell", 4, NULL },
+        { "/+8A", "\xff\xef", 3, NULL }, { "aGVsbG8", NULL, 0, pad },
+        { "a", NULL, 0, one }, { "aGVsb", NULL, 0, one }, { "aGVsbA=", NULL, 0, pad },
+        { "aGVs\xc3\xa9", NULL, 0, "secret contains non-ASCII characters" },
     };
-    static const char *const bad[] = { "aGVsbG8", "a", "aGVsb", "aGVsbA=" };
-    for (size_t i = 0; i < sizeof good / sizeof good[0]; i++) {
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         struct buf b = { 0 };
-        const char *why;
-        buf_adds(&b, "");
-        CHECK(base64_decode_lenient(good[i].in, strlen(good[i].in), &b, &why) == 0);
-        check_str(b.data, good[i].want, good[i].in);
-        buf_free(&b);
-    }
-    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
-        struct buf b = { 0 };
-        const char *why;
-        bool refused = base64_decode_lenient(bad[i], strlen(bad[i]), &b, &why) < 0;
-        if (!refused)
-            printf("    \"%s\" was accepted\n", bad[i]);
-        CHECK(refused);
+        const char *why = NULL;
+        int rc = base64_decode_lenient(cases[i].in, strlen(cases[i].in), &b, &why);
+        check_str(rc < 0 ? why : "decoded", cases[i].why ? cases[i].why : "decoded", cases[i].in);
+        if (cases[i].want)
+            CHECK(rc == 0 && b.len == cases[i].n && !memcmp(b.data, cases[i].want, b.len));
         buf_free(&b);
     }
 }
@@ -6447,21 +6446,60 @@ static void test_version_reader(void)
     }
 }
 
+/* Each version line and why it is refused ("" when accepted). */
 static void test_version_line(void)
 {
-    static const char *const accepted[] = { "1", "0", "-7", "+1", "1 extra words", " 1 ", "1_0_0" };
-    static const char *const refused[] = { "2", "abc", "", "  ", "1.0", "99999999999999999999999" };
-    char why[80];
-    for (size_t i = 0; i < sizeof accepted / sizeof accepted[0] - 1; i++)
-        CHECK(version_line_accepted(accepted[i], strlen(accepted[i]), why, sizeof why));
-    CHECK(!version_line_accepted("1_0_0", 5, why, sizeof why));   /* 100 > 1 */
-    for (size_t i = 0; i < sizeof refused / sizeof refused[0]; i++) {
-        bool ok = !version_line_accepted(refused[i], strlen(refused[i]), why, sizeof why);
-        if (!ok)
-            printf("    \"%s\" was accepted\n", refused[i]);
-        CHECK(ok);
+    static const struct { const char *line, *why; } cases[] = {
+        { "1", "" }, { "0", "" }, { "-7", "" }, { "+1", "" }, { "1 extra words", "" },
+        { " 1 ", "" }, { "-99999999999999999999999", "" },
+        { "1_0_0", "version 1_0_0 is newer than 1" }, { "2", "version 2 is newer than 1" },
+        { "abc", "not an integer: \"abc\"" }, { "", "empty version line" },
+        { "  ", "empty version line" }, { "1.0", "not an integer: \"1.0\"" },
+        { "99999999999999999999999", "version 99999999999999999999 is newer than 1" },
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char why[80] = "";
+        const char *line = cases[i].line;
+        bool ok = version_line_accepted(line, strlen(line), why, sizeof why);
+        CHECK(ok == !*cases[i].why);
+        check_str(why, cases[i].why, line);
     }
-    CHECK(version_line_accepted("-99999999999999999999999", 24, why, sizeof why));
+}
+
+/* Peer bytes and addresses as log lines show them. */
+static void test_log_text(void)
+{
+    static const struct { const char *in, *want; } esc[] = {
+        { "1\r\n", "1\\x0D\\x0A" }, { "a\\b", "a\\x5Cb" }, { "\x7f\xff~ ", "\\x7F\\xFF~ " },
+    };
+    static const struct { int family; const char *addr; unsigned port, scope; const char *want; }
+        peers[] = {
+        { AF_INET, "192.0.2.1", 80, 0, "192.0.2.1:80" },
+        { AF_INET6, "2001:db8::1", 443, 0, "[2001:db8::1]:443" },
+        { AF_INET6, "fe80::1", 1, 999999, "[fe80::1%999999]:1" },
+        { AF_UNIX, "", 0, 0, "?:0" },
+    };
+    char out[64];
+    for (size_t i = 0; i < sizeof esc / sizeof esc[0]; i++) {
+        escape_for_log(esc[i].in, strlen(esc[i].in), out, sizeof out);
+        check_str(out, esc[i].want, esc[i].in);
+    }
+    for (size_t i = 0; i < sizeof peers / sizeof peers[0]; i++) {
+        struct sockaddr_storage ss = { 0 };
+        struct sockaddr_in *s4 = (void *)&ss;
+        struct sockaddr_in6 *s6 = (void *)&ss;
+        ss.ss_family = (sa_family_t)peers[i].family;
+        if (peers[i].family == AF_INET) {
+            s4->sin_port = htons((uint16_t)peers[i].port);
+            inet_pton(AF_INET, peers[i].addr, &s4->sin_addr);
+        } else if (peers[i].family == AF_INET6) {
+            s6->sin6_port = htons((uint16_t)peers[i].port);
+            s6->sin6_scope_id = peers[i].scope;
+            inet_pton(AF_INET6, peers[i].addr, &s6->sin6_addr);
+        }
+        format_peer(&ss, out, sizeof out);
+        check_str(out, peers[i].want, peers[i].addr);
+    }
 }
 
 /* The settings as "key=value" words, for comparing. */
@@ -6788,6 +6826,7 @@ static const struct {
     { "INI dialect: interpolation, continuations, headers", test_ini_dialect },
     { "INI errors: every bad line as FILE:LINE", test_ini_errors },
     { "base64: lenient decoding", test_base64 },
+    { "log lines: escaped peer bytes, peer addresses", test_log_text },
     { "key_id: normalisation and SHA-256 of the SPKI", test_key_id },
     { "protocol version line rule", test_version_line },
     { "version line reader leaves the TLS bytes in the socket", test_version_reader },
