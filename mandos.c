@@ -590,15 +590,12 @@ struct log_settings {
 
 static struct log_settings log_cfg = { LOG_WARNING, false, false, "mandos" };
 
+/* The reference's level names, by syslog level (LOG_EMERG 0 .. LOG_DEBUG 7). */
 static const char *log_level_name(int level)
 {
-    switch (level) {
-    case LOG_EMERG: case LOG_ALERT: case LOG_CRIT: return "CRITICAL";
-    case LOG_ERR: return "ERROR";
-    case LOG_WARNING: return "WARNING";
-    case LOG_NOTICE: case LOG_INFO: return "INFO";
-    default: return "DEBUG";
-    }
+    static const char *const names[] = { "CRITICAL", "CRITICAL", "CRITICAL", "ERROR",
+                                         "WARNING", "INFO", "INFO", "DEBUG" };
+    return level >= 0 && level < 8 ? names[level] : "DEBUG";
 }
 
 static void log_open_syslog(const char *servicename)
@@ -6421,6 +6418,8 @@ static void test_key_id(void)
     if (rc == GNUTLS_E_SUCCESS)
         hex_encode_upper(id, 32, hex);
     check_str(hex, "16FADC8E51108E940E1AFAF22B2154F651D203F2A10D991A7F71960ADACCC4D9", "key_id");
+    d.size--;                    /* a truncated key is refused, not hashed */
+    CHECK(key_id_of_spki(&d, id) != GNUTLS_E_SUCCESS);
     buf_free(&der);
 }
 
