@@ -1680,6 +1680,7 @@ static void checker_stop(struct server *srv, struct client *c);
 static void checker_start(struct server *srv, struct client *c);
 static void conn_approval_wakeup(struct server *srv, struct client *c, int64_t now);
 static void conn_drop_for_client(struct server *srv, struct client *c);
+static void conn_follow_client(struct server *srv, struct client *old, struct client *n);
 /* What section 10 publishes on D-Bus; each is a no-op without it. */
 static void bus_checker_started(struct server *srv, const struct client *c,
                                 const char *command);
@@ -3513,6 +3514,15 @@ static void conn_drop_for_client(struct server *srv, struct client *c)
             conn_log(cn, LOG_INFO, "client removed; closing");
             conn_close(srv, cn);
         }
+}
+
+/* A reload replaced client `old` by `n`, with the same key: its
+ * connections go on with the new one. */
+static void conn_follow_client(struct server *srv, struct client *old, struct client *n)
+{
+    for (struct conn *cn = srv->conns_head; cn; cn = cn->next)
+        if (cn->client == old)
+            cn->client = n;
 }
 
 /* When full, the oldest peer that has not yet proven who it is makes
@@ -5750,10 +5760,9 @@ static int reload_carry_over(struct server *srv, struct client *n, struct client
     /* Waiting connections follow the client only if its key is the same:
      * a key replaced in clients.conf is a key revoked. */
     bool same_key = n->indexed && old->indexed && memcmp(n->key_bin, old->key_bin, 32) == 0;
-    for (struct conn *cn = srv->conns_head; cn; cn = cn->next)
-        if (cn->client == old && same_key)
-            cn->client = n;
-    if (!same_key)
+    if (same_key)
+        conn_follow_client(srv, old, n);
+    else
         conn_drop_for_client(srv, old);
     return change;
 }
