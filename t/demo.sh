@@ -4,7 +4,7 @@
 # The server keeps running until Ctrl-C (DEMO_ONCE=1: stop after the demo).
 set -u
 cd "$(dirname "$0")/.."
-client=/usr/lib/x86_64-linux-gnu/mandos/plugins.d/mandos-client
+client=${REAL_CLIENT:-$(t/real-client-path.sh)}
 if [ "$(id -u)" -ne 0 ]; then
     echo "make demo runs the real mandos-client, whose directory is root-only:" >&2
     echo "  sudo make demo" >&2

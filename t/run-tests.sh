@@ -5,7 +5,8 @@
 #
 # Every way a run can go wrong counts as a failure: bats missing or exiting
 # non-zero, no TAP plan, a plan of zero tests, fewer tests reported than
-# the plan declares.  A skipped test ("ok N ... # skip") is not a pass.
+# the plan declares.  A skipped test ("ok N ... # skip") is not a pass; in
+# CI (CI=true) it is a failure unless t/skip-allowlist names it.
 set -u
 cd "$(dirname "$0")/.."
 bin=${MANDOS_BIN:-./mandos}
@@ -75,6 +76,66 @@ fi
 if [ "$bats_rc" -ne 0 ] && [ "$bats_fail" -eq 0 ]; then
     echo "# bats exited $bats_rc although no test failed" >&2
     bats_fail=1
+fi
+
+# skip_allowed NAME: t/skip-allowlist lets test NAME skip in this run.
+# ALLOW_TEST, ALLOW_WHEN: the list's entries (read by read_allowlist).
+ALLOW_TEST=() ALLOW_WHEN=()
+skip_allowed() {
+    local i
+    for i in "${!ALLOW_TEST[@]}"; do
+        [[ $1 =~ ${ALLOW_TEST[i]} ]] || continue
+        [ "${ALLOW_WHEN[i]}" = always ] && return 0
+        [ "${ALLOW_WHEN[i]}" = sanitized ] && [ -n "$san_dir" ] && return 0
+    done
+    return 1
+}
+
+# read_allowlist FILE: fill ALLOW_*; false if an entry is malformed.
+read_allowlist() {
+    local line n=0 at=0 test= when= why= bad=0 eof
+    while :; do
+        line=
+        IFS= read -r line
+        eof=$?
+        n=$((n + 1))
+        case $line in
+        '#'*) continue ;;
+        test:*) test=${line#test:} test=${test# } at=$n ;;
+        when:*) when=${line#when:} when=${when# } ;;
+        why:*) why=${line#why:} why=${why# } ;;
+        *[![:space:]]*) echo "$1:$n: not 'test:', 'when:' or 'why:'" >&2; bad=1 ;;
+        *)  # a blank line (or the end) closes an entry
+            if [ -n "$test$when$why" ]; then
+                if [ -z "$test" ] || [ -z "$why" ] || [[ ! $when =~ ^(always|sanitized)$ ]]; then
+                    echo "$1:$at: an entry needs test:, why: and when: always|sanitized" >&2
+                    bad=1
+                else
+                    ALLOW_TEST+=("$test") ALLOW_WHEN+=("$when")
+                fi
+            fi
+            test= when= why=
+            ;;
+        esac
+        [ "$eof" -eq 0 ] || [ -n "$line" ] || break
+    done <"$1"
+    return "$bad"
+}
+
+# In CI (CI=true) a skip fails unless t/skip-allowlist names the test: it
+# then counts as failed, not skipped.
+if [ "${CI:-}" = true ] && [ "$bats_skip" -gt 0 ]; then
+    if ! read_allowlist t/skip-allowlist; then
+        bats_fail=$((bats_fail + 1))
+    fi
+    denied=0
+    while IFS= read -r name; do
+        skip_allowed "$name" && continue
+        echo "# CI=true: this skip is a failure (not in t/skip-allowlist): $name" >&2
+        denied=$((denied + 1))
+    done < <(sed -nE 's/^ok [0-9]+ (.*) # skip( .*)?$/\1/p' "$log")
+    bats_skip=$((bats_skip - denied))
+    bats_fail=$((bats_fail + denied))
 fi
 
 san_fail=0

@@ -6,7 +6,7 @@
 set -u
 cd "$(dirname "$0")/../.."
 runs=${1:-7}
-client=/usr/lib/x86_64-linux-gnu/mandos/plugins.d/mandos-client
+client=${REAL_CLIENT:-$(t/real-client-path.sh)}
 [ "$(id -u)" -eq 0 ] || { echo "needs root" >&2; exit 1; }
 d=$(mktemp -d /tmp/mandos-realclient.XXXXXX)
 chmod 755 "$d"
