@@ -1668,7 +1668,6 @@ struct server {
     bool debug_checkers;         /* checker output to the console */
     uid_t run_uid;               /* who we run as after start-up */
     gid_t run_gid;
-    char *pidfile;               /* written in daemon mode; removed at exit */
     int notify_fd;               /* systemd NOTIFY_SOCKET, or -1 */
     struct zc *zc;
 };
@@ -5596,73 +5595,35 @@ static void statedir_check_writable(struct server *srv)
     unlinkat(srv->state_dirfd, probe, 0);
 }
 
-/* Daemon mode keeps a tiny root process that waits for the daemon, so the
- * PID file in /run can be removed when the daemon exits. */
-static volatile sig_atomic_t monitor_child;
-
-static void monitor_forward(int sig)
+/* Detach from the terminal and the session.  The PID file, opened here
+ * while we are still root, gets the daemon's own PID; as with the
+ * reference, nothing removes it at exit (we may no longer write in /run). */
+static void daemonize(void)
 {
-    if (monitor_child > 0)
-        kill((pid_t)monitor_child, sig);
-}
-
-static void monitor_run(pid_t child, const char *pidfile, int pidfd)
-{
-    monitor_child = child;
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = monitor_forward;
-    sigaction(SIGTERM, &sa, NULL);
-    sigaction(SIGINT, &sa, NULL);
-    sigaction(SIGHUP, &sa, NULL);
-    char text[32];
-    int n = snprintf(text, sizeof text, "%ld\n", (long)child);
-    if (pidfd >= 0 && (write_all(pidfd, text, (size_t)n) < 0 || close(pidfd) < 0))
-        syslog(LOG_ERR, "ERROR: Could not write to file '%s' with PID %ld", pidfile, (long)child);
-    int status = 0;
-    while (waitpid(child, &status, 0) < 0 && errno == EINTR)
-        ;
-    if (pidfd >= 0)
-        unlink(pidfile);
-    _exit(WIFEXITED(status) ? WEXITSTATUS(status) : 1);
-}
-
-static void daemonize(struct server *srv)
-{
-    const char *pidfile = srv->pidfile;
+    struct stat st;
+    bool run = stat("/run/.", &st) == 0 && S_ISDIR(st.st_mode);
+    const char *pidfile = run ? "/run/mandos.pid" : "/var/run/mandos.pid";
     int pidfd = open(pidfile, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (pidfd < 0)
         log_err("Could not open file '%s': %s", pidfile, strerror(errno));
-    pid_t pid = fork();
-    if (pid < 0)
-        fatal("fork: %s", strerror(errno));
-    if (pid > 0)
-        _exit(0);
-    setsid();
-    if (chdir("/") != 0)
-        log_warn("chdir /: %s", strerror(errno));
-    /* both the monitor and the daemon let go of the terminal */
+    for (int i = 0; i < 2; i++) {       /* the second fork leaves the session */
+        pid_t pid = fork();
+        if (pid < 0)
+            fatal("fork: %s", strerror(errno));
+        if (pid > 0)
+            _exit(0);
+        if (i == 0)
+            setsid();
+    }
     int null = open("/dev/null", O_RDWR);
-    if (null >= 0) {
-        dup2(null, 0);
-        dup2(null, 1);
-        dup2(null, 2);
-        if (null > 2)
-            close(null);
-    }
-    pid = fork();
-    if (pid < 0)
-        fatal("fork: %s", strerror(errno));
-    if (pid > 0) {
-        /* the monitor keeps nothing of the server: no sockets, no secrets */
-        client_table_clear(&srv->clients);
-        close(srv->listen_fd);
-        close(srv->state_dirfd);
-        close(srv->config_dirfd);
-        monitor_run(pid, pidfile, pidfd);
-    }
-    if (pidfd >= 0)
-        close(pidfd);
+    for (int fd = 0; null >= 0 && fd <= 2; fd++)
+        dup2(null, fd);
+    if (null > 2)
+        close(null);
+    char text[32];
+    int n = snprintf(text, sizeof text, "%ld\n", (long)getpid());
+    if (pidfd >= 0 && (write_all(pidfd, text, (size_t)n) < 0 || close(pidfd) < 0))
+        log_err("Could not write to file '%s' with PID %ld", pidfile, (long)getpid());
 }
 
 /* systemd's readiness protocol: datagrams to $NOTIFY_SOCKET.  Connected
@@ -5961,8 +5922,6 @@ static void server_free(struct server *srv)
         if (fds[i] >= 0)
             close(fds[i]);
     settings_clear(&srv->set);
-    free(srv->pidfile);
-    srv->pidfile = NULL;
 }
 
 /* Room for max_connections sockets plus our own few descriptors. */
@@ -6062,12 +6021,8 @@ static void server_start(struct server *srv)
         state_restore(srv);
     listen_open(srv);
     notify_open(srv);
-    if (!srv->set.foreground) {
-        struct stat st;
-        srv->pidfile = xstrdup(stat("/run/.", &st) == 0 && S_ISDIR(st.st_mode)
-                               ? "/run/mandos.pid" : "/var/run/mandos.pid");
-        daemonize(srv);
-    }
+    if (!srv->set.foreground)
+        daemonize();
     privileges_drop(srv);
     srv->debug_checkers = srv->set.debug;
     statedir_check_writable(srv);
