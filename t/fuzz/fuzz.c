@@ -8,7 +8,7 @@
  *   clang -DFUZZ_TARGET=FUZZ_INI -fsanitize=fuzzer,address,undefined ...
  *
  *   FUZZ_INI       clients.conf and mandos.conf from the same bytes
- *                  (clients_from_buffer, server_conf_from_buffer), then the
+ *                  (clients_from_buffer, settings_from_conf), then the
  *                  run-time checker expansion of every client read
  *   FUZZ_DURATION  duration_parse and duration_render
  *   FUZZ_BASE64    base64_decode_lenient on raw bytes
@@ -96,13 +96,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     struct settings set;
     settings_defaults(&set);
     struct diag d2 = { "mandos.conf", 0, false, &errs };
-    server_conf_from_buffer(&set, (const char *)data, size, &d2);
+    settings_from_conf(&set, (const char *)data, size, &d2);
     fuzz_assert(set.max_connections >= 1 && set.connection_timeout > 0);
     fuzz_assert(set.port >= -1 && set.port <= 65535);
-    char **strings[] = { &set.interface, &set.address, &set.priority, &set.servicename,
-                         &set.statedir, &set.configdir };
-    for (size_t i = 0; i < sizeof strings / sizeof strings[0]; i++)
-        free(*strings[i]);
+    settings_clear(&set);
     buf_free(&errs);
     return 0;
 }
