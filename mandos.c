@@ -16,18 +16,22 @@
  *   1. Portability and includes   feature macros, GnuTLS version gate, shims
  *   2. Small utilities            time, strings, buffers, base64, hashing
  *   3. Logging                    syslog + optional console, per-peer lines
- *   4. Config and durations       INI parser, interpolation, value parsers
+ *   4. Config and durations       INI dialect, durations, options, mandos.conf
  *   5. Clients                    struct client, hash index, timers, approval
  *   6. Checkers                   runtime expansion, fork/exec, reaping
  *   7. Persistence                the state file and its reconciliation
  *   8. Network and TLS            listening socket, struct conn state machine
  *   9. Zeroconf                   avahi / dns_sd / none back ends (zc_*)
  *  10. D-Bus                      the control API of mandos-ctl (bus_*)
- *  11. Main and options           command line, privileges, the poll() loop
+ *  11. Main and options           command line, start-up, the poll() loop
  *  12. Self-tests                 run by `mandos --check`
  *
- * Everything runs in one process and one poll() loop; every socket is
- * non-blocking and every wait has a deadline on the monotonic clock.
+ * The server is one process with one poll() loop (checkers are its child
+ * processes).  Connections are non-blocking and the loop sleeps only until
+ * the nearest deadline on the monotonic clock, so one slow or silent
+ * client cannot stall the others.  Start-up, reload and shutdown block
+ * briefly: files are read and written directly, the D-Bus name is
+ * requested synchronously, killed checkers are reaped.
  *
  * D-Bus uses sd-bus from libsystemd: it plugs into a foreign poll() loop
  * with one fd, an event mask and a deadline; its vtables declare objects,
@@ -708,9 +712,10 @@ static void diag_error(struct diag *d, int line, const char *fmt, ...)
 /* ===================================================================== */
 /* 4. Config and durations                                               */
 /*    A hand-written INI parser with the reference's dialect (DEFAULT     */
-/*    inheritance, %(name)s, relative-indent continuations), and parsers  */
-/*    for durations, booleans and integers.  Parsing works on a buffer so */
-/*    the self-tests can feed it strings.                                 */
+/*    inheritance, %(name)s, relative-indent continuations); parsers for  */
+/*    durations, booleans and integers; the server's option table, which  */
+/*    the command line, mandos.conf and --help all read.  Parsing works   */
+/*    on a buffer so the self-tests can feed it strings.                  */
 /* ===================================================================== */
 
 struct ini_key {
@@ -1048,12 +1053,12 @@ static int ini_interpolate(struct ini *ini, struct ini_section *sec,
 /* Booleans as the reference reads them (case-insensitive). */
 static int parse_bool(const char *s, bool *out)
 {
-    static const char *const yes[] = { "1", "yes", "true", "on" };
-    static const char *const no[] = { "0", "no", "false", "off" };
-    for (size_t i = 0; i < 4; i++) {
-        if (streq_nocase(s, yes[i])) { *out = true; return 0; }
-        if (streq_nocase(s, no[i])) { *out = false; return 0; }
-    }
+    static const char *const words[] = { "0", "no", "false", "off", "1", "yes", "true", "on" };
+    for (size_t i = 0; i < 8; i++)
+        if (streq_nocase(s, words[i])) {
+            *out = i >= 4;
+            return 0;
+        }
     return -1;
 }
 
@@ -1183,6 +1188,10 @@ static int duration_parse_rfc3339(const char *s, int64_t *ms)
 /* The old form: blank-separated tokens like "5m" or "1h", summed. */
 static int duration_parse_old(const char *s, int64_t *ms)
 {
+    static const char units[] = "smhdw";
+    static const long long unit_ms[] = {
+        MS_PER_SECOND, MS_PER_MINUTE, MS_PER_HOUR, MS_PER_DAY, MS_PER_WEEK
+    };
     long long total = 0;
     const char *p = s;
     for (;;) {
@@ -1194,19 +1203,13 @@ static int duration_parse_old(const char *s, int64_t *ms)
         while (*p && !is_blank((unsigned char)*p))
             p++;
         size_t n = (size_t)(p - tok);
-        long long unit;
-        switch (tok[n - 1]) {
-        case 's': unit = MS_PER_SECOND; break;
-        case 'm': unit = MS_PER_MINUTE; break;
-        case 'h': unit = MS_PER_HOUR; break;
-        case 'd': unit = MS_PER_DAY; break;
-        case 'w': unit = MS_PER_WEEK; break;
-        default: return -1;
-        }
+        const char *u = strchr(units, tok[n - 1]);
+        if (!u)
+            return -1;
+        long long unit = unit_ms[u - units];
         long long v;
         bool overflow;
-        if (n < 2 || is_blank((unsigned char)tok[0])
-            || parse_pyint(tok, n - 1, &v, &overflow) < 0 || overflow
+        if (n < 2 || parse_pyint(tok, n - 1, &v, &overflow) < 0 || overflow
             || v > DURATION_MAX_MS / unit || v < -DURATION_MAX_MS / unit)
             return -1;
         total += v * unit;
@@ -5380,9 +5383,9 @@ static void bus_got_secret(struct server *srv, const struct client *c)
 
 /* ===================================================================== */
 /* 11. Main and options                                                  */
-/*    Command line and mandos.conf, start-up in a fixed order (validate   */
-/*    everything, open sockets as root, drop privileges, daemonize), the  */
-/*    poll() loop, signals, SIGHUP reload, systemd notification.          */
+/*    The command line, start-up in a fixed order (read and check every-  */
+/*    thing, open files and sockets as root, detach, drop privileges),    */
+/*    the poll() loop, signals, SIGHUP reload, systemd notification.      */
 /* ===================================================================== */
 
 static int run_self_tests(void);
@@ -5804,24 +5807,18 @@ static void signals_drain(struct server *srv)
 /* Milliseconds poll() may sleep: until the nearest deadline, at most 60 s. */
 static int loop_timeout(const struct server *srv, int64_t now)
 {
-    int64_t next = now + 60000;
-    if (srv->clients.heap_n) {
-        int64_t t = client_next_event(srv->clients.heap[0]);
-        if (t < next) next = t;
-    }
+    int64_t t[5] = { now + 60000, zc_deadline(srv), bus_deadline(srv), 0, 0 };
+    if (srv->clients.heap_n)
+        t[3] = client_next_event(srv->clients.heap[0]);
+    if (srv->state_dirty)
+        t[4] = srv->state_urgent ? now : srv->state_saved_at + STATE_SAVE_DELAY_MS;
+    int64_t next = t[0];
+    for (int i = 1; i < 5; i++)
+        if (t[i] && t[i] < next)     /* 0: none */
+            next = t[i];
     for (const struct conn *cn = srv->conns_head; cn; cn = cn->next)
         if (cn->state != CONN_CLOSED && cn->deadline < next)
             next = cn->deadline;
-    if (srv->state_dirty) {
-        int64_t t = srv->state_urgent ? now : srv->state_saved_at + STATE_SAVE_DELAY_MS;
-        if (t < next) next = t;
-    }
-    int64_t z = zc_deadline(srv);
-    if (z && z < next)
-        next = z;
-    int64_t d = bus_deadline(srv);
-    if (d && d < next)
-        next = d;
     return next <= now ? 0 : (int)(next - now);
 }
 
@@ -5993,8 +5990,10 @@ static void server_configure(struct server *srv, const struct cmdline *cl)
     log_cfg.threshold = srv->set.debuglevel;
     log_cfg.console = srv->set.debug;
     log_open_syslog(srv->set.servicename);
-    if (srv->set.debug)
-        gnutls_global_set_log_function(log_gnutls_line), gnutls_global_set_log_level(11);
+    if (srv->set.debug) {
+        gnutls_global_set_log_function(log_gnutls_line);
+        gnutls_global_set_log_level(11);
+    }
     srv->config_dirfd = open(srv->set.configdir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (srv->config_dirfd < 0)
         fatal("cannot open config directory %s: %s", srv->set.configdir, strerror(errno));
@@ -6014,7 +6013,6 @@ static void server_start(struct server *srv)
     /* before the port opens: a SIGHUP must never find default handling */
     signals_install(srv);
     fds_mark_cloexec(srv->set.socket_fd);
-    srv->state_dirfd = -1;
     raise_fd_limit(srv);
     statedir_open(srv);
     if (srv->set.restore)
