@@ -1009,7 +1009,8 @@ static int ini_expand(struct ini *ini, struct ini_section *sec, const char *raw,
         }
         const char *close = pct[1] == '(' ? strchr(pct + 2, ')') : NULL;
         if (pct[1] != '(') {
-            snprintf(why, whylen, "'%%' must be followed by '%%' or '(' (write %%%% for a literal %%)");
+            snprintf(why, whylen, "'%%' must be followed by '%%' or '(' "
+                     "(write %%%% for a literal %%)");
             return -1;
         }
         if (!close || close == pct + 2 || close[1] != 's') {
