@@ -3784,15 +3784,18 @@ static void zc_withdraw(struct zc *zc)
 /* Someone else has our name: ask Avahi for the next one ("Mandos #2"). */
 static int zc_rename(struct zc *zc)
 {
-    char *alt = zc->renames < ZC_MAX_RENAMES ? avahi_alternative_service_name(zc->name) : NULL;
-    if (!alt && zc->renames >= ZC_MAX_RENAMES)
+    if (zc->renames >= ZC_MAX_RENAMES) {
         log_err("No suitable Zeroconf service name found after %ld retries; "
                 "not announcing the service", zc->renames);
-    else if (!alt)
-        log_err("Zeroconf: no alternative to service name '%s'", zc->name);
-    zc->gave_up = !alt;
-    if (!alt)
+        zc->gave_up = true;
         return -1;
+    }
+    char *alt = avahi_alternative_service_name(zc->name);
+    if (!alt) {
+        log_err("Zeroconf: no alternative to service name '%s'", zc->name);
+        zc->gave_up = true;
+        return -1;
+    }
     free(zc->name);
     zc->name = xstrdup(alt);
     avahi_free(alt);
