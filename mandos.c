@@ -4191,6 +4191,13 @@ static void zc_register(struct zc *zc, int64_t now)
     log_debug("Registering Zeroconf service '%s' of type '%s' ...", want, ZC_SERVICE_TYPE);
 }
 
+static void zc_unregister(struct zc *zc)
+{
+    if (zc->ref)
+        DNSServiceRefDeallocate(zc->ref);
+    zc->ref = NULL;
+}
+
 static void zc_start(struct server *srv)
 {
     if (!srv->set.zeroconf)
@@ -4218,7 +4225,9 @@ static size_t zc_pollfds(struct server *srv, struct pollfd *fds, size_t max)
 static void zc_process(struct server *srv, const struct pollfd *fds, size_t n, int64_t now)
 {
     struct zc *zc = srv->zc;
-    short r = n >= 1 && zc && zc->ref ? fds[0].revents : 0;
+    if (!zc)
+        return;
+    short r = n >= 1 && zc->ref ? fds[0].revents : 0;
     DNSServiceErrorType err = kDNSServiceErr_NoError;
     if (r & POLLIN)
         err = DNSServiceProcessResult(zc->ref);
@@ -4231,13 +4240,12 @@ static void zc_process(struct server *srv, const struct pollfd *fds, size_t n, i
                 ZC_RETRY_MS / 1000);
         zc->failed = zc->said_so = true;
     }
-    if (zc && zc->failed) {
-        DNSServiceRefDeallocate(zc->ref);
-        zc->ref = NULL;
+    if (zc->failed) {
+        zc_unregister(zc);
         zc->failed = false;
         zc->retry_at = now + ZC_RETRY_MS;
     }
-    if (zc && !zc->ref && zc->retry_at && zc->retry_at <= now)
+    if (!zc->ref && zc->retry_at && zc->retry_at <= now)
         zc_register(zc, now);
 }
 
@@ -4251,8 +4259,7 @@ static void zc_stop(struct server *srv)
     struct zc *zc = srv->zc;
     if (!zc)
         return;
-    if (zc->ref)                 /* closing the connection withdraws the service */
-        DNSServiceRefDeallocate(zc->ref);
+    zc_unregister(zc);           /* closing the connection withdraws the service */
     free(zc->name);
     free(zc);
     srv->zc = NULL;
