@@ -260,11 +260,6 @@ static void *xcalloc(size_t n, size_t size)
     return x_or_die(calloc(n ? n : 1, size ? size : 1));
 }
 
-static void *xrealloc(void *p, size_t size)
-{
-    return x_or_die(realloc(p, size ? size : 1));
-}
-
 static char *xstrndup(const char *s, size_t n)
 {
     char *p = xcalloc(1, n + 1);
@@ -285,7 +280,7 @@ static void grow(void **arr, size_t *cap, size_t need, size_t size)
     size_t ncap = *cap ? *cap * 2 : 8;
     while (ncap < need)
         ncap *= 2;
-    *arr = xrealloc(*arr, ncap * size);
+    *arr = x_or_die(realloc(*arr, ncap * size));
     *cap = ncap;
 }
 
