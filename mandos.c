@@ -3202,10 +3202,7 @@ static void escape_for_log(const char *in, size_t n, char *out, size_t outlen)
 /* The reference's rule: the first word must be an integer <= 1. */
 static bool version_line_accepted(const char *line, size_t n, char *why, size_t whylen)
 {
-    while (n && is_blank((unsigned char)*line)) {
-        line++;
-        n--;
-    }
+    trim_span(&line, &n);
     size_t w = 0;
     while (w < n && !is_blank((unsigned char)line[w]))
         w++;
