@@ -284,7 +284,7 @@ static void grow(void **arr, size_t *cap, size_t need, size_t size)
     *cap = ncap;
 }
 
-/* A growable byte buffer, always NUL-terminated for convenience. */
+/* A growable byte buffer; once anything is added, NUL-terminated too. */
 struct buf {
     char *data;
     size_t len, cap;
