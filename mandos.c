@@ -1282,14 +1282,12 @@ struct settings {
 
 /* How an option's text becomes a setting. */
 enum opt_type {
-    OPT_HELP, OPT_VERSION, OPT_CHECK, /* actions, not settings */
-    OPT_STRING,                  /* taken raw, without %(name)s expansion */
-    OPT_LEVEL,                   /* a log level name, also raw */
-    OPT_BOOL,                    /* as a flag: the opposite of its default */
-    OPT_PORT,                    /* 0 to 65535; blank = unset */
-    OPT_FD,                      /* a descriptor number; blank = unset */
-    OPT_LIMIT,                   /* 1 to 1000000 */
-    OPT_DURATION                 /* longer than zero */
+    OPT_HELP, OPT_VERSION, OPT_CHECK,   /* actions, not settings */
+    OPT_STRING, OPT_LEVEL,              /* text, log level: no %(name)s expansion */
+    OPT_BOOL,                           /* as a flag: the opposite of its default */
+    OPT_PORT, OPT_FD,                   /* numbers; blank = unset (-1) */
+    OPT_LIMIT,                          /* 1 to 1000000 */
+    OPT_DURATION                        /* longer than zero */
 };
 
 struct opt {
