@@ -1558,16 +1558,15 @@ static int settings_finish(struct settings *set, char *err, size_t errlen)
 
 /* ===================================================================== */
 /* 5. Clients                                                            */
-/*    The data model (server, client), the key_id index, the              */
-/*    timer heap, and the client life cycle: enable, disable, checked-ok, */
-/*    approval.  Reading clients.conf into clients also lives here.       */
+/*    The client-field table (each setting and attribute of a client,     */
+/*    once), struct client, its index by name and key_id, its timers and */
+/*    life cycle, what a reload does to it; reading clients.conf.         */
 /* ===================================================================== */
 
 enum approval { APPROVAL_NONE, APPROVAL_GRANTED, APPROVAL_DENIED };
 
-/* The settings a client's config lines give and that may change while
- * running; kept twice per client (as configured, and in effect) so edits
- * to clients.conf can be told apart from run-time changes. */
+/* The settings a control interface may change at run time; clients.conf
+ * gives their start values.  They are the first N_RUN client_fields. */
 struct client_settings {
     char *host;
     char *checker;               /* after start-time %(name)s expansion */
@@ -1575,46 +1574,22 @@ struct client_settings {
     int64_t approval_delay, approval_duration;        /* milliseconds */
     bool approved_by_default;
     bool enabled;
-    unsigned char secret_hash[32];                    /* of the configured secret */
 };
 
-/* The settings as a table, so saving, loading and reconciling treat
- * every field the same way. */
-enum field_type { FIELD_STR, FIELD_MS, FIELD_BOOL };
-
-struct settings_field {
-    const char *name;            /* the clients.conf key */
-    enum field_type type;
-    size_t offset;               /* in struct client_settings */
-};
-
-static const struct settings_field settings_fields[] = {
-    { "host", FIELD_STR, offsetof(struct client_settings, host) },
-    { "checker", FIELD_STR, offsetof(struct client_settings, checker) },
-    { "timeout", FIELD_MS, offsetof(struct client_settings, timeout) },
-    { "extended_timeout", FIELD_MS, offsetof(struct client_settings, extended_timeout) },
-    { "interval", FIELD_MS, offsetof(struct client_settings, interval) },
-    { "approval_delay", FIELD_MS, offsetof(struct client_settings, approval_delay) },
-    { "approval_duration", FIELD_MS, offsetof(struct client_settings, approval_duration) },
-    { "approved_by_default", FIELD_BOOL, offsetof(struct client_settings, approved_by_default) },
-    { "enabled", FIELD_BOOL, offsetof(struct client_settings, enabled) },
-};
-
-#define N_SETTINGS (sizeof settings_fields / sizeof settings_fields[0])
+#define N_RUN 9
 
 struct client {
     char *name;                  /* the section name */
-    char *conf_text[N_SETTINGS]; /* each setting's text in clients.conf: an
+    char *conf_text[N_RUN];      /* each setting's text in clients.conf: an
                                     edit is a change of this text */
     int config_line;             /* where its section starts */
     char key_id[65];             /* normalised, upper-case hex, or "" */
-    unsigned char key_bin[32];   /* key_id as bytes, when `indexed` */
-    bool indexed;                /* present in the key_id hash index */
+    bool indexed;                /* key_id usable, so in the key_id index */
     char *fingerprint;           /* kept for display only; never matched */
     unsigned char *secret;       /* the bytes we send */
     size_t secret_len;
-    struct client_settings conf; /* as clients.conf says */
-    struct client_settings cur;  /* in effect (conf + run-time changes) */
+    unsigned char secret_hash[32];   /* of the configured secret */
+    struct client_settings cur;  /* in effect (clients.conf + run-time changes) */
     int64_t created;             /* wall-clock µs; 0 = never */
     int64_t last_enabled;
     int64_t last_checked_ok;
@@ -1627,21 +1602,117 @@ struct client {
     int64_t approval_reset;      /* monotonic ms to forget `approved`; 0 = none */
     int approvals_pending;       /* connections waiting for approval */
     pid_t checker_pid;           /* running checker's process group, or 0 */
-    size_t heap_pos;             /* index in the timer heap, or NO_HEAP */
-    struct client *hash_next;    /* key_id bucket chain */
 };
 
-#define NO_HEAP ((size_t)-1)
+/* How a field is stored, and so how it is parsed, saved and shown. */
+enum cf_type {
+    CF_STR,                      /* char * */
+    CF_MS,                       /* int64_t milliseconds (D-Bus: "t", in ms) */
+    CF_BOOL,                     /* bool */
+    CF_TIME,                     /* int64_t wall-clock µs, 0 = never */
+    CF_EXPIRES,                  /* int64_t monotonic ms, shown as wall-clock */
+    CF_INT,                      /* int */
+    CF_KEY_ID,                   /* char[65] */
+    CF_HASH,                     /* unsigned char[32], saved as hex */
+    CF_SECRET,                   /* read by client_read_secret; never shown */
+    CF_PATH,                     /* the D-Bus object path, computed */
+    CF_COUNT,                    /* int; D-Bus shows whether it is above 0 */
+    CF_PID,                      /* pid_t; D-Bus shows whether it is set */
+};
 
-/* All clients, in config order, plus two indexes over them. */
+/* Where a field appears (flags). */
+#define F_CONF 0x01              /* a clients.conf key (clients.conf(5) has it) */
+#define F_RUN 0x02               /* in `cur`; its clients.conf text is kept */
+#define F_SAVE 0x04              /* in the state file as "name value" */
+#define F_HIST 0x08              /* F_SAVE, and carried over by reconciling */
+#define F_ATTR 0x10              /* %(name)s in a checker command */
+#define F_POSITIVE 0x20          /* a duration that must be above zero */
+#define F_COMMAND 0x40           /* a command: %(name)s must be attributes */
+
+/* On D-Bus: CONST never changes; READ and WRITE announce their changes
+ * with PropertiesChanged; WRITE_ONLY only invalidates; OLD is deprecated. */
+enum cf_bus { BUS_NONE, BUS_CONST, BUS_READ, BUS_WRITE, BUS_WRITE_ONLY, BUS_OLD };
+
+struct client_field {
+    const char *name;            /* clients.conf key, state key, %(name)s */
+    enum cf_type type;
+    unsigned flags;
+    const char *dflt;            /* clients.conf default (seen by %(name)s) */
+    size_t offset;               /* in struct client */
+    const char *bus;             /* D-Bus property name, or NULL */
+    const char *sig;             /* its D-Bus signature */
+    enum cf_bus access;
+};
+
+#define CL(member) offsetof(struct client, member)
+
+/* The first N_RUN rows are the run-time settings, in struct order. */
+static const struct client_field client_fields[] = {
+    { "host", CF_STR, F_CONF | F_RUN | F_ATTR, "", CL(cur.host),
+      "Host", "s", BUS_WRITE },
+    { "checker", CF_STR, F_CONF | F_RUN | F_COMMAND, "fping -q -- %%(host)s", CL(cur.checker),
+      "Checker", "s", BUS_WRITE },
+    { "timeout", CF_MS, F_CONF | F_RUN | F_ATTR, "PT5M", CL(cur.timeout),
+      "Timeout", "t", BUS_WRITE },
+    { "extended_timeout", CF_MS, F_CONF | F_RUN, "PT15M", CL(cur.extended_timeout),
+      "ExtendedTimeout", "t", BUS_WRITE },
+    { "interval", CF_MS, F_CONF | F_RUN | F_ATTR | F_POSITIVE, "PT2M", CL(cur.interval),
+      "Interval", "t", BUS_WRITE },
+    { "approval_delay", CF_MS, F_CONF | F_RUN | F_ATTR, "PT0S", CL(cur.approval_delay),
+      "ApprovalDelay", "t", BUS_WRITE },
+    { "approval_duration", CF_MS, F_CONF | F_RUN | F_ATTR, "PT1S", CL(cur.approval_duration),
+      "ApprovalDuration", "t", BUS_WRITE },
+    { "approved_by_default", CF_BOOL, F_CONF | F_RUN, "True", CL(cur.approved_by_default),
+      "ApprovedByDefault", "b", BUS_WRITE },
+    { "enabled", CF_BOOL, F_CONF | F_RUN | F_ATTR, "True", CL(cur.enabled),
+      "Enabled", "b", BUS_WRITE },
+    { "key_id", CF_KEY_ID, F_CONF | F_ATTR, "", CL(key_id),
+      "KeyID", "s", BUS_CONST },
+    { "fingerprint", CF_STR, F_CONF | F_ATTR, NULL, CL(fingerprint),
+      "Fingerprint", "s", BUS_CONST },
+    { "secret", CF_SECRET, F_CONF, NULL, CL(secret),
+      "Secret", "ay", BUS_WRITE_ONLY },
+    { "secfile", CF_SECRET, F_CONF, NULL, CL(secret),
+      NULL, NULL, BUS_NONE },
+    { "name", CF_STR, F_ATTR, NULL, CL(name),
+      "Name", "s", BUS_CONST },
+    { "created", CF_TIME, F_HIST | F_ATTR, NULL, CL(created),
+      "Created", "s", BUS_CONST },
+    { "last_enabled", CF_TIME, F_HIST | F_ATTR, NULL, CL(last_enabled),
+      "LastEnabled", "s", BUS_READ },
+    { "last_checked_ok", CF_TIME, F_HIST | F_ATTR, NULL, CL(last_checked_ok),
+      "LastCheckedOK", "s", BUS_WRITE },
+    { "last_approval_request", CF_TIME, F_HIST | F_ATTR, NULL, CL(last_approval_request),
+      "LastApprovalRequest", "s", BUS_READ },
+    { "expires", CF_EXPIRES, F_SAVE | F_ATTR, NULL, CL(expires),
+      "Expires", "s", BUS_READ },
+    { "last_checker_status", CF_INT, F_HIST, NULL, CL(last_checker_status),
+      "LastCheckerStatus", "n", BUS_READ },
+    { "last_checker_signal", CF_INT, F_HIST, NULL, CL(last_checker_signal),
+      NULL, NULL, BUS_NONE },
+    { "secret_sha256", CF_HASH, F_SAVE, NULL, CL(secret_hash),
+      NULL, NULL, BUS_NONE },
+    { "dbus_object_path", CF_PATH, F_ATTR, NULL, 0,
+      "ObjectPath", "o", BUS_OLD },
+    { "approval_pending", CF_COUNT, 0, NULL, CL(approvals_pending),
+      "ApprovalPending", "b", BUS_READ },
+    { "checker_running", CF_PID, 0, NULL, CL(checker_pid),
+      "CheckerRunning", "b", BUS_WRITE },
+};
+
+#define N_FIELDS (sizeof client_fields / sizeof client_fields[0])
+
+/* The field of a client that row `f` describes. */
+#define CF_AT(c, f, type) ((type *)(void *)((char *)(c) + (f)->offset))
+
+/* All clients, in config order, with an index by name and one by key_id,
+ * and a lower bound of their timers. */
 struct client_table {
     struct client **v;
     size_t n, cap;
-    struct client **buckets;     /* key_id hash index; nbuckets is a power of 2 */
-    size_t nbuckets;
-    struct client **heap;        /* min-heap on client_next_event() */
-    size_t heap_n, heap_cap;
     struct name_index names;     /* client name -> position in v */
+    struct name_index keys;      /* key_id -> position in v */
+    int64_t next_event;          /* no timer is earlier; 0 = none at all */
 };
 
 struct zc;                       /* the Zeroconf back end's own state */
@@ -1671,16 +1742,14 @@ struct server {
 
 #define STATE_SAVE_DELAY_MS 2000 /* routine changes are saved this often at most */
 
-/* Defined in later sections. */
+/* Real cycles: clients start and stop checkers, whose results come back
+ * to the client; disabling or replacing a client reaches its connections. */
 static void checker_stop(struct server *srv, struct client *c);
 static void checker_start(struct server *srv, struct client *c);
 static void conn_approval_wakeup(struct server *srv, struct client *c, int64_t now);
 static void conn_drop_for_client(struct server *srv, struct client *c);
 static void conn_follow_client(struct server *srv, struct client *old, struct client *n);
-/* What section 10 publishes on D-Bus; each is a no-op without it. */
-static void bus_checker_started(struct server *srv, const struct client *c,
-                                const char *command);
-static void bus_checker_completed(struct server *srv, const struct client *c, int status);
+/* What section 10 publishes on D-Bus for section 8; no-ops without it. */
 static void bus_client_not_found(struct server *srv, const char *key_id, const char *peer);
 static void bus_need_approval(struct server *srv, const struct client *c);
 static void bus_rejected(struct server *srv, const struct client *c, const char *reason);
@@ -1693,19 +1762,110 @@ static void state_changed(struct server *srv, bool urgent)
         srv->state_urgent = true;
 }
 
-static void settings_free(struct client_settings *s)
+/* ---- fields ------------------------------------------------------------- */
+
+static const struct client_field *client_field(const char *name)
 {
-    free(s->host);
-    free(s->checker);
-    s->host = s->checker = NULL;
+    for (size_t i = 0; i < N_FIELDS; i++)
+        if (streq(client_fields[i].name, name))
+            return &client_fields[i];
+    return NULL;
 }
 
-static void settings_copy(struct client_settings *dst, const struct client_settings *src)
+/* A monotonic deadline as wall-clock µs, for display and saving. */
+static int64_t mono_to_wall(int64_t mono, int64_t now_mono, int64_t now_wall)
 {
-    settings_free(dst);
-    *dst = *src;
-    dst->host = xstrdup(src->host);
-    dst->checker = xstrdup(src->checker);
+    return now_wall + (mono - now_mono) * 1000;
+}
+
+/* A number-like field's value (booleans 0 or 1; `expires` in wall µs). */
+static int64_t client_number(const struct client *c, const struct client_field *f,
+                             int64_t now_mono, int64_t now_wall)
+{
+    switch (f->type) {
+    case CF_MS:
+    case CF_TIME:
+        return *CF_AT(c, f, int64_t);
+    case CF_EXPIRES:
+        return c->expires ? mono_to_wall(c->expires, now_mono, now_wall) : 0;
+    case CF_BOOL:
+        return *CF_AT(c, f, bool);
+    case CF_INT:
+        return *CF_AT(c, f, int);
+    case CF_COUNT:
+        return *CF_AT(c, f, int) > 0;
+    case CF_PID:
+        return *CF_AT(c, f, pid_t) != 0;
+    default:
+        return 0;
+    }
+}
+
+/* Set a number-like field; `expires` takes whatever clock the caller uses. */
+static void client_set_number(struct client *c, const struct client_field *f, int64_t v)
+{
+    if (f->type == CF_MS || f->type == CF_TIME || f->type == CF_EXPIRES)
+        *CF_AT(c, f, int64_t) = v;
+    else if (f->type == CF_BOOL)
+        *CF_AT(c, f, bool) = v != 0;
+    else if (f->type == CF_INT)
+        *CF_AT(c, f, int) = (int)v;
+}
+
+/* D-Bus object path of a client: "/clients/" and the name with '.' and
+ * '-' replaced by '_', as the reference does.  An object path element
+ * allows only ASCII letters, digits and '_', so we replace every other
+ * byte by '_' as well (the reference fails on such names); an empty name
+ * becomes "_". */
+static void client_object_path(const struct client *c, struct buf *out)
+{
+    buf_adds(out, "/clients/");
+    for (const char *p = c->name; *p; p++) {
+        unsigned char ch = (unsigned char)*p;
+        bool ok = ch < 0x80 && (isalnum(ch) || ch == '_');
+        buf_addc(out, ok ? (char)ch : '_');
+    }
+    if (!*c->name)
+        buf_addc(out, '_');
+}
+
+/* A field as the reference shows it to a checker (before quoting). */
+static void client_render(const struct client *c, const struct client_field *f,
+                          struct buf *out)
+{
+    int64_t v = client_number(c, f, mono_ms(), wall_us());
+    if (f->type == CF_STR)
+        buf_adds(out, *CF_AT(c, f, char *));
+    else if (f->type == CF_KEY_ID)
+        buf_adds(out, CF_AT(c, f, char));
+    else if (f->type == CF_MS)
+        duration_render(v, out);
+    else if (f->type == CF_BOOL)
+        buf_adds(out, v ? "True" : "False");
+    else if ((f->type == CF_TIME || f->type == CF_EXPIRES) && v)
+        timestamp_render(v, ' ', out);
+    else if (f->type == CF_TIME || f->type == CF_EXPIRES)
+        buf_adds(out, "None");
+    else if (f->type == CF_PATH)
+        client_object_path(c, out);
+}
+
+/* Carry a client's run-time values over from `saved` (the state file, or
+ * the running client on reload).  Settings whose clients.conf text is
+ * unchanged keep their run-time value; edited ones take the new one. */
+static void client_reconcile(struct client *fresh, const struct client *saved)
+{
+    for (size_t i = 0; i < N_FIELDS; i++) {
+        const struct client_field *f = &client_fields[i];
+        bool run = f->flags & F_RUN;
+        if (run && !streq(fresh->conf_text[i], saved->conf_text[i]))
+            continue;           /* edited: the config value stands */
+        if (run && f->type == CF_STR) {
+            free(*CF_AT(fresh, f, char *));
+            *CF_AT(fresh, f, char *) = xstrdup(*CF_AT(saved, f, char *));
+        } else if (run || (f->flags & F_HIST))
+            client_set_number(fresh, f, client_number(saved, f, 0, 0));
+    }
 }
 
 static void client_free(struct client *c)
@@ -1715,63 +1875,52 @@ static void client_free(struct client *c)
     if (c->secret)
         wipe(c->secret, c->secret_len);
     free(c->secret);
-    settings_free(&c->conf);
-    settings_free(&c->cur);
-    for (size_t f = 0; f < N_SETTINGS; f++)
+    free(c->cur.host);
+    free(c->cur.checker);
+    for (size_t f = 0; f < N_RUN; f++)
         free(c->conf_text[f]);
     free(c->name);
     free(c->fingerprint);
     free(c);
 }
 
-/* ---- key_id index ------------------------------------------------------ */
-
-static size_t key_hash(const unsigned char key[32], size_t nbuckets)
-{
-    /* key_ids are SHA-256 output: their first bytes are already uniform */
-    size_t h = 0;
-    for (size_t i = 0; i < sizeof h; i++)
-        h = h << 8 | key[i];
-    return h & (nbuckets - 1);
-}
+/* ---- the table and its indexes ------------------------------------------ */
 
 static const char *client_name_at(const void *t, size_t pos)
 {
     return ((const struct client_table *)t)->v[pos]->name;
 }
 
-/* Rebuild both indexes (key_id and name) after the table changed. */
-static void client_table_reindex(struct client_table *t)
+static const char *client_key_at(const void *t, size_t pos)
+{
+    return ((const struct client_table *)t)->v[pos]->key_id;
+}
+
+/* Rebuild both indexes after the table changed.  Of two clients with one
+ * key_id only the first is found; with `diag`, the second is an error. */
+static void client_table_index(struct client_table *t, struct diag *diag)
 {
     name_index_free(&t->names);
-    for (size_t i = 0; i < t->n; i++)
-        name_index_add(&t->names, t->v[i]->name, i, client_name_at, t);
-    size_t nb = 16;
-    while (nb < t->n * 2)
-        nb *= 2;
-    free(t->buckets);
-    t->buckets = xcalloc(nb, sizeof *t->buckets);
-    t->nbuckets = nb;
+    name_index_free(&t->keys);
     for (size_t i = 0; i < t->n; i++) {
         struct client *c = t->v[i];
-        c->hash_next = NULL;
-        if (!c->indexed)
-            continue;
-        size_t h = key_hash(c->key_bin, nb);
-        c->hash_next = t->buckets[h];
-        t->buckets[h] = c;
+        name_index_add(&t->names, c->name, i, client_name_at, t);
+        size_t first = name_index_find(&t->keys, c->key_id, client_key_at, t);
+        if (c->indexed && first == SIZE_MAX)
+            name_index_add(&t->keys, c->key_id, i, client_key_at, t);
+        else if (c->indexed && diag)
+            diag_error(diag, c->config_line, "[%s] and [%s] have the same key_id %s",
+                       t->v[first]->name, c->name, c->key_id);
     }
 }
 
 static struct client *client_find_by_key_id(const struct client_table *t,
                                             const unsigned char key[32])
 {
-    if (!t->nbuckets)
-        return NULL;
-    for (struct client *c = t->buckets[key_hash(key, t->nbuckets)]; c; c = c->hash_next)
-        if (memcmp(c->key_bin, key, 32) == 0)
-            return c;
-    return NULL;
+    char hex[65];
+    hex_encode_upper(key, 32, hex);
+    size_t pos = name_index_find(&t->keys, hex, client_key_at, t);
+    return pos == SIZE_MAX ? NULL : t->v[pos];
 }
 
 static struct client *client_find_by_name(const struct client_table *t, const char *name)
@@ -1780,9 +1929,21 @@ static struct client *client_find_by_name(const struct client_table *t, const ch
     return pos == SIZE_MAX ? NULL : t->v[pos];
 }
 
-/* ---- timer heap ---------------------------------------------------------
- * Each client has at most one entry, keyed on its nearest timer, so the
- * loop finds the next deadline in O(1) whatever the number of clients. */
+static void client_table_clear(struct client_table *t)
+{
+    for (size_t i = 0; i < t->n; i++)
+        client_free(t->v[i]);
+    free(t->v);
+    name_index_free(&t->names);
+    name_index_free(&t->keys);
+    memset(t, 0, sizeof *t);
+}
+
+/* ---- timers ---------------------------------------------------------------
+ * The table keeps a lower bound of all client timers, lowered as timers
+ * are set.  Only when it is reached are the clients scanned, which runs
+ * what is due and finds the true next one: with thousands of clients the
+ * loop does no per-client work on a turn without a due timer. */
 
 static int64_t client_next_event(const struct client *c)
 {
@@ -1794,63 +1955,12 @@ static int64_t client_next_event(const struct client *c)
     return t;
 }
 
-static void heap_swap(struct client_table *t, size_t a, size_t b)
-{
-    struct client *tmp = t->heap[a];
-    t->heap[a] = t->heap[b];
-    t->heap[b] = tmp;
-    t->heap[a]->heap_pos = a;
-    t->heap[b]->heap_pos = b;
-}
-
-static void heap_sift(struct client_table *t, size_t i)
-{
-    while (i > 0) {
-        size_t up = (i - 1) / 2;
-        if (client_next_event(t->heap[up]) <= client_next_event(t->heap[i]))
-            break;
-        heap_swap(t, up, i);
-        i = up;
-    }
-    for (;;) {
-        size_t l = 2 * i + 1, r = l + 1, m = i;
-        if (l < t->heap_n && client_next_event(t->heap[l]) < client_next_event(t->heap[m]))
-            m = l;
-        if (r < t->heap_n && client_next_event(t->heap[r]) < client_next_event(t->heap[m]))
-            m = r;
-        if (m == i)
-            break;
-        heap_swap(t, i, m);
-        i = m;
-    }
-}
-
-static void heap_remove(struct client_table *t, struct client *c)
-{
-    size_t i = c->heap_pos;
-    if (i == NO_HEAP)
-        return;
-    c->heap_pos = NO_HEAP;
-    if (--t->heap_n == i)
-        return;
-    t->heap[i] = t->heap[t->heap_n];
-    t->heap[i]->heap_pos = i;
-    heap_sift(t, i);
-}
-
 /* Call after changing any of a client's timers. */
-static void client_reschedule(struct client_table *t, struct client *c)
+static void client_reschedule(struct client_table *t, const struct client *c)
 {
-    if (!client_next_event(c)) {
-        heap_remove(t, c);
-        return;
-    }
-    if (c->heap_pos == NO_HEAP) {
-        grow((void **)&t->heap, &t->heap_cap, t->heap_n + 1, sizeof *t->heap);
-        c->heap_pos = t->heap_n;
-        t->heap[t->heap_n++] = c;
-    }
-    heap_sift(t, c->heap_pos);
+    int64_t e = client_next_event(c);
+    if (e && (!t->next_event || e < t->next_event))
+        t->next_event = e;
 }
 
 /* ---- life cycle ---------------------------------------------------------- */
@@ -1880,7 +1990,6 @@ static void client_disable(struct server *srv, struct client *c, const char *why
     c->cur.enabled = false;
     c->expires = 0;
     c->next_checker = 0;
-    client_reschedule(&srv->clients, c);
     checker_stop(srv, c);
     state_changed(srv, true);
     /* waiting connections learn now, not at their deadline */
@@ -1923,14 +2032,10 @@ static void client_remove(struct server *srv, struct client *c)
     checker_stop(srv, c);        /* one started by hand while disabled */
     conn_drop_for_client(srv, c);
     struct client_table *t = &srv->clients;
-    heap_remove(t, c);
-    for (size_t i = 0; i < t->n; i++)
-        if (t->v[i] == c) {
-            memmove(&t->v[i], &t->v[i + 1], (t->n - i - 1) * sizeof *t->v);
-            t->n--;
-            break;
-        }
-    client_table_reindex(t);
+    size_t i = name_index_find(&t->names, c->name, client_name_at, t);
+    memmove(&t->v[i], &t->v[i + 1], (t->n - i - 1) * sizeof *t->v);
+    t->n--;
+    client_table_index(t, NULL);
     client_free(c);
     state_changed(srv, true);
 }
@@ -1965,44 +2070,177 @@ static void client_run_timers(struct server *srv, struct client *c, int64_t now)
         if (!c->checker_pid)
             checker_start(srv, c);
     }
-    client_reschedule(&srv->clients, c);
 }
 
-/* ---- reading clients.conf ------------------------------------------------ */
+/* Run every due client timer (each client once), then find the next. */
+static void clients_run_timers(struct server *srv, int64_t now)
+{
+    struct client_table *t = &srv->clients;
+    if (!t->next_event || t->next_event > now)
+        return;
+    t->next_event = 0;
+    for (size_t i = 0; i < t->n; i++) {
+        int64_t e = client_next_event(t->v[i]);
+        if (e && e <= now)
+            client_run_timers(srv, t->v[i], now);
+        client_reschedule(t, t->v[i]);
+    }
+}
 
-struct cfg_key {
-    const char *name;
-    const char *builtin;         /* default visible to %(name)s, or NULL */
-};
+/* ---- reload ---------------------------------------------------------------- */
 
-/* Every clients.conf key we understand (others are allowed and usable in
- * %(name)s).  The manual's consistency test reads this table. */
-static const struct cfg_key client_keys[] = {
-    { "key_id", "" },
-    { "fingerprint", NULL },
-    { "secret", NULL },
-    { "secfile", NULL },
-    { "host", "" },
-    { "checker", "fping -q -- %%(host)s" },
-    { "timeout", "PT5M" },
-    { "extended_timeout", "PT15M" },
-    { "interval", "PT2M" },
-    { "approval_delay", "PT0S" },
-    { "approval_duration", "PT1S" },
-    { "approved_by_default", "True" },
-    { "enabled", "True" },
-};
+/* Make `n`, read from the edited clients.conf, the successor of the
+ * running `old`: it takes over run-time state, checker and connections.
+ * Returns what an edited `enabled` line asks for (+1, -1 or 0). */
+static int client_succeed(struct server *srv, struct client *n, struct client *old)
+{
+    /* a key replaced in clients.conf is a key revoked */
+    bool same_key = n->indexed && old->indexed && streq(n->key_id, old->key_id);
+    if (!same_key)
+        conn_drop_for_client(srv, old);
+    client_reconcile(n, old);
+    int change = (int)n->cur.enabled - (int)old->cur.enabled;
+    n->cur.enabled = old->cur.enabled;
+    n->checker_pid = old->checker_pid;
+    old->checker_pid = 0;
+    n->approved = old->approved;
+    n->approval_reset = old->approval_reset;
+    n->approvals_pending = old->approvals_pending;
+    n->expires = old->expires;
+    n->next_checker = old->next_checker;
+    if (memcmp(n->secret_hash, old->secret_hash, 32) == 0) {
+        /* config secret unchanged: keep one set at run time, if any */
+        unsigned char *s = n->secret;
+        size_t sl = n->secret_len;
+        n->secret = old->secret;
+        n->secret_len = old->secret_len;
+        old->secret = s;
+        old->secret_len = sl;
+    }
+    if (same_key)
+        conn_follow_client(srv, old, n);
+    return change;
+}
 
-#define N_CLIENT_KEYS (sizeof client_keys / sizeof client_keys[0])
+/* Put the clients of a reloaded clients.conf in place of the running
+ * ones: kept clients carry their state over, new ones are scheduled,
+ * removed ones lose their checker and connections.  Takes `fresh`. */
+static void clients_replace(struct server *srv, struct client_table *fresh)
+{
+    struct client_table *t = &srv->clients;
+    int64_t now = mono_ms();
+    int *change = xcalloc(fresh->n + 1, sizeof *change);
+    for (size_t i = 0; i < fresh->n; i++) {
+        struct client *n = fresh->v[i];
+        struct client *old = client_find_by_name(t, n->name);
+        if (old) {
+            change[i] = client_succeed(srv, n, old);
+            continue;
+        }
+        log_info("Adding client %s", n->name);
+        client_schedule_first_checker(fresh, n, now);
+    }
+    for (size_t i = 0; i < t->n; i++) {
+        if (client_find_by_name(fresh, t->v[i]->name))
+            continue;
+        log_info("Removing client %s", t->v[i]->name);
+        checker_stop(srv, t->v[i]);
+        conn_drop_for_client(srv, t->v[i]);
+    }
+    client_table_clear(t);
+    *t = *fresh;
+    client_table_index(t, NULL);
+    for (size_t i = 0; i < t->n; i++) {
+        client_reschedule(t, t->v[i]);
+        if (change[i] > 0)
+            client_enable(srv, t->v[i], now);
+        else if (change[i] < 0)
+            client_disable(srv, t->v[i], "disabled in clients.conf");
+    }
+    free(change);
+}
 
+/* ---- checker commands: the run-time %(name)s syntax ----------------------- */
+
+static bool checker_name_known(const char *name, size_t n)
+{
+    for (size_t i = 0; i < N_FIELDS; i++)
+        if ((client_fields[i].flags & F_ATTR) && strlen(client_fields[i].name) == n
+            && memcmp(client_fields[i].name, name, n) == 0)
+            return true;
+    return false;
+}
+
+/* Why %(name)s cannot be expanded: the name is not an attribute. */
+static void checker_unknown(const char *name, size_t n, char *why, size_t whylen)
+{
+    int w = snprintf(why, whylen, "unknown attribute %%(%.*s)s (known:",
+                     (int)(n > 40 ? 40 : n), name);
+    for (size_t i = 0; i < N_FIELDS; i++)
+        if ((client_fields[i].flags & F_ATTR) && w > 0 && (size_t)w < whylen)
+            w += snprintf(why + w, whylen - (size_t)w, " %s", client_fields[i].name);
+    if (w > 0 && (size_t)w + 1 < whylen)
+        snprintf(why + w, whylen - (size_t)w, ")");
+}
+
+/* Walk a checker command: calls `emit` for literal text and for each
+ * %(name)s.  Returns -1 with `why` on a reference we cannot expand. */
+static int checker_walk(const char *cmd, char *why, size_t whylen,
+                        void (*emit)(void *ctx, const char *text, size_t n, bool is_name),
+                        void *ctx)
+{
+    const char *p = cmd;
+    while (*p) {
+        const char *pct = strchr(p, '%');
+        if (!pct) {
+            emit(ctx, p, strlen(p), false);
+            break;
+        }
+        emit(ctx, p, (size_t)(pct - p), false);
+        if (pct[1] == '%') {
+            emit(ctx, "%", 1, false);
+            p = pct + 2;
+            continue;
+        }
+        const char *close = pct[1] == '(' ? strchr(pct + 2, ')') : NULL;
+        if (!close || close[1] != 's') {
+            snprintf(why, whylen, "cannot expand \"%.30s\" at run time "
+                     "(write %%%%(name)s for an attribute, %%%%%%%% for a literal %%)", pct);
+            return -1;
+        }
+        size_t n = (size_t)(close - pct - 2);
+        if (!checker_name_known(pct + 2, n)) {
+            checker_unknown(pct + 2, n, why, whylen);
+            return -1;
+        }
+        emit(ctx, pct + 2, n, true);
+        p = close + 2;
+    }
+    return 0;
+}
+
+static void checker_ignore(void *ctx, const char *text, size_t n, bool is_name)
+{
+    (void)ctx; (void)text; (void)n; (void)is_name;
+}
+
+/* Read-time check, so a bad command is a config error, not a silent stop. */
+static int checker_validate(const char *cmd, char *why, size_t whylen)
+{
+    return checker_walk(cmd, why, whylen, checker_ignore, NULL);
+}
+
+/* ---- reading clients.conf ------------------------------------------------- */
+
+/* The defaults of client_fields, as the INI parser's built-ins. */
 static const struct ini_default *client_builtins(void)
 {
-    static struct ini_default table[N_CLIENT_KEYS + 1];
+    static struct ini_default table[N_FIELDS + 1];
     size_t n = 0;
     if (!table[0].name)
-        for (size_t i = 0; i < N_CLIENT_KEYS; i++)
-            if (client_keys[i].builtin)
-                table[n++] = (struct ini_default){ client_keys[i].name, client_keys[i].builtin };
+        for (size_t i = 0; i < N_FIELDS; i++)
+            if (client_fields[i].dflt)
+                table[n++] = (struct ini_default){ client_fields[i].name, client_fields[i].dflt };
     return table;
 }
 
@@ -2048,33 +2286,44 @@ static char *client_value(struct client_reader *r, const char *name, int *line)
     return out.data;
 }
 
-static int client_read_duration(struct client_reader *r, const char *name, int64_t *ms)
+/* Why a setting's text is refused, or NULL; the value is stored. */
+static const char *client_parse_setting(struct client *c, const struct client_field *f,
+                                        const char *text, char *why, size_t whylen)
 {
-    int line, rc = 0;
-    char *v = client_value(r, name, &line);
-    const char *why;
-    if (v && duration_parse(v, ms, &why) < 0) {
-        diag_error(r->diag, line, "[%s] %s = \"%s\": %s", r->sec->name, name, v, why);
-        rc = -1;
-    } else if (v && streq(name, "interval") && *ms == 0) {
-        diag_error(r->diag, line, "[%s] interval must be longer than zero", r->sec->name);
-        rc = -1;
-    }
-    free(v);
-    return rc;
+    const char *bad = NULL;
+    int64_t ms = 0;
+    bool flag = false;
+    if (f->type == CF_STR && (f->flags & F_COMMAND) && checker_validate(text, why, whylen) < 0)
+        bad = why;
+    if (f->type == CF_STR)
+        *CF_AT(c, f, char *) = xstrdup(text);
+    else if (f->type == CF_MS && duration_parse(text, &ms, &bad) == 0)
+        client_set_number(c, f, ms);
+    else if (f->type == CF_BOOL && parse_bool(text, &flag) == 0)
+        client_set_number(c, f, flag);
+    else if (f->type == CF_BOOL)
+        bad = "not a boolean (use true or false)";
+    return bad;
 }
 
-static void client_read_bool(struct client_reader *r, const char *name, bool *out)
+/* One run-time setting: its text is kept, its value parsed by type. */
+static void client_read_setting(struct client_reader *r, struct client *c, size_t i)
 {
+    const struct client_field *f = &client_fields[i];
     int line;
-    char *v = client_value(r, name, &line);
-    if (v && parse_bool(v, out) < 0)
-        diag_error(r->diag, line, "[%s] %s = \"%s\": not a boolean (use true or false)",
-                   r->sec->name, name, v);
-    free(v);
+    char *text = client_value(r, f->name, &line);
+    char why[200];
+    c->conf_text[i] = text ? text : xstrdup("");
+    const char *bad = client_parse_setting(c, f, c->conf_text[i], why, sizeof why);
+    if (!text)
+        return;                  /* unset: its error was reported */
+    if (bad && (f->flags & F_COMMAND))
+        diag_error(r->diag, line, "[%s] %s: %s", r->sec->name, f->name, bad);
+    else if (bad)
+        diag_error(r->diag, line, "[%s] %s = \"%s\": %s", r->sec->name, f->name, text, bad);
+    else if ((f->flags & F_POSITIVE) && client_number(c, f, 0, 0) == 0)
+        diag_error(r->diag, line, "[%s] %s must be longer than zero", r->sec->name, f->name);
 }
-
-static int checker_validate(const char *cmd, char *why, size_t whylen);
 
 /* Expand $VAR, ${VAR} and a leading ~ or ~user in a secfile path. */
 static void path_expand(const char *in, struct buf *out)
@@ -2122,53 +2371,56 @@ static void path_expand(const char *in, struct buf *out)
     }
 }
 
+/* The raw bytes of secfile `file`, relative to the config directory. */
+static void client_read_secfile(struct client_reader *r, const char *file, int line,
+                                struct buf *secret)
+{
+    struct buf path = { 0 };
+    path_expand(file, &path);
+    /* relative to the config directory, not to wherever we started */
+    if (!path.len || read_file_at(r->config_dirfd, path.data, secret) < 0)
+        diag_error(r->diag, line, "[%s] secfile \"%s%s%s\": %s", r->sec->name,
+                   path.len && path.data[0] != '/' ? r->configdir : "",
+                   path.len && path.data[0] != '/' ? "/" : "",
+                   path.len ? path.data : "", path.len ? strerror(errno) : "empty path");
+    buf_free(&path);
+}
+
 /* The secret: base64 `secret`, else the raw bytes of `secfile`. */
 static void client_read_secret(struct client_reader *r, struct client *c)
 {
-    int line;
+    int line, file_line;
     char *b64 = client_value(r, "secret", &line);
+    char *file = client_value(r, "secfile", &file_line);
     struct buf secret = { 0 };
-    if (b64) {
-        const char *why;
-        if (base64_decode_lenient(b64, strlen(b64), &secret, &why) < 0)
-            diag_error(r->diag, line, "[%s] secret: %s", r->sec->name, why);
-        free_wiped(b64);
-    } else {
-        char *file = client_value(r, "secfile", &line);
-        if (!file) {
-            if (ini_lookup(r->ini, r->sec, "secfile", NULL, NULL) == NULL)
-                diag_error(r->diag, r->sec->line, "[%s] has neither secret nor secfile",
-                           r->sec->name);
-            return;
-        }
-        struct buf path = { 0 };
-        path_expand(file, &path);
-        /* relative to the config directory, not to wherever we started */
-        if (!path.len || read_file_at(r->config_dirfd, path.data, &secret) < 0)
-            diag_error(r->diag, line, "[%s] secfile \"%s%s%s\": %s", r->sec->name,
-                       path.len && path.data[0] != '/' ? r->configdir : "",
-                       path.len && path.data[0] != '/' ? "/" : "",
-                       path.len ? path.data : "", path.len ? strerror(errno) : "empty path");
-        buf_free(&path);
-        free(file);
-    }
+    const char *why;
+    if (b64 && base64_decode_lenient(b64, strlen(b64), &secret, &why) < 0)
+        diag_error(r->diag, line, "[%s] secret: %s", r->sec->name, why);
+    else if (!b64 && file)
+        client_read_secfile(r, file, file_line, &secret);
+    else if (!b64 && !ini_lookup(r->ini, r->sec, "secfile", NULL, NULL))
+        diag_error(r->diag, r->sec->line, "[%s] has neither secret nor secfile",
+                   r->sec->name);
+    free_wiped(b64);
+    free(file);
     c->secret_len = secret.len;
     c->secret = xcalloc(1, secret.len + 1);
     if (secret.len)
         memcpy(c->secret, secret.data, secret.len);
-    sha256(c->secret, c->secret_len, c->conf.secret_hash);
+    sha256(c->secret, c->secret_len, c->secret_hash);
     buf_wipe(&secret);
 }
 
 static void client_read_ids(struct client_reader *r, struct client *c)
 {
     int line;
+    unsigned char bin[32];
     char *v = client_value(r, "key_id", &line);
     char *id = key_id_normalise(v ? v : "");
     free(v);
     if (!*id) {
         log_warn("client %s has no key_id: it can never be identified", c->name);
-    } else if (hex_decode(id, c->key_bin, 32) < 0) {
+    } else if (hex_decode(id, bin, 32) < 0) {
         diag_error(r->diag, line, "[%s] key_id \"%s\": expected 64 hexadecimal digits",
                    r->sec->name, id);
     } else if (streq(id, EMPTY_KEY_ID)) {
@@ -2190,34 +2442,18 @@ static struct client *client_from_section(struct client_reader *r)
     struct client *c = xcalloc(1, sizeof *c);
     c->name = xstrdup(r->sec->name);
     c->config_line = r->sec->line;
-    c->heap_pos = NO_HEAP;
     c->last_checker_status = -2;
-    /* Every key is interpolated, unknown ones included, so that a broken
-     * %(name)s anywhere in the section is reported. */
-    for (size_t k = 0; k < r->sec->nkeys; k++)
-        free_wiped(client_value(r, r->sec->keys[k].name, NULL));
+    for (size_t i = 0; i < N_RUN; i++)
+        client_read_setting(r, c, i);
     client_read_ids(r, c);
     client_read_secret(r, c);
-    char *host = client_value(r, "host", NULL);
-    c->conf.host = host ? host : xstrdup("");
-    int line;
-    char *checker = client_value(r, "checker", &line);
-    char why[200];
-    if (checker && checker_validate(checker, why, sizeof why) < 0)
-        diag_error(r->diag, line, "[%s] checker: %s", r->sec->name, why);
-    c->conf.checker = checker ? checker : xstrdup("");
-    client_read_duration(r, "timeout", &c->conf.timeout);
-    client_read_duration(r, "extended_timeout", &c->conf.extended_timeout);
-    client_read_duration(r, "interval", &c->conf.interval);
-    client_read_duration(r, "approval_delay", &c->conf.approval_delay);
-    client_read_duration(r, "approval_duration", &c->conf.approval_duration);
-    client_read_bool(r, "approved_by_default", &c->conf.approved_by_default);
-    client_read_bool(r, "enabled", &c->conf.enabled);
-    for (size_t f = 0; f < N_SETTINGS; f++) {
-        char *text = client_value(r, settings_fields[f].name, NULL);
-        c->conf_text[f] = text ? text : xstrdup("");
+    /* Keys we do not know are interpolated too, so that a broken %(name)s
+     * anywhere in the section is reported. */
+    for (size_t k = 0; k < r->sec->nkeys; k++) {
+        const struct client_field *f = client_field(r->sec->keys[k].name);
+        if (!f || !(f->flags & F_CONF))
+            free_wiped(client_value(r, r->sec->keys[k].name, NULL));
     }
-    settings_copy(&c->cur, &c->conf);
     /* a client seen for the first time; saved state overrides both */
     c->created = wall_us();
     if (c->cur.enabled)
@@ -2236,37 +2472,13 @@ static int clients_from_buffer(const char *data, size_t len, const char *configd
     struct client_reader r = { &ini, NULL, diag, configdir, config_dirfd };
     for (size_t i = 1; i < ini.n; i++) {
         r.sec = &ini.sections[i];
-        struct client *c = client_from_section(&r);
         grow((void **)&out->v, &out->cap, out->n + 1, sizeof *out->v);
-        out->v[out->n++] = c;
+        out->v[out->n++] = client_from_section(&r);
     }
     /* Two clients with one key_id: the reference picks one at random. */
-    client_table_reindex(out);
-    for (size_t i = 0; i < out->n; i++) {
-        struct client *c = out->v[i];
-        struct client *first = c->indexed ? client_find_by_key_id(out, c->key_bin) : NULL;
-        if (first && first != c) {
-            /* the bucket chain holds later clients first */
-            diag_error(diag, first->config_line > c->config_line ? first->config_line
-                       : c->config_line, "[%s] and [%s] have the same key_id %s",
-                       c->config_line < first->config_line ? c->name : first->name,
-                       c->config_line < first->config_line ? first->name : c->name,
-                       c->key_id);
-        }
-    }
+    client_table_index(out, diag);
     ini_free(&ini);
     return diag->count;
-}
-
-static void client_table_clear(struct client_table *t)
-{
-    for (size_t i = 0; i < t->n; i++)
-        client_free(t->v[i]);
-    free(t->v);
-    free(t->buckets);
-    free(t->heap);
-    name_index_free(&t->names);
-    memset(t, 0, sizeof *t);
 }
 
 /* Read <configdir>/clients.conf through the directory descriptor opened
@@ -2300,75 +2512,10 @@ static int clients_load(const char *configdir, int config_dirfd, struct diag *di
 /*    expanded at each run with the client's attributes, shell-quoted.    */
 /* ===================================================================== */
 
-
-/* Names usable as %(name)s in a checker at run time. */
-static const char *const checker_names[] = {
-    "approval_delay", "approval_duration", "created", "dbus_object_path",
-    "enabled", "expires", "fingerprint", "host", "interval", "key_id",
-    "last_approval_request", "last_checked_ok", "last_enabled", "name",
-    "timeout",
-};
-
-static bool checker_name_known(const char *name, size_t n)
-{
-    for (size_t i = 0; i < sizeof checker_names / sizeof checker_names[0]; i++)
-        if (strlen(checker_names[i]) == n && memcmp(checker_names[i], name, n) == 0)
-            return true;
-    return false;
-}
-
-/* Walk a checker command: calls `emit` for literal text and for each
- * %(name)s.  Returns -1 with `why` on a reference we cannot expand. */
-static int checker_walk(const char *cmd, char *why, size_t whylen,
-                        void (*emit)(void *ctx, const char *text, size_t n, bool is_name),
-                        void *ctx)
-{
-    const char *p = cmd;
-    while (*p) {
-        const char *pct = strchr(p, '%');
-        if (!pct) {
-            emit(ctx, p, strlen(p), false);
-            break;
-        }
-        emit(ctx, p, (size_t)(pct - p), false);
-        if (pct[1] == '%') {
-            emit(ctx, "%", 1, false);
-            p = pct + 2;
-            continue;
-        }
-        const char *close = pct[1] == '(' ? strchr(pct + 2, ')') : NULL;
-        if (!close || close[1] != 's') {
-            snprintf(why, whylen, "cannot expand \"%.30s\" at run time "
-                     "(write %%%%(name)s for an attribute, %%%%%%%% for a literal %%)", pct);
-            return -1;
-        }
-        size_t n = (size_t)(close - pct - 2);
-        if (!checker_name_known(pct + 2, n)) {
-            int w = snprintf(why, whylen, "unknown attribute %%(%.*s)s (known:",
-                             (int)(n > 40 ? 40 : n), pct + 2);
-            for (size_t i = 0; i < sizeof checker_names / sizeof checker_names[0]; i++)
-                if (w > 0 && (size_t)w < whylen)
-                    w += snprintf(why + w, whylen - (size_t)w, " %s", checker_names[i]);
-            if (w > 0 && (size_t)w + 1 < whylen)
-                snprintf(why + w, whylen - (size_t)w, ")");
-            return -1;
-        }
-        emit(ctx, pct + 2, n, true);
-        p = close + 2;
-    }
-    return 0;
-}
-
-static void checker_ignore(void *ctx, const char *text, size_t n, bool is_name)
-{
-    (void)ctx; (void)text; (void)n; (void)is_name;
-}
-
-/* Start-up check, so a bad command is a config error, not a silent stop. */
-static int checker_validate(const char *cmd, char *why, size_t whylen)
-{
-    return checker_walk(cmd, why, whylen, checker_ignore, NULL);
-}
+/* What section 10 publishes on D-Bus; no-ops without it. */
+static void bus_checker_started(struct server *srv, const struct client *c,
+                                const char *command);
+static void bus_checker_completed(struct server *srv, const struct client *c, int status);
 
 /* POSIX shell quoting: bare if only safe characters, else '...'. */
 static void shell_quote(const char *s, size_t n, struct buf *out)
@@ -2390,59 +2537,6 @@ static void shell_quote(const char *s, size_t n, struct buf *out)
     buf_addc(out, '\'');
 }
 
-/* D-Bus object path of a client: "/clients/" and the name with '.' and
- * '-' replaced by '_', as the reference does.  An object path element
- * allows only ASCII letters, digits and '_', so we replace every other
- * byte by '_' as well (the reference fails on such names); an empty name
- * becomes "_". */
-static void client_object_path(const struct client *c, struct buf *out)
-{
-    buf_adds(out, "/clients/");
-    for (const char *p = c->name; *p; p++) {
-        unsigned char ch = (unsigned char)*p;
-        bool ok = ch < 0x80 && (isalnum(ch) || ch == '_');
-        buf_addc(out, ok ? (char)ch : '_');
-    }
-    if (!*c->name)
-        buf_addc(out, '_');
-}
-
-/* A monotonic deadline as wall-clock µs, for display and saving. */
-static int64_t mono_to_wall(int64_t mono, int64_t now_mono, int64_t now_wall)
-{
-    return now_wall + (mono - now_mono) * 1000;
-}
-
-static void render_time_or_none(int64_t us, struct buf *out)
-{
-    if (us)
-        timestamp_render(us, ' ', out);
-    else
-        buf_adds(out, "None");
-}
-
-/* One attribute's value as the reference renders it (before quoting). */
-static void checker_attribute(const struct client *c, const char *name, struct buf *out)
-{
-    int64_t now = mono_ms();
-    if (streq(name, "name")) buf_adds(out, c->name);
-    else if (streq(name, "host")) buf_adds(out, c->cur.host);
-    else if (streq(name, "key_id")) buf_adds(out, c->key_id);
-    else if (streq(name, "fingerprint")) buf_adds(out, c->fingerprint);
-    else if (streq(name, "enabled")) buf_adds(out, c->cur.enabled ? "True" : "False");
-    else if (streq(name, "timeout")) duration_render(c->cur.timeout, out);
-    else if (streq(name, "interval")) duration_render(c->cur.interval, out);
-    else if (streq(name, "approval_delay")) duration_render(c->cur.approval_delay, out);
-    else if (streq(name, "approval_duration")) duration_render(c->cur.approval_duration, out);
-    else if (streq(name, "created")) render_time_or_none(c->created, out);
-    else if (streq(name, "last_enabled")) render_time_or_none(c->last_enabled, out);
-    else if (streq(name, "last_checked_ok")) render_time_or_none(c->last_checked_ok, out);
-    else if (streq(name, "last_approval_request")) render_time_or_none(c->last_approval_request, out);
-    else if (streq(name, "expires"))
-        render_time_or_none(c->expires ? mono_to_wall(c->expires, now, wall_us()) : 0, out);
-    else if (streq(name, "dbus_object_path")) client_object_path(c, out);
-}
-
 struct expand_ctx {
     const struct client *client;
     struct buf *out;
@@ -2459,7 +2553,7 @@ static void checker_emit(void *ctx, const char *text, size_t n, bool is_name)
     struct buf value = { 0 };
     snprintf(name, sizeof name, "%.*s", (int)n, text);
     buf_adds(&value, "");
-    checker_attribute(e->client, name, &value);
+    client_render(e->client, client_field(name), &value);
     shell_quote(value.data, value.len, e->out);
     buf_free(&value);
 }
@@ -2567,11 +2661,12 @@ static void checker_reap(struct server *srv)
     }
 }
 
+
 /* ===================================================================== */
 /* 7. Persistence                                                        */
 /*    <statedir>/clients.state: our own line-based text format, written   */
-/*    atomically after every change that matters, so a kill -9 loses      */
-/*    nothing.  Never a secret; only a hash of the configured one.        */
+/*    atomically, at once after a change that matters and within 2 s of   */
+/*    a routine one, which is what a kill -9 can lose.  Never a secret.   */
 /* ===================================================================== */
 
 #define STATE_FILE "clients.state"
@@ -2582,16 +2677,22 @@ static void state_escape(const char *s, struct buf *out)
 {
     for (; *s; s++) {
         unsigned char ch = (unsigned char)*s;
-        if (ch == '\\') buf_adds(out, "\\\\");
-        else if (ch == '\n') buf_adds(out, "\\n");
-        else if (ch == '\t') buf_adds(out, "\\t");
-        else if (ch < 0x20 || ch == 0x7f) buf_printf(out, "\\x%02X", ch);
-        else buf_addc(out, (char)ch);
+        if (ch == '\\')
+            buf_adds(out, "\\\\");
+        else if (ch == '\n')
+            buf_adds(out, "\\n");
+        else if (ch == '\t')
+            buf_adds(out, "\\t");
+        else if (ch < 0x20 || ch == 0x7f)
+            buf_printf(out, "\\x%02X", ch);
+        else
+            buf_addc(out, (char)ch);
     }
 }
 
 static int state_unescape(const char *s, struct buf *out)
 {
+    out->len = 0;
     buf_adds(out, "");
     for (; *s; s++) {
         if (*s != '\\') {
@@ -2599,44 +2700,45 @@ static int state_unescape(const char *s, struct buf *out)
             continue;
         }
         s++;
-        if (*s == '\\') buf_addc(out, '\\');
-        else if (*s == 'n') buf_addc(out, '\n');
-        else if (*s == 't') buf_addc(out, '\t');
-        else if (*s == 'x' && hex_value((unsigned char)s[1]) >= 0
-                 && hex_value((unsigned char)s[2]) >= 0) {
-            char ch = (char)(hex_value((unsigned char)s[1]) << 4 | hex_value((unsigned char)s[2]));
-            if (ch == '\0')
-                return -1;
-            buf_addc(out, ch);
+        int hi = *s == 'x' ? hex_value((unsigned char)s[1]) : -1;
+        int lo = hi >= 0 ? hex_value((unsigned char)s[2]) : -1;
+        if (*s == '\\' || *s == 'n' || *s == 't') {
+            buf_addc(out, *s == 'n' ? '\n' : *s == 't' ? '\t' : '\\');
+        } else if (lo >= 0 && (hi | lo) != 0) {
+            buf_addc(out, (char)(hi << 4 | lo));
             s += 2;
-        } else
-            return -1;
+        } else {
+            return -1;           /* an unknown escape, or \x00 */
+        }
     }
     return 0;
 }
 
-static void state_put_str(struct buf *out, const char *key, const char *value)
+/* One field's line(s) of a client's record: run-time settings as their
+ * clients.conf text ("text.") and their value ("cur."). */
+static void state_put_field(const struct client *c, size_t i, int64_t now_mono,
+                            int64_t now_wall, struct buf *out)
 {
-    buf_printf(out, "%s ", key);
-    state_escape(value, out);
-    buf_addc(out, '\n');
-}
-
-static void state_put_settings(struct buf *out, const char *prefix,
-                               const struct client_settings *s)
-{
-    for (size_t f = 0; f < N_SETTINGS; f++) {
-        const struct settings_field *fd = &settings_fields[f];
-        const char *base = (const char *)s + fd->offset;
-        char key[64];
-        snprintf(key, sizeof key, "%s%s", prefix, fd->name);
-        if (fd->type == FIELD_STR)
-            state_put_str(out, key, *(char *const *)(const void *)base);
-        else if (fd->type == FIELD_MS)
-            buf_printf(out, "%s %" PRId64 "\n", key, *(const int64_t *)(const void *)base);
-        else
-            buf_printf(out, "%s %d\n", key, *(const bool *)(const void *)base ? 1 : 0);
+    const struct client_field *f = &client_fields[i];
+    char hash[65];
+    if (f->flags & F_RUN) {
+        buf_printf(out, "text.%s ", f->name);
+        state_escape(c->conf_text[i], out);
+        buf_printf(out, "\ncur.%s ", f->name);
+    } else if (f->flags & (F_SAVE | F_HIST)) {
+        buf_printf(out, "%s ", f->name);
+    } else {
+        return;
     }
+    if (f->type == CF_STR) {
+        state_escape(*CF_AT(c, f, char *), out);
+    } else if (f->type == CF_HASH) {
+        hex_encode_upper(CF_AT(c, f, unsigned char), 32, hash);
+        buf_adds(out, hash);
+    } else {
+        buf_printf(out, "%" PRId64, client_number(c, f, now_mono, now_wall));
+    }
+    buf_addc(out, '\n');
 }
 
 /* Serialise every client's state (no secrets). */
@@ -2646,25 +2748,11 @@ static void state_serialise(const struct client_table *t, int64_t now_mono,
     buf_adds(out, STATE_MAGIC "\n# Written by mandos.c; the server rewrites it on "
              "every change.  No secrets here.\n");
     for (size_t i = 0; i < t->n; i++) {
-        const struct client *c = t->v[i];
-        char hash[65];
-        state_put_str(out, "client", c->name);
-        for (size_t f = 0; f < N_SETTINGS; f++) {
-            char key[64];
-            snprintf(key, sizeof key, "text.%s", settings_fields[f].name);
-            state_put_str(out, key, c->conf_text[f]);
-        }
-        state_put_settings(out, "cur.", &c->cur);
-        hex_encode_upper(c->conf.secret_hash, 32, hash);
-        buf_printf(out, "secret_sha256 %s\n", hash);
-        buf_printf(out, "created %" PRId64 "\n", c->created);
-        buf_printf(out, "last_enabled %" PRId64 "\n", c->last_enabled);
-        buf_printf(out, "last_checked_ok %" PRId64 "\n", c->last_checked_ok);
-        buf_printf(out, "last_approval_request %" PRId64 "\n", c->last_approval_request);
-        buf_printf(out, "expires %" PRId64 "\n",
-                   c->expires ? mono_to_wall(c->expires, now_mono, now_wall) : 0);
-        buf_printf(out, "last_checker_status %d\n", c->last_checker_status);
-        buf_printf(out, "last_checker_signal %d\n", c->last_checker_signal);
+        buf_adds(out, "client ");
+        state_escape(t->v[i]->name, out);
+        buf_addc(out, '\n');
+        for (size_t f = 0; f < N_FIELDS; f++)
+            state_put_field(t->v[i], f, now_mono, now_wall, out);
         buf_adds(out, "end\n");
     }
 }
@@ -2728,49 +2816,29 @@ done:
 static int state_read_field(struct client *c, const char *key, const char *val,
                             struct buf *scratch)
 {
+    bool text = strncmp(key, "text.", 5) == 0;
+    bool cur = strncmp(key, "cur.", 4) == 0;
+    const struct client_field *f = client_field(key + (text ? 5 : cur ? 4 : 0));
+    bool run = f && (f->flags & F_RUN);
     long long n;
     bool overflow;
-    if (strncmp(key, "text.", 5) == 0 || strncmp(key, "cur.", 4) == 0) {
-        bool text = key[0] == 't';
-        const char *name = key + (text ? 5 : 4);
-        for (size_t f = 0; f < N_SETTINGS; f++) {
-            const struct settings_field *fd = &settings_fields[f];
-            if (!streq(fd->name, name))
-                continue;
-            if (text || fd->type == FIELD_STR) {
-                if (state_unescape(val, scratch) < 0)
-                    return -1;
-                char **slot = text ? &c->conf_text[f]
-                    : (char **)(void *)((char *)&c->cur + fd->offset);
-                free(*slot);
-                *slot = xstrdup(scratch->data);
-                scratch->len = 0;
-                return 0;
-            }
-            if (parse_pyint(val, strlen(val), &n, &overflow) < 0 || overflow || n < 0)
-                return -1;
-            if (fd->type == FIELD_MS)
-                *(int64_t *)(void *)((char *)&c->cur + fd->offset) = n;
-            else if (n == 0 || n == 1)
-                *(bool *)(void *)((char *)&c->cur + fd->offset) = n == 1;
-            else
-                return -1;
-            return 0;
-        }
+    if (!f || run != (text || cur) || !(f->flags & (F_RUN | F_SAVE | F_HIST)))
         return -1;
+    if (text || f->type == CF_STR) {
+        if (state_unescape(val, scratch) < 0)
+            return -1;
+        char **slot = text ? &c->conf_text[f - client_fields] : CF_AT(c, f, char *);
+        free(*slot);
+        *slot = xstrdup(scratch->data);
+        return 0;
     }
-    if (streq(key, "secret_sha256"))
-        return hex_decode(val, c->conf.secret_hash, 32);
+    if (f->type == CF_HASH)
+        return hex_decode(val, CF_AT(c, f, unsigned char), 32);
     if (parse_pyint(val, strlen(val), &n, &overflow) < 0 || overflow)
         return -1;
-    if (streq(key, "created")) c->created = n;
-    else if (streq(key, "last_enabled")) c->last_enabled = n;
-    else if (streq(key, "last_checked_ok")) c->last_checked_ok = n;
-    else if (streq(key, "last_approval_request")) c->last_approval_request = n;
-    else if (streq(key, "expires")) c->expires = n;           /* wall µs here */
-    else if (streq(key, "last_checker_status")) c->last_checker_status = (int)n;
-    else if (streq(key, "last_checker_signal")) c->last_checker_signal = (int)n;
-    else return -1;
+    if ((run && n < 0) || (f->type == CF_BOOL && n != 0 && n != 1))
+        return -1;
+    client_set_number(c, f, n);  /* `expires` in wall-clock µs, until applied */
     return 0;
 }
 
@@ -2778,10 +2846,9 @@ static struct client *state_new_record(const char *name)
 {
     struct client *c = xcalloc(1, sizeof *c);
     c->name = xstrdup(name);
-    c->heap_pos = NO_HEAP;
     c->cur.host = xstrdup("");
     c->cur.checker = xstrdup("");
-    for (size_t f = 0; f < N_SETTINGS; f++)
+    for (size_t f = 0; f < N_RUN; f++)
         c->conf_text[f] = xstrdup("");
     return c;
 }
@@ -2828,7 +2895,6 @@ static int state_parse(const char *data, size_t len, struct diag *diag,
                 break;
             }
             cur = state_new_record(scratch.data);
-            scratch.len = 0;
         } else if (streq(line.data, "end") && cur) {
             grow((void **)&out->v, &out->cap, out->n + 1, sizeof *out->v);
             out->v[out->n++] = cur;
@@ -2842,38 +2908,10 @@ static int state_parse(const char *data, size_t len, struct diag *diag,
     if (diag->count == 0 && cur)
         diag_error(diag, lineno, "incomplete: the last client has no \"end\" line");
     client_free(cur);
-    client_table_reindex(out);
+    client_table_index(out, NULL);
     buf_free(&line);
     buf_free(&scratch);
     return diag->count;
-}
-
-/* Carry a client's run-time values over from `saved` (the state file, or
- * the previous configuration on reload).  Settings whose clients.conf text
- * is unchanged keep their run-time value; edited ones take the new one. */
-static void client_reconcile(struct client *fresh, const struct client *saved)
-{
-    fresh->created = saved->created;
-    fresh->last_enabled = saved->last_enabled;
-    fresh->last_checked_ok = saved->last_checked_ok;
-    fresh->last_approval_request = saved->last_approval_request;
-    fresh->last_checker_status = saved->last_checker_status;
-    fresh->last_checker_signal = saved->last_checker_signal;
-    for (size_t f = 0; f < N_SETTINGS; f++) {
-        const struct settings_field *fd = &settings_fields[f];
-        if (!streq(fresh->conf_text[f], saved->conf_text[f]))
-            continue;           /* edited: the config value stands */
-        char *dst = (char *)&fresh->cur + fd->offset;
-        const char *src = (const char *)&saved->cur + fd->offset;
-        if (fd->type == FIELD_STR) {
-            free(*(char **)(void *)dst);
-            *(char **)(void *)dst = xstrdup(*(char *const *)(const void *)src);
-        } else if (fd->type == FIELD_MS) {
-            *(int64_t *)(void *)dst = *(const int64_t *)(const void *)src;
-        } else {
-            *(bool *)(void *)dst = *(const bool *)(const void *)src;
-        }
-    }
 }
 
 /* After restoring: an enabled client whose expiry passed while we were
@@ -2905,7 +2943,7 @@ static void state_apply(struct client_table *clients, struct client_table *saved
         if (!s)
             continue;
         bool was_enabled = s->cur.enabled;
-        if (memcmp(c->conf.secret_hash, s->conf.secret_hash, 32) != 0)
+        if (memcmp(c->secret_hash, s->secret_hash, 32) != 0)
             log_info("The secret of %s changed in clients.conf since the last run", c->name);
         client_reconcile(c, s);
         if (c->cur.enabled && !was_enabled)
@@ -2944,6 +2982,7 @@ static void state_restore(struct server *srv)
     log_debug("Restoring state of %zu clients from %s", saved.n, path);
     state_apply(&srv->clients, &saved);
 }
+
 
 /* ===================================================================== */
 /* 8. Network and TLS connections                                        */
@@ -5698,40 +5737,6 @@ static void signals_install(struct server *srv)
 
 /* ---- reload (SIGHUP) ----------------------------------------------------- */
 
-/* Carry run-time state from the client being replaced to its successor.
- * Returns what an edited `enabled` line asks for (+1 enable, -1 disable,
- * 0 nothing); the caller applies it once the new table is in place. */
-static int reload_carry_over(struct server *srv, struct client *n, struct client *old)
-{
-    client_reconcile(n, old);
-    int change = (int)n->cur.enabled - (int)old->cur.enabled;
-    n->cur.enabled = old->cur.enabled;
-    n->checker_pid = old->checker_pid;
-    old->checker_pid = 0;
-    n->approved = old->approved;
-    n->approval_reset = old->approval_reset;
-    n->approvals_pending = old->approvals_pending;
-    n->expires = old->expires;
-    n->next_checker = old->next_checker;
-    if (memcmp(n->conf.secret_hash, old->conf.secret_hash, 32) == 0) {
-        /* config secret unchanged: keep one set at run time, if any */
-        unsigned char *s = n->secret;
-        size_t sl = n->secret_len;
-        n->secret = old->secret;
-        n->secret_len = old->secret_len;
-        old->secret = s;
-        old->secret_len = sl;
-    }
-    /* Waiting connections follow the client only if its key is the same:
-     * a key replaced in clients.conf is a key revoked. */
-    bool same_key = n->indexed && old->indexed && memcmp(n->key_bin, old->key_bin, 32) == 0;
-    if (same_key)
-        conn_follow_client(srv, old, n);
-    else
-        conn_drop_for_client(srv, old);
-    return change;
-}
-
 static void server_reload(struct server *srv)
 {
     notify_send(srv, "RELOADING=1");
@@ -5746,39 +5751,7 @@ static void server_reload(struct server *srv)
         notify_send(srv, "READY=1");
         return;
     }
-    int64_t now = mono_ms();
-    int *change = xcalloc(fresh.n, sizeof *change);
-    for (size_t i = 0; i < fresh.n; i++) {
-        struct client *n = fresh.v[i];
-        struct client *old = client_find_by_name(&srv->clients, n->name);
-        if (old) {
-            change[i] = reload_carry_over(srv, n, old);
-        } else {
-            log_info("Adding client %s", n->name);
-            client_schedule_first_checker(&fresh, n, now);
-        }
-    }
-    for (size_t i = 0; i < srv->clients.n; i++) {
-        struct client *old = srv->clients.v[i];
-        if (!client_find_by_name(&fresh, old->name)) {
-            log_info("Removing client %s", old->name);
-            checker_stop(srv, old);
-            conn_drop_for_client(srv, old);
-        }
-    }
-    client_table_clear(&srv->clients);
-    srv->clients = fresh;
-    client_table_reindex(&srv->clients);
-    /* added clients are in the heap already; carried-over ones join now */
-    for (size_t i = 0; i < srv->clients.n; i++)
-        client_reschedule(&srv->clients, srv->clients.v[i]);
-    for (size_t i = 0; i < srv->clients.n; i++) {
-        if (change[i] > 0)
-            client_enable(srv, srv->clients.v[i], now);
-        else if (change[i] < 0)
-            client_disable(srv, srv->clients.v[i], "disabled in clients.conf");
-    }
-    free(change);
+    clients_replace(srv, &fresh);
     state_changed(srv, true);
     bus_reloaded(srv);
     log_info("Reloaded: %zu clients", srv->clients.n);
@@ -5809,8 +5782,7 @@ static void signals_drain(struct server *srv)
 static int loop_timeout(const struct server *srv, int64_t now)
 {
     int64_t t[5] = { now + 60000, zc_deadline(srv), bus_deadline(srv), 0, 0 };
-    if (srv->clients.heap_n)
-        t[3] = client_next_event(srv->clients.heap[0]);
+    t[3] = srv->clients.next_event;
     if (srv->state_dirty)
         t[4] = srv->state_urgent ? now : srv->state_saved_at + STATE_SAVE_DELAY_MS;
     int64_t next = t[0];
@@ -5828,13 +5800,7 @@ static void loop_run_timers(struct server *srv, int64_t now)
     for (struct conn *cn = srv->conns_head; cn; cn = cn->next)
         if (cn->state != CONN_CLOSED && cn->deadline <= now)
             conn_expire(srv, cn, now);
-    /* bounded: each client runs at most once per turn */
-    for (size_t guard = srv->clients.heap_n; guard > 0 && srv->clients.heap_n; guard--) {
-        struct client *c = srv->clients.heap[0];
-        if (client_next_event(c) > now)
-            break;
-        client_run_timers(srv, c, now);
-    }
+    clients_run_timers(srv, now);
     if (srv->state_dirty
         && (srv->state_urgent || now >= srv->state_saved_at + STATE_SAVE_DELAY_MS))
         state_save(srv);
@@ -6712,25 +6678,36 @@ static void test_zeroconf(void)
     CHECK(why == NULL);
 }
 
-static void test_timer_heap(void)
+/* The table's bound is never later than a timer; reaching it runs what
+ * is due and finds the next. */
+static void test_timers(void)
 {
-    struct client_table t = { 0 };
-    struct client c[5];
-    memset(c, 0, sizeof c);
-    const int64_t when[5] = { 50, 10, 40, 20, 30 };
-    for (int i = 0; i < 5; i++) {
-        c[i].heap_pos = NO_HEAP;
-        c[i].expires = when[i];
-        client_reschedule(&t, &c[i]);
+    struct server srv;
+    memset(&srv, 0, sizeof srv);
+    srv.state_dirfd = -1;
+    char *errs = parse_clients("[a]\nsecret=\n[b]\nsecret=\n[c]\nsecret=\n", &srv.clients);
+    free(errs);
+    struct client_table *t = &srv.clients;
+    static const int64_t when[3][3] = {   /* expires, next_checker, approval_reset */
+        { 50, 0, 0 }, { 0, 0, 10 }, { 40, 0, 20 },
+    };
+    for (size_t i = 0; i < 3 && t->n == 3; i++) {
+        t->v[i]->expires = when[i][0];
+        t->v[i]->next_checker = when[i][1];
+        t->v[i]->approval_reset = when[i][2];
+        client_reschedule(t, t->v[i]);
     }
-    CHECK(t.heap_n == 5 && t.heap[0] == &c[1]);
-    c[1].expires = 0;
-    client_reschedule(&t, &c[1]);
-    CHECK(t.heap_n == 4 && t.heap[0] == &c[3]);
-    c[0].expires = 1;
-    client_reschedule(&t, &c[0]);
-    CHECK(t.heap[0] == &c[0]);
-    free(t.heap);
+    CHECK(t->n == 3 && t->next_event == 10);
+    clients_run_timers(&srv, 5);
+    CHECK(t->next_event == 10);
+    clients_run_timers(&srv, 10);
+    CHECK(t->n == 3 && t->v[1]->approval_reset == 0 && t->next_event == 20);
+    t->v[2]->approval_reset = 0;          /* a later bound stays until reached */
+    client_reschedule(t, t->v[2]);
+    CHECK(t->next_event == 20);
+    clients_run_timers(&srv, 20);
+    CHECK(t->next_event == 40);
+    client_table_clear(t);
 }
 
 /* The life-cycle entry points a control interface calls. */
@@ -6791,9 +6768,9 @@ static void test_client_remove(void)
     for (size_t i = 0; i < srv.clients.n; i++)
         client_schedule_first_checker(&srv.clients, srv.clients.v[i], now);
     client_remove(&srv, srv.clients.v[1]);
-    CHECK(srv.clients.n == 2 && srv.clients.heap_n == 2 && srv.state_urgent);
+    CHECK(srv.clients.n == 2 && srv.state_urgent);
     CHECK(client_find_by_name(&srv.clients, "last") == srv.clients.v[1]);
-    CHECK(srv.clients.heap[0]->heap_pos == 0 && srv.clients.heap[1]->heap_pos == 1);
+    CHECK(!client_find_by_name(&srv.clients, "x y\xc3\xa9"));
     client_table_clear(&srv.clients);
 }
 
@@ -6816,7 +6793,7 @@ static const struct {
     { "checker expansion and shell quoting", test_checker_expansion },
     { "state file: round trip, corruption", test_state_round_trip },
     { "state: three-way reconciliation", test_reconcile },
-    { "timer heap ordering", test_timer_heap },
+    { "client timers: the bound and running what is due", test_timers },
     { "Zeroconf back end (" ZEROCONF_NAME "): its part of the poll loop", test_zeroconf },
     { "client removal, D-Bus object paths, ISO timestamps", test_client_remove },
 };

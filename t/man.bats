@@ -13,7 +13,8 @@
 #   clients.conf.5.xml the same.
 # mandos.conf keys are those --help lists as "  KEY = DEFAULT" after its
 # line "Settings also come from"; clients.conf keys are the lines
-# `{ "KEY",` between `static const struct cfg_key client_keys[]` and `};`.
+# `{ "KEY",` of `static const struct client_field client_fields[] = {`
+# whose first line has the flag F_CONF.
 #
 # Environment: MANDOS_BIN (default ../mandos), MANDOS_SRC (../mandos.c),
 # DOCBOOK_XSL (the manpages stylesheet of docbook-xsl).
@@ -127,12 +128,12 @@ get_help() {
     [ -s "$BATS_TEST_TMPDIR/help" ]
 }
 
-# src_keys TABLE: keys listed in `static const struct cfg_key TABLE[]`.
+# src_keys TABLE [FLAG]: keys of `TABLE[] = {` rows (with FLAG on their first line).
 src_keys() {
-    awk -v head="static const struct cfg_key $1[]" '
+    awk -v head=" $1[] = {" -v want="${2:-}" '
         index($0, head) { inside = 1; next }
         inside && /};/   { exit }
-        inside           { print }' "$MANDOS_SRC" |
+        inside && (want == "" || index($0, want)) { print }' "$MANDOS_SRC" |
         sed -n 's/^[[:space:]]*{[[:space:]]*"\([^"]*\)"[[:space:]]*,.*/\1/p' |
         sort -u
 }
@@ -231,6 +232,6 @@ check_keys() {
 
 @test "man: clients.conf keys of the parser and mandos-clients.conf.5 agree" {
     need_src
-    src_keys client_keys >"$BATS_TEST_TMPDIR/src.keys"
+    src_keys client_fields F_CONF >"$BATS_TEST_TMPDIR/src.keys"
     check_keys "$BATS_TEST_TMPDIR/src.keys" clients.conf.5.xml
 }
