@@ -138,6 +138,14 @@ usage_error() {
 	[ "$status" -eq 0 ]
 }
 
+@test "cli: an unambiguous prefix --che runs the self-tests too" {
+	need_ours "the reference's self-test prints unittest output"
+	run timeout 60 "$MANDOS_BIN" "${SAFE[@]}" --port "$PORT" --che
+	echo "$output" | tail -n 5
+	[ "$status" -eq 0 ]
+	[[ ${lines[-1]} =~ ^[0-9]+\ passed,\ 0\ failed$ ]]
+}
+
 # ---------------------------------------------------------------- config errors
 
 # config_fails FILE LINE...: with the current $CONF, the server exits 1,
