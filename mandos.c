@@ -5781,8 +5781,8 @@ static void signals_drain(struct server *srv)
 /* Milliseconds poll() may sleep: until the nearest deadline, at most 60 s. */
 static int loop_timeout(const struct server *srv, int64_t now)
 {
-    int64_t t[5] = { now + 60000, zc_deadline(srv), bus_deadline(srv), 0, 0 };
-    t[3] = srv->clients.next_event;
+    int64_t t[5] = { now + 60000, zc_deadline(srv), bus_deadline(srv),
+                     srv->clients.next_event, 0 };
     if (srv->state_dirty)
         t[4] = srv->state_urgent ? now : srv->state_saved_at + STATE_SAVE_DELAY_MS;
     int64_t next = t[0];
