@@ -48,7 +48,24 @@
 /*    block in section 10.                                                */
 /* ===================================================================== */
 
-#define _GNU_SOURCE 1          /* setresuid, SO_BINDTODEVICE, accept4 on glibc */
+/* POSIX.1-2008 with XSI, plus each system's extras where it has them
+ * (setresuid, setgroups, SO_BINDTODEVICE or IP_BOUND_IF, close_range,
+ * pledge): every libc hides those once a POSIX level is asked for. */
+#define _POSIX_C_SOURCE 200809L
+#define _XOPEN_SOURCE 700
+#if defined(__linux__)
+#define _GNU_SOURCE 1          /* glibc, musl: setresuid, setgroups, close_range */
+#elif defined(__APPLE__)
+#define _DARWIN_C_SOURCE 1     /* IP_BOUND_IF, setgroups */
+#elif defined(__sun)
+#define __EXTENSIONS__ 1       /* illumos: IP_BOUND_IF, setgroups */
+#elif defined(__OpenBSD__)
+#define _BSD_SOURCE 1          /* pledge, unveil, setresuid */
+#elif defined(__NetBSD__)
+#define _NETBSD_SOURCE 1       /* setresuid, setgroups */
+#elif defined(__FreeBSD__) || defined(__DragonFly__)
+#define __BSD_VISIBLE 1        /* setresuid, setgroups, close_range */
+#endif
 
 #ifndef HAVE_AVAHI
 #define HAVE_AVAHI 0
@@ -65,7 +82,6 @@
 
 #include <arpa/inet.h>
 #include <ctype.h>
-#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
@@ -136,72 +152,135 @@
 
 #if defined(__GNUC__) || defined(__clang__)
 #define PRINTF_LIKE(f, a) __attribute__((format(printf, f, a)))
-#define UNUSED __attribute__((unused))
 #else
 #define PRINTF_LIKE(f, a)
-#define UNUSED
 #endif
 
+/* make mandos-portable: pretend the Linux extras are missing, so that
+ * Debian compiles and tests the fallbacks below.  Read only here. */
+#ifndef MANDOS_PORTABLE
+#define MANDOS_PORTABLE 0
+#endif
+#if MANDOS_PORTABLE
+#undef SO_BINDTODEVICE
+#undef SOCK_CLOEXEC
+#undef O_CLOEXEC
+#undef MSG_NOSIGNAL
+#undef CLOSE_RANGE_CLOEXEC
+#endif
+
+/* Without these flags a descriptor is born inheritable and cloexec()
+ * marks it right after (one thread: no checker starts in between).
+ * SIGPIPE is ignored process-wide (signals_install): MSG_NOSIGNAL is
+ * a courtesy. */
 #ifndef SOCK_CLOEXEC
-#define SOCK_CLOEXEC 0               /* set with fcntl afterwards anyway */
+#define SOCK_CLOEXEC 0
 #endif
 #ifndef O_CLOEXEC
 #define O_CLOEXEC 0
 #endif
-
-/* setresuid/setresgid where the platform has them (Linux, the BSDs);
- * plain setuid/setgid elsewhere.  Tested once, here. */
-#if defined(__linux__) || defined(__FreeBSD__) || defined(__OpenBSD__) \
-    || defined(__NetBSD__) || defined(__DragonFly__)
-#define HAVE_SETRESUID 1
-#else
-#define HAVE_SETRESUID 0
+#ifndef MSG_NOSIGNAL
+#define MSG_NOSIGNAL 0
 #endif
 
+/* setresuid where the platform has it; elsewhere (macOS, illumos) the
+ * plain calls, which as root set the real, effective and saved IDs. */
+#if (defined(__linux__) || defined(__FreeBSD__) || defined(__OpenBSD__) \
+     || defined(__NetBSD__) || defined(__DragonFly__)) && !MANDOS_PORTABLE
 static int shim_set_ids(uid_t uid, gid_t gid)
 {
-#if HAVE_SETRESUID
     if (setresgid(gid, gid, gid) != 0)
         return -1;
     return setresuid(uid, uid, uid);
+}
 #else
+static int shim_set_ids(uid_t uid, gid_t gid)
+{
     if (setgid(gid) != 0)
         return -1;
     return setuid(uid);
+}
 #endif
+
+/* Every descriptor this program opens is close-on-exec, so that none
+ * reaches a checker: files and sockets are opened through these. */
+static int cloexec(int fd, int born_cloexec)
+{
+    if (fd >= 0 && !born_cloexec && fcntl(fd, F_SETFD, FD_CLOEXEC) < 0) {
+        close(fd);
+        return -1;
+    }
+    return fd;
 }
 
-/* SO_BINDTODEVICE is Linux-only; elsewhere binding to a device is refused
- * with ENOPROTOOPT, exactly what the setsockopt would have said. */
-static int shim_bind_to_device(int fd, const char *ifname)
+static int open_cloexec(int dirfd, const char *path, int flags, mode_t mode)
 {
-#ifdef SO_BINDTODEVICE
-    return setsockopt(fd, SOL_SOCKET, SO_BINDTODEVICE, ifname,
-                      (socklen_t)strlen(ifname) + 1);
+    return cloexec(openat(dirfd, path, flags | O_CLOEXEC, mode), O_CLOEXEC);
+}
+
+static int socket_cloexec(int domain, int type)
+{
+    return cloexec(socket(domain, type | SOCK_CLOEXEC, 0), SOCK_CLOEXEC);
+}
+
+/* Descriptors we inherited must not reach checkers either.  Marked, not
+ * closed: syslog, GnuTLS and our directories already hold descriptors
+ * that closefrom(3) would pull from under them.  close_range marks all
+ * in one call (Linux 5.11, FreeBSD 13); else every number up to the
+ * limit, as /dev/fd may list only 0-2 (FreeBSD without fdescfs). */
+static void cloexec_inherited(void)
+{
+#ifdef CLOSE_RANGE_CLOEXEC
+    if (close_range(3, ~0U, CLOSE_RANGE_CLOEXEC) == 0)
+        return;
+#endif
+    long max = sysconf(_SC_OPEN_MAX);
+    if (max < 0 || max > 1L << 20)
+        max = 1L << 20;
+    for (int fd = 3; fd < max; fd++)
+        fcntl(fd, F_SETFD, FD_CLOEXEC);     /* EBADF for the unused ones */
+}
+
+/* Serve on one interface: SO_BINDTODEVICE (Linux), IP_BOUND_IF (macOS,
+ * illumos).  -1 with ENODEV if there is no such interface, ENOPROTOOPT
+ * if the system cannot bind to one. */
+static int shim_bind_to_device(int fd, int family, const char *ifname)
+{
+    unsigned int index = if_nametoindex(ifname);
+    errno = ENODEV;
+    if (index == 0)
+        return -1;
+#if defined(SO_BINDTODEVICE)
+    (void)family;
+    return setsockopt(fd, SOL_SOCKET, SO_BINDTODEVICE, ifname, (socklen_t)strlen(ifname) + 1);
+#elif defined(IP_BOUND_IF) && defined(IPV6_BOUND_IF)
+    if (family == AF_INET6)
+        return setsockopt(fd, IPPROTO_IPV6, IPV6_BOUND_IF, &index, sizeof index);
+    return setsockopt(fd, IPPROTO_IP, IP_BOUND_IF, &index, sizeof index);
 #else
-    (void)fd; (void)ifname;
+    (void)fd; (void)family;
     errno = ENOPROTOOPT;
     return -1;
 #endif
 }
 
-/* OpenBSD's pledge(2) and unveil(2) after start-up; nothing elsewhere. */
-static int shim_pledge(const char *promises)
+/* OpenBSD: once Zeroconf and D-Bus are connected and the password file
+ * read, keep only the paths and calls the running server needs (a lost
+ * daemon is reconnected through its socket).  Elsewhere: nothing. */
+static int sandbox_enter(const char *configdir, const char *statedir)
 {
 #ifdef __OpenBSD__
-    return pledge(promises, NULL);
+    unveil("/bin/sh", "x");
+    unveil("/dev/null", "rw");
+    unveil("/var/run/dbus/system_bus_socket", "rw");
+    unveil("/var/run/mDNSResponder", "rw");
+    unveil(configdir, "r");
+    unveil(statedir, "rwc");
+    if (unveil(NULL, NULL) != 0)
+        return -1;
+    return pledge("stdio rpath wpath cpath inet unix dns proc exec", NULL);
 #else
-    (void)promises;
-    return 0;
-#endif
-}
-
-static int shim_unveil(const char *path, const char *permissions)
-{
-#ifdef __OpenBSD__
-    return unveil(path, permissions);
-#else
-    (void)path; (void)permissions;
+    (void)configdir; (void)statedir;
     return 0;
 #endif
 }
@@ -540,7 +619,7 @@ static void sha256(const void *data, size_t n, unsigned char out[32])
  * leaves behind: the file may hold secrets. */
 static int read_file_at(int dirfd, const char *path, struct buf *out)
 {
-    int fd = openat(dirfd, path, O_RDONLY | O_CLOEXEC);
+    int fd = open_cloexec(dirfd, path, O_RDONLY, 0);
     if (fd < 0)
         return -1;
     struct stat st;
@@ -2780,7 +2859,7 @@ static int state_save(struct server *srv)
     state_serialise(&srv->clients, mono_ms(), wall_us(), &data);
     char tmp[64];
     snprintf(tmp, sizeof tmp, "%s.tmp-%ld", STATE_FILE, (long)getpid());
-    int fd = openat(srv->state_dirfd, tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    int fd = open_cloexec(srv->state_dirfd, tmp, O_WRONLY | O_CREAT | O_TRUNC, 0600);
     int rc = -1;
     if (fd < 0)
         goto fail;
@@ -3101,16 +3180,19 @@ static int listen_address(const char *text, const struct settings *set, uint16_t
     return scope && !s6->sin6_scope_id ? -1 : 0;
 }
 
-static void listen_bind_device(int fd, const char *interface)
+/* Like the reference, a missing interface is an error but not a fatal
+ * one: the server then serves on every interface.  A system that cannot
+ * bind to an interface at all refuses to start instead. */
+static void listen_bind_device(int fd, int family, const char *interface)
 {
-    if (shim_bind_to_device(fd, interface) == 0)
+    if (shim_bind_to_device(fd, family, interface) == 0)
         return;
     if (errno == EPERM)
         log_err("No permission to bind to interface %s", interface);
-    else if (errno == ENOPROTOOPT)
-        log_err("SO_BINDTODEVICE not available; cannot bind to interface %s", interface);
     else if (errno == ENODEV)
         log_err("Interface %s does not exist, cannot bind", interface);
+    else if (errno == ENOPROTOOPT)
+        fatal("--interface %s: this system cannot bind a socket to an interface", interface);
     else
         fatal("cannot bind to interface %s: %s", interface, strerror(errno));
 }
@@ -3146,14 +3228,14 @@ static void listen_open(struct server *srv)
             fatal("--socket %d: %s", set->socket_fd, strerror(errno));
         close(set->socket_fd);
     } else {
-        fd = socket(set->use_ipv6 ? AF_INET6 : AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        fd = socket_cloexec(set->use_ipv6 ? AF_INET6 : AF_INET, SOCK_STREAM);
         if (fd < 0)
             fatal("cannot create a socket: %s", strerror(errno));
     }
     if (set_nonblock_cloexec(fd) < 0)
         fatal("cannot set up the listening socket: %s", strerror(errno));
     if (*set->interface)
-        listen_bind_device(fd, set->interface);
+        listen_bind_device(fd, set->use_ipv6 ? AF_INET6 : AF_INET, set->interface);
     if (*set->address || set->port > 0)
         listen_bind(fd, set);
     if (listen(fd, SOMAXCONN) < 0)
@@ -5553,25 +5635,6 @@ static int cmdline_action(const struct cmdline *cl)
 
 /* ---- process set-up ------------------------------------------------------ */
 
-/* Inherited descriptors must not leak into checkers. */
-static void fds_mark_cloexec(int keep)
-{
-    DIR *d = opendir("/dev/fd");
-    if (!d)
-        return;
-    int self = dirfd(d);
-    struct dirent *e;
-    while ((e = readdir(d)) != NULL) {
-        long n;
-        if (parse_int_range(e->d_name, 3, INT_MAX, &n) < 0 || n == self || n == keep)
-            continue;
-        int fl = fcntl((int)n, F_GETFD);
-        if (fl >= 0)
-            fcntl((int)n, F_SETFD, fl | FD_CLOEXEC);
-    }
-    closedir(d);
-}
-
 /* The account to run as: _mandos, mandos, or nobody. */
 static void privileges_choose(struct server *srv)
 {
@@ -5616,7 +5679,7 @@ static void statedir_open(struct server *srv)
         created = true;
     else if (errno != EEXIST)
         fatal("cannot create state directory %s: %s", srv->set.statedir, strerror(errno));
-    srv->state_dirfd = open(srv->set.statedir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    srv->state_dirfd = open_cloexec(AT_FDCWD, srv->set.statedir, O_RDONLY | O_DIRECTORY, 0);
     if (srv->state_dirfd < 0)
         fatal("cannot open state directory %s: %s", srv->set.statedir, strerror(errno));
     if (created && geteuid() == 0 && fchown(srv->state_dirfd, srv->run_uid, srv->run_gid) != 0)
@@ -5629,7 +5692,7 @@ static void statedir_open(struct server *srv)
 static void statedir_check_writable(struct server *srv)
 {
     const char *probe = "clients.state.probe";
-    int fd = openat(srv->state_dirfd, probe, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    int fd = open_cloexec(srv->state_dirfd, probe, O_WRONLY | O_CREAT | O_TRUNC, 0600);
     if (fd < 0)
         fatal("state directory %s is not writable by uid %ld (%s); give it to that "
               "user, e.g. chown _mandos: %s", srv->set.statedir, (long)geteuid(),
@@ -5646,7 +5709,7 @@ static void daemonize(void)
     struct stat st;
     bool run = stat("/run/.", &st) == 0 && S_ISDIR(st.st_mode);
     const char *pidfile = run ? "/run/mandos.pid" : "/var/run/mandos.pid";
-    int pidfd = open(pidfile, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    int pidfd = open_cloexec(AT_FDCWD, pidfile, O_WRONLY | O_CREAT | O_TRUNC, 0644);
     if (pidfd < 0)
         log_err("Could not open file '%s': %s", pidfile, strerror(errno));
     for (int i = 0; i < 2; i++) {       /* the second fork leaves the session */
@@ -5685,7 +5748,7 @@ static void notify_open(struct server *srv)
     if (sun.sun_path[0] == '@')
         sun.sun_path[0] = '\0';            /* abstract namespace */
     socklen_t len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + n);
-    int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    int fd = socket_cloexec(AF_UNIX, SOCK_DGRAM);
     if (fd >= 0 && connect(fd, (struct sockaddr *)&sun, len) < 0) {
         log_warn("cannot reach NOTIFY_SOCKET %s: %s", path, strerror(errno));
         close(fd);
@@ -5961,7 +6024,7 @@ static void server_configure(struct server *srv, const struct cmdline *cl)
         gnutls_global_set_log_function(log_gnutls_line);
         gnutls_global_set_log_level(11);
     }
-    srv->config_dirfd = open(srv->set.configdir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    srv->config_dirfd = open_cloexec(AT_FDCWD, srv->set.configdir, O_RDONLY | O_DIRECTORY, 0);
     if (srv->config_dirfd < 0)
         fatal("cannot open config directory %s: %s", srv->set.configdir, strerror(errno));
     privileges_choose(srv);
@@ -5979,7 +6042,7 @@ static void server_start(struct server *srv)
 {
     /* before the port opens: a SIGHUP must never find default handling */
     signals_install(srv);
-    fds_mark_cloexec(srv->set.socket_fd);
+    cloexec_inherited();
     raise_fd_limit(srv);
     statedir_open(srv);
     if (srv->set.restore)
@@ -5993,18 +6056,13 @@ static void server_start(struct server *srv)
     statedir_check_writable(srv);
     if (chdir("/") != 0)
         log_warn("chdir /: %s", strerror(errno));
-    /* what the running server may still touch by path */
-    shim_unveil("/bin/sh", "x");
-    shim_unveil("/dev/null", "rw");
-    shim_unveil(srv->set.configdir, "r");
-    shim_unveil(srv->set.statedir, "rwc");
-    shim_unveil(NULL, NULL);
-    shim_pledge("stdio rpath wpath cpath inet unix dns proc exec");
     int64_t now = mono_ms();
     for (size_t i = 0; i < srv->clients.n; i++)
         client_schedule_first_checker(&srv->clients, srv->clients.v[i], now);
     zc_start(srv);
     bus_start(srv);             /* after dropping privileges, as the bus policy expects */
+    if (sandbox_enter(srv->set.configdir, srv->set.statedir) < 0)
+        log_err("could not restrict the process: %s", strerror(errno));
     state_changed(srv, true);
     state_save(srv);
     notify_send(srv, "READY=1");
