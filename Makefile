@@ -2,7 +2,9 @@
 #   make                      build ./mandos (Zeroconf back end detected)
 #   make ZEROCONF=avahi|dnssd|none
 #   make DBUS=1|0             D-Bus control API (default: 1 if libsystemd is found)
-#   make check [SANITIZE=1]   self-tests and the Bats suite
+#   make check [SANITIZE=1]   self-tests and the Bats suite (also runs what follows)
+#   make mandos-portable      a build that pretends the Linux extras are missing
+#   make compilers            gcc, clang and tcc builds, a syntax check against musl
 #   make mutate               break mandos.c on purpose (t/mutations); the tests must notice
 #   make demo                 run the server on an example set-up
 #   make man | install | uninstall | bench | fuzz | clean
@@ -82,14 +84,55 @@ mandos-variant:
 mandos-nodbus: mandos.c Makefile .build-config
 	$(MAKE) --no-print-directory DBUS=0 mandos-variant VARIANT=$@
 
+# mandos-portable: MANDOS_PORTABLE (read only in section 1 of mandos.c)
+# hides SO_BINDTODEVICE, SOCK_CLOEXEC, O_CLOEXEC, MSG_NOSIGNAL, close_range
+# and setresuid, so that their fallbacks are compiled and tested here.
+mandos-portable: mandos.c Makefile .build-config
+	$(CC) $(WARNINGS) $(CFLAGS) -DMANDOS_PORTABLE=1 $(TLS_CFLAGS) $(ZC_CFLAGS) $(DBUS_CFLAGS) \
+	    -o $@ mandos.c $(LDFLAGS) $(TLS_LIBS) $(ZC_LIBS) $(DBUS_LIBS)
+PORTABLE_BATS = t/portable.bats t/cli.bats t/interop.bats t/lifecycle.bats t/hostile.bats
+
+# More than one compiler: gcc, clang and tcc with warnings as errors (tcc
+# knows only -Wall and -Wunsupported), each build's --check counted by
+# make check; then mandos.c against musl's headers, syntax only, with a
+# copy of GnuTLS's headers alone beside them (no glibc header can leak
+# in; Zeroconf and D-Bus off, their headers are not in musl's path).
+COMPILER_BINS = .compilers/mandos-gcc .compilers/mandos-clang .compilers/mandos-tcc
+COMPILER_LINK = $(TLS_CFLAGS) $(ZC_CFLAGS) $(DBUS_CFLAGS) mandos.c $(TLS_LIBS) $(ZC_LIBS) $(DBUS_LIBS)
+compilers: $(COMPILER_BINS) .compilers/musl-syntax
+	@for b in $(COMPILER_BINS); do \
+	    out=$$($$b --check) || { echo "$$out"; exit 1; }; echo "$$out" | sed -n "\$$s|^|$$b: |p"; \
+	done
+.compilers/mandos-gcc .compilers/mandos-clang: mandos.c Makefile
+	@t/deps.sh test
+	@mkdir -p .compilers
+	$(@:.compilers/mandos-%=%) $(WARNINGS) -Werror -O2 -o $@ $(COMPILER_LINK)
+.compilers/mandos-tcc: mandos.c Makefile
+	@t/deps.sh test
+	@mkdir -p .compilers
+	tcc -std=c99 -Wall -Wunsupported -Werror -O2 -o $@ $(COMPILER_LINK)
+	tcc -std=c99 -Wall -Wunsupported -Werror -DMANDOS_PORTABLE=1 -c -o /dev/null $(TLS_CFLAGS) $(ZC_CFLAGS) $(DBUS_CFLAGS) mandos.c
+.compilers/musl-syntax: mandos.c Makefile
+	@t/deps.sh test
+	@mkdir -p .compilers
+	rm -rf .compilers/musl-include && mkdir .compilers/musl-include
+	cp -r $$(pkg-config --variable=includedir gnutls)/gnutls .compilers/musl-include/
+	for p in 0 1; do \
+	    musl-gcc -fsyntax-only $(WARNINGS) -Werror -I.compilers/musl-include -DMANDOS_PORTABLE=$$p \
+	        -DHAVE_AVAHI=0 -DHAVE_DNS_SD=0 -DHAVE_DBUS=0 mandos.c || exit 1; \
+	done
+	touch $@
+
 # The self-tests of every build count; the Zeroconf tests skip the other
 # back ends unless told where they are.
-check: mandos mandos-dnssd mandos-none mandos-nodbus
+check: mandos mandos-dnssd mandos-none mandos-nodbus mandos-portable compilers
 	@t/deps.sh test
 	@t/mutate.sh --verify
 	MANDOS_DNSSD_BIN=$${MANDOS_DNSSD_BIN:-$(CURDIR)/mandos-dnssd} \
 	MANDOS_NONE_BIN=$${MANDOS_NONE_BIN:-$(CURDIR)/mandos-none} SANITIZE=$(SANITIZE) \
-	MANDOS_CHECK_BINS="$(CURDIR)/mandos-dnssd $(CURDIR)/mandos-none $(CURDIR)/mandos-nodbus" \
+	MANDOS_CHECK_BINS="$(CURDIR)/mandos-dnssd $(CURDIR)/mandos-none $(CURDIR)/mandos-nodbus \
+	    $(COMPILER_BINS:%=$(CURDIR)/%)" \
+	MANDOS_PORTABLE_BIN=$(CURDIR)/mandos-portable PORTABLE_BATS_FILES="$(PORTABLE_BATS)" \
 	t/run-tests.sh
 
 # Not part of check: each mutation rebuilds and reruns tests (t/mutate.sh).
@@ -170,7 +213,8 @@ bench: mandos
 
 clean:
 	-$(MAKE) -C t/bench clean
-	rm -f mandos mandos-dnssd mandos-none mandos-nodbus .build-config .zeroconf mandos.8 mandos.conf.5 mandos-clients.conf.5
+	rm -f mandos mandos-dnssd mandos-none mandos-nodbus mandos-portable .build-config .zeroconf mandos.8 mandos.conf.5 mandos-clients.conf.5
 	rm -f $(FUZZ_BINS)
+	rm -rf .compilers
 
-.PHONY: all check mutate demo man install uninstall clean mandos-variant fuzz fuzz-smoke bench FORCE
+.PHONY: all check compilers mutate demo man install uninstall clean mandos-variant fuzz fuzz-smoke bench FORCE

@@ -1,7 +1,8 @@
 #!/bin/bash
 # Run the self-tests and the Bats suite; end with "N passed, N failed, N skipped".
 # Environment: BATS_FILES (default: every t/*.bats), MANDOS_BIN,
-# MANDOS_CHECK_BINS (more builds whose --check self-tests count too).
+# MANDOS_CHECK_BINS (more builds whose --check self-tests count too),
+# MANDOS_PORTABLE_BIN with PORTABLE_BATS_FILES (a second run, see below).
 #
 # Every way a run can go wrong counts as a failure: bats missing or exiting
 # non-zero, no TAP plan, a plan of zero tests, fewer tests reported than
@@ -148,7 +149,22 @@ if [ -n "$san_dir" ]; then
     done
     echo "# sanitizer reports: $san_fail"
 fi
+
+# MANDOS_PORTABLE_BIN (make check): PORTABLE_BATS_FILES once more against
+# that build, whose fallbacks replace the Linux extras; its counts join.
+port_pass=0 port_fail=0 port_skip=0
+if [ -n "${MANDOS_PORTABLE_BIN:-}" ]; then
+    echo "# the core files against $MANDOS_PORTABLE_BIN"
+    MANDOS_BIN=$MANDOS_PORTABLE_BIN MANDOS_PORTABLE=1 MANDOS_PORTABLE_BIN= MANDOS_CHECK_BINS= \
+        BATS_FILES=${PORTABLE_BATS_FILES:-t/portable.bats} "$0" | tee "$log"
+    line=$(grep -E '^[0-9]+ passed, [0-9]+ failed, [0-9]+ skipped$' "$log" | tail -n 1)
+    # shellcheck disable=SC2086  # split the summary line into its words
+    set -- $line
+    port_pass=${1:-0} port_fail=${3:-1} port_skip=${5:-0}
+fi
 echo "# self-tests: $self_pass passed, $self_fail failed;" \
     "bats: $bats_pass passed, $bats_fail failed, $bats_skip skipped"
+bats_pass=$((bats_pass + port_pass)) bats_fail=$((bats_fail + port_fail))
+bats_skip=$((bats_skip + port_skip))
 echo "$((self_pass + bats_pass)) passed, $((self_fail + bats_fail + san_fail)) failed, $bats_skip skipped"
 [ "$self_fail" -eq 0 ] && [ "$bats_fail" -eq 0 ] && [ "$san_fail" -eq 0 ]
