@@ -139,6 +139,21 @@ if [ "${CI:-}" = true ] && [ "$bats_skip" -gt 0 ]; then
     bats_fail=$((bats_fail + denied))
 fi
 
+# MANDOS_PORTABLE_BIN (make check): PORTABLE_BATS_FILES once more against
+# that build, whose fallbacks replace the Linux extras; its counts join.
+# Before the sanitizer reports are read: the inner run inherits their
+# directory (ASAN_OPTIONS' log_path), so its findings are counted here.
+port_pass=0 port_fail=0 port_skip=0
+if [ -n "${MANDOS_PORTABLE_BIN:-}" ]; then
+    echo "# the core files against $MANDOS_PORTABLE_BIN"
+    MANDOS_BIN=$MANDOS_PORTABLE_BIN MANDOS_PORTABLE=1 MANDOS_PORTABLE_BIN= MANDOS_CHECK_BINS= \
+        BATS_FILES=${PORTABLE_BATS_FILES:-t/portable.bats} "$0" | tee "$log"
+    line=$(grep -E '^[0-9]+ passed, [0-9]+ failed, [0-9]+ skipped$' "$log" | tail -n 1)
+    # shellcheck disable=SC2086  # split the summary line into its words
+    set -- $line
+    port_pass=${1:-0} port_fail=${3:-1} port_skip=${5:-0}
+fi
+
 san_fail=0
 if [ -n "$san_dir" ]; then
     for f in "$san_dir"/*; do
@@ -150,18 +165,6 @@ if [ -n "$san_dir" ]; then
     echo "# sanitizer reports: $san_fail"
 fi
 
-# MANDOS_PORTABLE_BIN (make check): PORTABLE_BATS_FILES once more against
-# that build, whose fallbacks replace the Linux extras; its counts join.
-port_pass=0 port_fail=0 port_skip=0
-if [ -n "${MANDOS_PORTABLE_BIN:-}" ]; then
-    echo "# the core files against $MANDOS_PORTABLE_BIN"
-    MANDOS_BIN=$MANDOS_PORTABLE_BIN MANDOS_PORTABLE=1 MANDOS_PORTABLE_BIN= MANDOS_CHECK_BINS= \
-        BATS_FILES=${PORTABLE_BATS_FILES:-t/portable.bats} "$0" | tee "$log"
-    line=$(grep -E '^[0-9]+ passed, [0-9]+ failed, [0-9]+ skipped$' "$log" | tail -n 1)
-    # shellcheck disable=SC2086  # split the summary line into its words
-    set -- $line
-    port_pass=${1:-0} port_fail=${3:-1} port_skip=${5:-0}
-fi
 echo "# self-tests: $self_pass passed, $self_fail failed;" \
     "bats: $bats_pass passed, $bats_fail failed, $bats_skip skipped"
 bats_pass=$((bats_pass + port_pass)) bats_fail=$((bats_fail + port_fail))
