@@ -8,7 +8,7 @@
 # `run ! cmd` (then its status is checked) or `if cmd; then false; fi`.
 # Prints FILE:LINE: for each offender; exits 1 if there is any.
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 [ $# -gt 0 ] || set -- t/*.bats t/*.bash
 out=$(awk '
 	function flush() {

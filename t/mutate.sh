@@ -15,7 +15,7 @@
 # in that lock.  Environment: MUTATE_KEEP=1 keeps the work directory;
 # make variables (CC, CFLAGS, ZEROCONF, DBUS, SANITIZE) reach the builds.
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 LIST=t/mutations
 SRC=mandos.c
 LOCK=/tmp/mandos-bats.lock

@@ -9,7 +9,7 @@
 # the plan declares.  A skipped test ("ok N ... # skip") is not a pass; in
 # CI (CI=true) it is a failure unless t/skip-allowlist names it.
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 bin=${MANDOS_BIN:-./mandos}
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
@@ -94,7 +94,7 @@ skip_allowed() {
 
 # read_allowlist FILE: fill ALLOW_*; false if an entry is malformed.
 read_allowlist() {
-    local line n=0 at=0 test= when= why= bad=0 eof
+    local line n=0 at=0 test='' when='' why='' bad=0 eof
     while :; do
         line=
         IFS= read -r line
@@ -115,7 +115,7 @@ read_allowlist() {
                     ALLOW_TEST+=("$test") ALLOW_WHEN+=("$when")
                 fi
             fi
-            test= when= why=
+            test='' when='' why=''
             ;;
         esac
         [ "$eof" -eq 0 ] || [ -n "$line" ] || break
@@ -146,7 +146,8 @@ fi
 port_pass=0 port_fail=0 port_skip=0
 if [ -n "${MANDOS_PORTABLE_BIN:-}" ]; then
     echo "# the core files against $MANDOS_PORTABLE_BIN"
-    MANDOS_BIN=$MANDOS_PORTABLE_BIN MANDOS_PORTABLE=1 MANDOS_PORTABLE_BIN= MANDOS_CHECK_BINS= \
+    # shellcheck disable=SC2097,SC2098  # the inner run must not recurse
+    MANDOS_BIN=$MANDOS_PORTABLE_BIN MANDOS_PORTABLE=1 MANDOS_PORTABLE_BIN='' MANDOS_CHECK_BINS='' \
         BATS_FILES=${PORTABLE_BATS_FILES:-t/portable.bats} "$0" | tee "$log"
     line=$(grep -E '^[0-9]+ passed, [0-9]+ failed, [0-9]+ skipped$' "$log" | tail -n 1)
     # shellcheck disable=SC2086  # split the summary line into its words
