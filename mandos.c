@@ -1348,7 +1348,7 @@ static void timestamp_render(int64_t us, char sep, struct buf *out)
 /* ---- Server settings: one table for options, mandos.conf and --help ---- */
 
 /* The server's settings: built-in defaults, then mandos.conf, then the
- * command line.  Other sections read them; only this one writes them. */
+ * command line.  Set at start-up (here and in section 11), then only read. */
 struct settings {
     char *interface, *address, *priority, *servicename, *statedir, *configdir;
     int port;                    /* -1 = unset (the kernel picks) */
