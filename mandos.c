@@ -5712,7 +5712,7 @@ static void daemonize(void)
     int pidfd = open_cloexec(AT_FDCWD, pidfile, O_WRONLY | O_CREAT | O_TRUNC, 0644);
     if (pidfd < 0)
         log_err("Could not open file '%s': %s", pidfile, strerror(errno));
-    for (int i = 0; i < 2; i++) {       /* the second fork leaves the session */
+    for (int i = 0; i < 2; i++) {       /* twice: no session leader, no terminal */
         pid_t pid = fork();
         if (pid < 0)
             fatal("fork: %s", strerror(errno));
