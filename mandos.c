@@ -6473,6 +6473,41 @@ static void test_version_line(void)
     }
 }
 
+/* Hex both ways, and the name index through growth and collisions. */
+static const char *test_name_at(const void *names, size_t pos)
+{
+    return ((const char *const *)names)[pos];
+}
+
+static void test_hex_and_index(void)
+{
+    static const struct { const char *hex; size_t n; int rc; const char *upper; } cases[] = {
+        { "00ff7F", 3, 0, "00FF7F" }, { "00ff7", 3, -1, "" }, { "00ff7g", 3, -1, "" },
+        { "00ff7f00", 3, -1, "" }, { "", 0, 0, "" },
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        unsigned char bin[3];
+        char back[7] = "";
+        int rc = hex_decode(cases[i].hex, bin, cases[i].n);
+        CHECK(rc == cases[i].rc);
+        if (rc == 0)
+            hex_encode_upper(bin, cases[i].n, back);
+        check_str(back, cases[i].upper, cases[i].hex);
+    }
+    static char names[300][8];
+    const char *v[300];
+    struct name_index ix = { 0 };
+    for (size_t i = 0; i < 300; i++) {
+        snprintf(names[i], sizeof names[i], "n%zu", i);
+        v[i] = names[i];
+        name_index_add(&ix, v[i], i, test_name_at, v);
+    }
+    for (size_t i = 0; i < 300; i++)
+        CHECK(name_index_find(&ix, v[i], test_name_at, v) == i);
+    CHECK(name_index_find(&ix, "n300", test_name_at, v) == SIZE_MAX);
+    name_index_free(&ix);
+}
+
 /* Peer bytes and addresses as log lines show them. */
 static void test_log_text(void)
 {
@@ -6846,6 +6881,7 @@ static const struct {
     { "INI: references fanning out are bounded", test_ini_fan_out },
     { "base64: lenient decoding", test_base64 },
     { "log lines: escaped peer bytes, peer addresses", test_log_text },
+    { "hex and the name index", test_hex_and_index },
     { "key_id: normalisation and SHA-256 of the SPKI", test_key_id },
     { "protocol version line rule", test_version_line },
     { "version line reader leaves the TLS bytes in the socket", test_version_reader },
