@@ -2584,6 +2584,19 @@ static int clients_load(const char *configdir, int config_dirfd, struct diag *di
     return errors;
 }
 
+/* clients.conf holds secrets: only its owner, and the group we run as
+ * (so SIGHUP can re-read it), have any business reading it. */
+static void clients_conf_check_mode(const struct server *srv)
+{
+    struct stat st;
+    if (fstatat(srv->config_dirfd, "clients.conf", &st, 0) != 0)
+        return;
+    if ((st.st_mode & S_IROTH) || ((st.st_mode & S_IRGRP) && st.st_gid != srv->run_gid))
+        log_warn("%s/clients.conf is readable by others than its owner, but it holds "
+                 "secrets (chmod 600 it, or 640 with group of uid %ld)", srv->set.configdir,
+                 (long)srv->run_uid);
+}
+
 /* ===================================================================== */
 /* 6. Checkers                                                           */
 /*    Each enabled client's checker command runs every `interval` through */
@@ -3062,6 +3075,37 @@ static void state_restore(struct server *srv)
     state_apply(&srv->clients, &saved);
 }
 
+/* Open (creating if needed) the state directory as root, so that later
+ * saves work through the descriptor whatever the path's parents allow. */
+static void statedir_open(struct server *srv)
+{
+    bool created = false;
+    if (mkdir(srv->set.statedir, 0700) == 0)
+        created = true;
+    else if (errno != EEXIST)
+        fatal("cannot create state directory %s: %s", srv->set.statedir, strerror(errno));
+    srv->state_dirfd = open_cloexec(AT_FDCWD, srv->set.statedir, O_RDONLY | O_DIRECTORY, 0);
+    if (srv->state_dirfd < 0)
+        fatal("cannot open state directory %s: %s", srv->set.statedir, strerror(errno));
+    if (created && geteuid() == 0 && fchown(srv->state_dirfd, srv->run_uid, srv->run_gid) != 0)
+        fatal("cannot hand state directory %s to uid %ld: %s", srv->set.statedir,
+              (long)srv->run_uid, strerror(errno));
+}
+
+/* After dropping privileges: can we still save?  Better to say so now
+ * than to lose state later. */
+static void statedir_check_writable(struct server *srv)
+{
+    const char *probe = "clients.state.probe";
+    int fd = open_cloexec(srv->state_dirfd, probe, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    if (fd < 0)
+        fatal("state directory %s is not writable by uid %ld (%s); give it to that "
+              "user, e.g. chown _mandos: %s", srv->set.statedir, (long)geteuid(),
+              strerror(errno), srv->set.statedir);
+    close(fd);
+    unlinkat(srv->state_dirfd, probe, 0);
+}
+
 
 /* ===================================================================== */
 /* 8. Network and TLS connections                                        */
@@ -3253,6 +3297,23 @@ static void listen_open(struct server *srv)
     srv->port = ntohs(v6 ? s6->sin6_port : s4->sin_port);
     srv->listen_fd = fd;
     log_info("Now listening on address '%s', port %d", where, srv->port);
+}
+
+/* The TLS priority and our (empty) credentials, checked before we serve. */
+static void tls_setup(struct server *srv)
+{
+    const char *errpos = NULL;
+    int rc = gnutls_priority_init(&srv->priority, srv->set.priority, &errpos);
+    if (rc != GNUTLS_E_SUCCESS || !*srv->set.priority)
+        fatal("bad priority string \"%s\": %s%s%s", srv->set.priority,
+              *srv->set.priority ? gnutls_strerror(rc) : "empty",
+              errpos ? " at " : "", errpos ? errpos : "");
+    if (strstr(srv->set.priority, "CTYPE-OPENPGP"))
+        log_warn("priority \"%s\" asks for OpenPGP certificates, which this GnuTLS (%s) "
+                 "does not have: only raw public keys work, old clients will fail",
+                 srv->set.priority, gnutls_check_version(NULL));
+    if (gnutls_certificate_allocate_credentials(&srv->cred) != GNUTLS_E_SUCCESS)
+        fatal("cannot allocate TLS credentials");
 }
 
 /* ---- the protocol, one state at a time ----------------------------------- */
@@ -5670,37 +5731,6 @@ static void privileges_drop(struct server *srv)
     log_debug("Did setuid/setgid to %ld:%ld", (long)srv->run_uid, (long)srv->run_gid);
 }
 
-/* Open (creating if needed) the state directory as root, so that later
- * saves work through the descriptor whatever the path's parents allow. */
-static void statedir_open(struct server *srv)
-{
-    bool created = false;
-    if (mkdir(srv->set.statedir, 0700) == 0)
-        created = true;
-    else if (errno != EEXIST)
-        fatal("cannot create state directory %s: %s", srv->set.statedir, strerror(errno));
-    srv->state_dirfd = open_cloexec(AT_FDCWD, srv->set.statedir, O_RDONLY | O_DIRECTORY, 0);
-    if (srv->state_dirfd < 0)
-        fatal("cannot open state directory %s: %s", srv->set.statedir, strerror(errno));
-    if (created && geteuid() == 0 && fchown(srv->state_dirfd, srv->run_uid, srv->run_gid) != 0)
-        fatal("cannot hand state directory %s to uid %ld: %s", srv->set.statedir,
-              (long)srv->run_uid, strerror(errno));
-}
-
-/* After dropping privileges: can we still save?  Better to say so now
- * than to lose state later. */
-static void statedir_check_writable(struct server *srv)
-{
-    const char *probe = "clients.state.probe";
-    int fd = open_cloexec(srv->state_dirfd, probe, O_WRONLY | O_CREAT | O_TRUNC, 0600);
-    if (fd < 0)
-        fatal("state directory %s is not writable by uid %ld (%s); give it to that "
-              "user, e.g. chown _mandos: %s", srv->set.statedir, (long)geteuid(),
-              strerror(errno), srv->set.statedir);
-    close(fd);
-    unlinkat(srv->state_dirfd, probe, 0);
-}
-
 /* Detach from the terminal and the session.  The PID file, opened here
  * while we are still root, gets the daemon's own PID; as with the
  * reference, nothing removes it at exit (we may no longer write in /run). */
@@ -5969,35 +5999,6 @@ static void raise_fd_limit(struct server *srv)
 }
 
 /* ---- start-up --------------------------------------------------------------- */
-
-static void tls_setup(struct server *srv)
-{
-    const char *errpos = NULL;
-    int rc = gnutls_priority_init(&srv->priority, srv->set.priority, &errpos);
-    if (rc != GNUTLS_E_SUCCESS || !*srv->set.priority)
-        fatal("bad priority string \"%s\": %s%s%s", srv->set.priority,
-              *srv->set.priority ? gnutls_strerror(rc) : "empty",
-              errpos ? " at " : "", errpos ? errpos : "");
-    if (strstr(srv->set.priority, "CTYPE-OPENPGP"))
-        log_warn("priority \"%s\" asks for OpenPGP certificates, which this GnuTLS (%s) "
-                 "does not have: only raw public keys work, old clients will fail",
-                 srv->set.priority, gnutls_check_version(NULL));
-    if (gnutls_certificate_allocate_credentials(&srv->cred) != GNUTLS_E_SUCCESS)
-        fatal("cannot allocate TLS credentials");
-}
-
-/* clients.conf holds secrets: only its owner, and the group we run as
- * (so SIGHUP can re-read it), have any business reading it. */
-static void clients_conf_check_mode(const struct server *srv)
-{
-    struct stat st;
-    if (fstatat(srv->config_dirfd, "clients.conf", &st, 0) != 0)
-        return;
-    if ((st.st_mode & S_IROTH) || ((st.st_mode & S_IRGRP) && st.st_gid != srv->run_gid))
-        log_warn("%s/clients.conf is readable by others than its owner, but it holds "
-                 "secrets (chmod 600 it, or 640 with group of uid %ld)", srv->set.configdir,
-                 (long)srv->run_uid);
-}
 
 /* Read everything; any error stops us here, before serving or forking. */
 static void server_configure(struct server *srv, const struct cmdline *cl)
