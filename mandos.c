@@ -17,9 +17,10 @@
  *   2. Small utilities            time, strings, buffers, base64, hashing
  *   3. Logging                    syslog + optional console, per-peer lines
  *   4. Config and durations       INI dialect, durations, options, mandos.conf
- *   5. Clients                    struct client, hash index, timers, approval
+ *   5. Clients                    field table, struct client, index, timers,
+ *                                 approval, reload, reading clients.conf
  *   6. Checkers                   runtime expansion, fork/exec, reaping
- *   7. Persistence                the state file and its reconciliation
+ *   7. Persistence                state directory, state file, reconciliation
  *   8. Network and TLS            listening socket, struct conn state machine
  *   9. Zeroconf                   avahi / dns_sd / none back ends (zc_*)
  *  10. D-Bus                      the control API of mandos-ctl (bus_*)
