@@ -4462,7 +4462,7 @@ static const char *zc_self_test(void)
 
 /* ---- none: no Zeroconf --------------------------------------------------
  * Nothing is announced; clients must be given the address (--connect), and
- * the command line insists on a port (settings_apply_cmdline). */
+ * start-up insists on a port or --socket (settings_finish). */
 
 static void zc_start(struct server *srv)
 {
