@@ -3129,8 +3129,12 @@ enum conn_state {
 
 /* For "timed out while ..." */
 static const char *const conn_state_names[] = {
-    "reading the protocol version", "TLS handshake", "waiting for approval",
-    "sending the secret", "closing TLS", "closed",
+    [CONN_VERSION] = "reading the protocol version",
+    [CONN_HANDSHAKE] = "TLS handshake",
+    [CONN_APPROVAL] = "waiting for approval",
+    [CONN_SEND] = "sending the secret",
+    [CONN_BYE] = "closing TLS",
+    [CONN_CLOSED] = "closed",
 };
 
 struct conn {
