@@ -153,8 +153,10 @@
 
 #if defined(__GNUC__) || defined(__clang__)
 #define PRINTF_LIKE(f, a) __attribute__((format(printf, f, a)))
+#define UNUSED __attribute__((unused))   /* a parameter a stub ignores */
 #else
 #define PRINTF_LIKE(f, a)
+#define UNUSED
 #endif
 
 /* make mandos-portable: pretend the Linux extras are missing, so that
@@ -4512,8 +4514,8 @@ static const char *zc_self_test(void)
 /* ===================================================================== */
 /* 10. D-Bus                                                             */
 /*    The reference's control API on the system bus (what mandos-ctl and  */
-/*    mandos-monitor use), through sd-bus.  The loop sees one fd and a    */
-/*    deadline; built without D-Bus, every bus_* function does nothing.   */
+/*    mandos-monitor use), through sd-bus.  Client properties come from   */
+/*    client_fields; the loop sees one fd and a deadline.                 */
 /* ===================================================================== */
 
 #define BUS_MAX_FDS 1            /* poll slots the bus uses */
@@ -4529,49 +4531,25 @@ static const char bus_backend[] = "sd-bus";
 #define BUS_START_TIMEOUT_US (5 * 1000000ULL)   /* the name request at start-up */
 #define BUS_PROCESS_ROUNDS 64    /* messages handled per loop turn, at most */
 #define BUS_DRAIN_ROUNDS 20      /* at exit: 20 x 25 ms for queued signals */
+#define BUS_UNPRIV SD_BUS_VTABLE_UNPRIVILEGED   /* the bus policy decides */
+#define BUS_DEPRECATED SD_BUS_VTABLE_DEPRECATED
 
 /* What is here: "/" with ObjectManager, RemoveClient, ClientAdded,
  * ClientNotFound, ClientRemoved and the deprecated GetAllClients and
  * GetAllClientsWithProperties (mandos-monitor still lists clients with
- * the latter); one object per client with every property, Approve,
- * CheckedOK, the deprecated Enable, Disable, StartChecker, StopChecker,
- * its signals, PropertiesChanged and the old PropertyChanged.
- * Left out: the deprecated se.bsnet.fukt.Mandos name and interfaces, which
- * no 1.8 tool uses.  Secret shows as readwrite in introspection (sd-bus
- * has no write-only properties) but reading it is refused.  Who may call
- * what is for the bus policy alone (etc/mandos-dbus.conf), as with the
- * reference: sd-bus's own check would shut out non-root members of
- * _mandos, hence BUS_UNPRIV on every method and writable property. */
+ * the latter); one object per client with every property of
+ * client_fields, Approve, CheckedOK, the deprecated Enable, Disable,
+ * StartChecker, StopChecker, its signals, PropertiesChanged and the old
+ * PropertyChanged.  Left out: the deprecated se.bsnet.fukt.Mandos names,
+ * which no 1.8 tool uses.  Secret shows as readwrite in introspection
+ * (sd-bus has no write-only properties) but reading it is refused.  Who
+ * may call what is for the bus policy alone (etc/mandos-dbus.conf), as
+ * with the reference: sd-bus's own check would shut out non-root members
+ * of _mandos, hence BUS_UNPRIV on every method and writable property. */
 
-/* Client properties whose changes we announce, found by comparing each
- * client with what was last published (bus_publish), so that the core
- * needs no call at every place that changes one of them. */
-enum bus_watch {
-    W_ENABLED, W_EXPIRES, W_LAST_ENABLED, W_LAST_CHECKED_OK,
-    W_LAST_APPROVAL_REQUEST, W_LAST_CHECKER_STATUS, W_APPROVAL_PENDING,
-    W_CHECKER_RUNNING, W_TIMEOUT, W_EXTENDED_TIMEOUT, W_INTERVAL,
-    W_APPROVAL_DELAY, W_APPROVAL_DURATION, W_APPROVED_BY_DEFAULT, W_COUNT
-};
-
-static const char *const bus_watched[W_COUNT] = {
-    [W_ENABLED] = "Enabled", [W_EXPIRES] = "Expires",
-    [W_LAST_ENABLED] = "LastEnabled", [W_LAST_CHECKED_OK] = "LastCheckedOK",
-    [W_LAST_APPROVAL_REQUEST] = "LastApprovalRequest",
-    [W_LAST_CHECKER_STATUS] = "LastCheckerStatus",
-    [W_APPROVAL_PENDING] = "ApprovalPending", [W_CHECKER_RUNNING] = "CheckerRunning",
-    [W_TIMEOUT] = "Timeout", [W_EXTENDED_TIMEOUT] = "ExtendedTimeout",
-    [W_INTERVAL] = "Interval", [W_APPROVAL_DELAY] = "ApprovalDelay",
-    [W_APPROVAL_DURATION] = "ApprovalDuration",
-    [W_APPROVED_BY_DEFAULT] = "ApprovedByDefault",
-};
-
-/* The values last published for one client. */
-struct bus_seen {
-    int64_t v[W_COUNT];          /* raw: expires stays monotonic ms here */
-    char *host, *checker;
-};
-
-/* One exported client object. */
+/* One exported client object, and the values last published for it:
+ * changes are found by comparing (bus_publish), so the core needs no
+ * call at each place that changes a property. */
 struct bus_entry {
     char *path;                  /* "/clients/..." from client_object_path() */
     char *name;                  /* kept for ClientRemoved once the client is gone */
@@ -4579,7 +4557,8 @@ struct bus_entry {
     struct server *srv;          /* what the callbacks need besides the client */
     size_t order;                /* position in clients.conf, to break ties */
     char *checker_command;       /* of the running checker, for CheckerCompleted */
-    struct bus_seen seen;
+    int64_t seen[N_FIELDS];      /* expires stays monotonic here */
+    char *seen_text[N_FIELDS];   /* for string fields */
 };
 
 struct bus {
@@ -4587,35 +4566,41 @@ struct bus {
     struct server *srv;
     struct bus_entry *v;         /* sorted by path, for bsearch */
     size_t n;
+    sd_bus_vtable *client_vtable;   /* built from client_fields */
 };
 
 /* ---- client objects ------------------------------------------------------- */
 
-static void bus_watch_values(const struct client *c, int64_t v[W_COUNT])
+static const struct client_field *bus_field(const char *prop)
 {
-    v[W_ENABLED] = c->cur.enabled;
-    v[W_EXPIRES] = c->expires;
-    v[W_LAST_ENABLED] = c->last_enabled;
-    v[W_LAST_CHECKED_OK] = c->last_checked_ok;
-    v[W_LAST_APPROVAL_REQUEST] = c->last_approval_request;
-    v[W_LAST_CHECKER_STATUS] = c->last_checker_status;
-    v[W_APPROVAL_PENDING] = c->approvals_pending > 0;
-    v[W_CHECKER_RUNNING] = c->checker_pid != 0;
-    v[W_TIMEOUT] = c->cur.timeout;
-    v[W_EXTENDED_TIMEOUT] = c->cur.extended_timeout;
-    v[W_INTERVAL] = c->cur.interval;
-    v[W_APPROVAL_DELAY] = c->cur.approval_delay;
-    v[W_APPROVAL_DURATION] = c->cur.approval_duration;
-    v[W_APPROVED_BY_DEFAULT] = c->cur.approved_by_default;
+    for (size_t i = 0; i < N_FIELDS; i++)
+        if (client_fields[i].bus && streq(client_fields[i].bus, prop))
+            return &client_fields[i];
+    return NULL;
 }
 
-static void bus_seen_take(struct bus_entry *e)
+/* Properties that announce their changes. */
+static bool bus_watched(const struct client_field *f)
 {
-    bus_watch_values(e->client, e->seen.v);
-    free(e->seen.host);
-    free(e->seen.checker);
-    e->seen.host = xstrdup(e->client->cur.host);
-    e->seen.checker = xstrdup(e->client->cur.checker);
+    return f->access == BUS_READ || f->access == BUS_WRITE;
+}
+
+/* Note field i's value as published; true if it changed since. */
+static bool bus_seen_update(struct bus_entry *e, size_t i)
+{
+    const struct client_field *f = &client_fields[i];
+    if (f->type != CF_STR) {
+        int64_t v = client_number(e->client, f, 0, 0);
+        bool changed = v != e->seen[i];
+        e->seen[i] = v;
+        return changed;
+    }
+    const char *now = *CF_AT(e->client, f, char *);
+    if (e->seen_text[i] && streq(e->seen_text[i], now))
+        return false;
+    free(e->seen_text[i]);
+    e->seen_text[i] = xstrdup(now);
+    return true;
 }
 
 static void bus_entry_free(struct bus_entry *e)
@@ -4623,8 +4608,8 @@ static void bus_entry_free(struct bus_entry *e)
     free(e->path);
     free(e->name);
     free(e->checker_command);
-    free(e->seen.host);
-    free(e->seen.checker);
+    for (size_t i = 0; i < N_FIELDS; i++)
+        free(e->seen_text[i]);
 }
 
 static int bus_entry_cmp(const void *a, const void *b)
@@ -4676,7 +4661,9 @@ static void bus_entries_build(struct server *srv, struct bus_entry **out, size_t
         v[i].client = t->v[i];
         v[i].srv = srv;
         v[i].order = i;
-        bus_seen_take(&v[i]);
+        for (size_t f = 0; f < N_FIELDS; f++)
+            if (bus_watched(&client_fields[f]))
+                bus_seen_update(&v[i], f);
     }
     qsort(v, t->n, sizeof *v, bus_entry_cmp);
     size_t n = 0;
@@ -4714,50 +4701,28 @@ static int bus_get(sd_bus *bus, const char *path, const char *iface, const char 
 {
     const struct bus_entry *e = userdata;
     const struct client *c = e->client;
+    const struct client_field *f = bus_field(prop);
     (void)bus; (void)path; (void)iface;
-    if (streq(prop, "ApprovalDelay"))
-        return sd_bus_message_append(m, "t", (uint64_t)c->cur.approval_delay);
-    if (streq(prop, "ApprovalDuration"))
-        return sd_bus_message_append(m, "t", (uint64_t)c->cur.approval_duration);
-    if (streq(prop, "ApprovalPending"))
-        return sd_bus_message_append(m, "b", c->approvals_pending > 0);
-    if (streq(prop, "ApprovedByDefault"))
-        return sd_bus_message_append(m, "b", (int)c->cur.approved_by_default);
-    if (streq(prop, "Checker"))
-        return sd_bus_message_append(m, "s", c->cur.checker);
-    if (streq(prop, "CheckerRunning"))
-        return sd_bus_message_append(m, "b", c->checker_pid != 0);
-    if (streq(prop, "Created"))
-        return bus_append_time(m, c->created);
-    if (streq(prop, "Enabled"))
-        return sd_bus_message_append(m, "b", (int)c->cur.enabled);
-    if (streq(prop, "Expires"))
-        return bus_append_time(m, c->expires ? mono_to_wall(c->expires, mono_ms(), wall_us()) : 0);
-    if (streq(prop, "ExtendedTimeout"))
-        return sd_bus_message_append(m, "t", (uint64_t)c->cur.extended_timeout);
-    if (streq(prop, "Fingerprint"))
-        return sd_bus_message_append(m, "s", c->fingerprint);
-    if (streq(prop, "Host"))
-        return sd_bus_message_append(m, "s", c->cur.host);
-    if (streq(prop, "Interval"))
-        return sd_bus_message_append(m, "t", (uint64_t)c->cur.interval);
-    if (streq(prop, "KeyID"))
-        return sd_bus_message_append(m, "s", c->key_id);
-    if (streq(prop, "LastApprovalRequest"))
-        return bus_append_time(m, c->last_approval_request);
-    if (streq(prop, "LastCheckedOK"))
-        return bus_append_time(m, c->last_checked_ok);
-    if (streq(prop, "LastCheckerStatus"))
-        return sd_bus_message_append(m, "n", (int)c->last_checker_status);
-    if (streq(prop, "LastEnabled"))
-        return bus_append_time(m, c->last_enabled);
-    if (streq(prop, "Name"))
-        return sd_bus_message_append(m, "s", c->name);
-    if (streq(prop, "ObjectPath"))
+    if (!f || f->access == BUS_WRITE_ONLY)
+        return sd_bus_error_setf(err, SD_BUS_ERROR_ACCESS_DENIED, "%s is write-only", prop);
+    int64_t v = client_number(c, f, mono_ms(), wall_us());
+    switch (f->type) {
+    case CF_STR:
+        return sd_bus_message_append(m, "s", *CF_AT(c, f, char *));
+    case CF_KEY_ID:
+        return sd_bus_message_append(m, "s", CF_AT(c, f, char));
+    case CF_PATH:
         return sd_bus_message_append(m, "o", e->path);
-    if (streq(prop, "Timeout"))
-        return sd_bus_message_append(m, "t", (uint64_t)c->cur.timeout);
-    return sd_bus_error_setf(err, SD_BUS_ERROR_ACCESS_DENIED, "%s is write-only", prop);
+    case CF_TIME:
+    case CF_EXPIRES:
+        return bus_append_time(m, v);
+    case CF_MS:
+        return sd_bus_message_append(m, "t", (uint64_t)v);
+    case CF_INT:
+        return sd_bus_message_append(m, "n", (int)v);
+    default:                    /* CF_BOOL, CF_COUNT, CF_PID */
+        return sd_bus_message_append(m, "b", (int)v);
+    }
 }
 
 /* Durations arrive as any D-Bus integer type: dbus-python, and so
@@ -4788,6 +4753,23 @@ static int bus_read_ms(sd_bus_message *m, const char *type, int64_t *ms, sd_bus_
     return 0;
 }
 
+/* A value of the property's own type: an integer, a flag or a string. */
+static int bus_read_value(const struct client_field *f, sd_bus_message *m, const char *type,
+                          int64_t *v, const char **text, sd_bus_error *err)
+{
+    int flag = 0;
+    if (streq(f->sig, "t"))
+        return bus_read_ms(m, type, v, err);
+    if (!streq(type, f->sig))
+        return sd_bus_error_setf(err, SD_BUS_ERROR_INVALID_ARGS,
+                                 "%s takes type \"%s\", not \"%s\"", f->bus, f->sig, type);
+    if (f->sig[0] == 's')
+        return sd_bus_message_read_basic(m, 's', text);
+    int r = sd_bus_message_read_basic(m, 'b', &flag);
+    *v = flag;
+    return r;
+}
+
 /* Timeout: a running expiry moves by the difference; past means expired. */
 static void bus_set_timeout(struct server *srv, struct client *c, int64_t ms, int64_t now)
 {
@@ -4800,6 +4782,18 @@ static void bus_set_timeout(struct server *srv, struct client *c, int64_t ms, in
         client_disable(srv, c, "timed out");
     else
         client_reschedule(&srv->clients, c);
+}
+
+/* Interval restarts the period, with a checker now. */
+static void bus_set_interval(struct server *srv, struct client *c, int64_t ms, int64_t now)
+{
+    c->cur.interval = ms;
+    if (!c->next_checker)
+        return;
+    c->next_checker = now + ms;
+    client_reschedule(&srv->clients, c);
+    if (!c->checker_pid)
+        checker_start(srv, c);
 }
 
 /* A new secret from D-Bus.  It is not saved (the state file holds no
@@ -4828,79 +4822,64 @@ static int bus_set_secret(struct bus_entry *e, sd_bus_message *m, const char *ty
     return 0;
 }
 
-static const sd_bus_vtable *bus_client_property(const char *prop);
-
-/* Every property write, with the reference's semantics.  `type` is the
- * signature of the value in the variant, `m` is positioned on it. */
-static int bus_set_value(struct bus_entry *e, const char *prop, sd_bus_message *m,
-                         const char *type, sd_bus_error *err)
+/* What writing a property does, with the reference's semantics; the
+ * settings not named here simply take effect when next used. */
+static int bus_apply(struct bus_entry *e, const struct client_field *f, int64_t v,
+                     const char *text, sd_bus_error *err)
 {
     struct server *srv = e->srv;
     struct client *c = e->client;
-    const sd_bus_vtable *p = bus_client_property(prop);
-    int64_t now = mono_ms(), ms = 0;
-    int flag = 0, r = 0;
-    const char *text = NULL;
-    if (!p)
-        return sd_bus_error_setf(err, SD_BUS_ERROR_UNKNOWN_PROPERTY, "no property %s", prop);
-    if (p->type != _SD_BUS_VTABLE_WRITABLE_PROPERTY)
-        return sd_bus_error_setf(err, SD_BUS_ERROR_PROPERTY_READ_ONLY, "%s is read-only", prop);
-    const char *want = p->x.property.signature;
-    if (streq(want, "t"))
-        r = bus_read_ms(m, type, &ms, err);
-    else if (streq(want, "b") || streq(want, "s"))
-        r = streq(type, want) ? sd_bus_message_read_basic(m, want[0], want[0] == 'b'
-                                                          ? (void *)&flag : (void *)&text)
-            : sd_bus_error_setf(err, SD_BUS_ERROR_INVALID_ARGS, "%s takes type \"%s\", not \"%s\"",
-                                prop, want, type);
-    if (r < 0)
-        return r;
-    if (streq(prop, "Enabled")) {
-        if (flag)
-            client_enable(srv, c, now);
-        else
-            client_disable(srv, c, "disabled over D-Bus");
-    } else if (streq(prop, "CheckerRunning")) {
-        if (!flag)
-            checker_stop(srv, c);
-        else if (!c->checker_pid)
-            checker_start(srv, c);
-    } else if (streq(prop, "LastCheckedOK")) {
+    int64_t now = mono_ms();
+    char why[300];
+    if ((f->flags & F_POSITIVE) && v == 0)
+        return sd_bus_error_setf(err, SD_BUS_ERROR_INVALID_ARGS, "%s must be positive", f->bus);
+    if ((f->flags & F_COMMAND) && checker_validate(text, why, sizeof why) < 0)
+        return sd_bus_error_setf(err, SD_BUS_ERROR_INVALID_ARGS, "%s: %s", f->bus, why);
+    if (streq(f->name, "enabled") && v)
+        client_enable(srv, c, now);
+    else if (streq(f->name, "enabled"))
+        client_disable(srv, c, "disabled over D-Bus");
+    else if (f->type == CF_PID && !v)
+        checker_stop(srv, c);
+    else if (f->type == CF_PID && !c->checker_pid)
+        checker_start(srv, c);
+    else if (streq(f->name, "last_checked_ok"))
         client_checked_ok(srv, c, now);          /* whatever the value */
-    } else if (streq(prop, "ApprovedByDefault")) {
-        c->cur.approved_by_default = flag;
-    } else if (streq(prop, "Host") || streq(prop, "Checker")) {
-        char why[300];
-        if (prop[0] == 'C' && checker_validate(text, why, sizeof why) < 0)
-            return sd_bus_error_setf(err, SD_BUS_ERROR_INVALID_ARGS, "Checker: %s", why);
-        char **slot = prop[0] == 'H' ? &c->cur.host : &c->cur.checker;
-        free(*slot);
-        *slot = xstrdup(text);
-    } else if (streq(prop, "Timeout")) {
-        bus_set_timeout(srv, c, ms, now);
-    } else if (streq(prop, "Interval")) {
-        if (ms == 0)
-            return sd_bus_error_setf(err, SD_BUS_ERROR_INVALID_ARGS, "Interval must be positive");
-        c->cur.interval = ms;
-        if (c->next_checker) {   /* restart the period, with a checker now */
-            c->next_checker = now + ms;
-            client_reschedule(&srv->clients, c);
-            if (!c->checker_pid)
-                checker_start(srv, c);
-        }
-    } else if (streq(prop, "ExtendedTimeout")) {
-        c->cur.extended_timeout = ms;
-    } else if (streq(prop, "ApprovalDelay")) {
-        c->cur.approval_delay = ms;
-    } else if (streq(prop, "ApprovalDuration")) {
-        c->cur.approval_duration = ms;
-    } else if (streq(prop, "Secret")) {
+    else if (streq(f->name, "timeout"))
+        bus_set_timeout(srv, c, v, now);
+    else if (streq(f->name, "interval"))
+        bus_set_interval(srv, c, v, now);
+    else if (f->type == CF_STR) {
+        free(*CF_AT(c, f, char *));
+        *CF_AT(c, f, char *) = xstrdup(text);
+    } else if (f->type != CF_PID)
+        client_set_number(c, f, v);
+    return 0;
+}
+
+/* Every property write: the value read by the table's signature, then
+ * applied.  `type` is the signature in the variant, `m` is on it. */
+static int bus_set_value(struct bus_entry *e, const char *prop, sd_bus_message *m,
+                         const char *type, sd_bus_error *err)
+{
+    const struct client_field *f = bus_field(prop);
+    int64_t v = 0;
+    const char *text = NULL;
+    int r;
+    if (!f)
+        return sd_bus_error_setf(err, SD_BUS_ERROR_UNKNOWN_PROPERTY, "no property %s", prop);
+    if (f->access != BUS_WRITE && f->access != BUS_WRITE_ONLY)
+        return sd_bus_error_setf(err, SD_BUS_ERROR_PROPERTY_READ_ONLY, "%s is read-only", prop);
+    if (f->type == CF_SECRET)
         r = bus_set_secret(e, m, type, err);
-        if (r < 0)
-            return r;
-    }
-    log_info("Client %s: %s set over D-Bus", c->name, prop);
-    state_changed(srv, true);
+    else
+        r = bus_read_value(f, m, type, &v, &text, err);
+    if (r >= 0 && f->type != CF_SECRET)
+        r = bus_apply(e, f, v, text, err);
+    if (r < 0 || sd_bus_error_is_set(err))
+        return r < 0 ? r : -EINVAL;
+    log_info("Client %s: %s set over D-Bus", e->client->name, prop);
+    state_changed(e->srv, true);
     return 0;
 }
 
@@ -4908,9 +4887,9 @@ static int bus_set_value(struct bus_entry *e, const char *prop, sd_bus_message *
 static int bus_set(sd_bus *bus, const char *path, const char *iface, const char *prop,
                    sd_bus_message *value, void *userdata, sd_bus_error *err)
 {
-    const sd_bus_vtable *p = bus_client_property(prop);
+    const struct client_field *f = bus_field(prop);
     (void)bus; (void)path; (void)iface;
-    return bus_set_value(userdata, prop, value, p ? p->x.property.signature : "", err);
+    return bus_set_value(userdata, prop, value, f ? f->sig : "", err);
 }
 
 /* Client methods: Approve and CheckedOK, and the deprecated Enable,
@@ -4945,51 +4924,16 @@ static int bus_client_method(sd_bus_message *m, void *userdata, sd_bus_error *er
     return sd_bus_reply_method_return(m, NULL);
 }
 
-#define BUS_UNPRIV SD_BUS_VTABLE_UNPRIVILEGED   /* the bus policy decides, as for the reference */
-#define BUS_OLD SD_BUS_VTABLE_DEPRECATED
-#define BUS_RO(name, sig) \
-    SD_BUS_PROPERTY(name, sig, bus_get, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE)
-#define BUS_CONST(name, sig) \
-    SD_BUS_PROPERTY(name, sig, bus_get, 0, SD_BUS_VTABLE_PROPERTY_CONST)
-#define BUS_RW(name, sig) \
-    SD_BUS_WRITABLE_PROPERTY(name, sig, bus_get, bus_set, 0, \
-                             SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE | BUS_UNPRIV)
-
-static const sd_bus_vtable bus_client_vtable[] = {
-    SD_BUS_VTABLE_START(0),
-    BUS_RW("ApprovalDelay", "t"),
-    BUS_RW("ApprovalDuration", "t"),
-    BUS_RO("ApprovalPending", "b"),
-    BUS_RW("ApprovedByDefault", "b"),
-    BUS_RW("Checker", "s"),
-    BUS_RW("CheckerRunning", "b"),
-    BUS_CONST("Created", "s"),
-    BUS_RW("Enabled", "b"),
-    BUS_RO("Expires", "s"),
-    BUS_RW("ExtendedTimeout", "t"),
-    BUS_CONST("Fingerprint", "s"),
-    BUS_RW("Host", "s"),
-    BUS_RW("Interval", "t"),
-    BUS_CONST("KeyID", "s"),
-    BUS_RO("LastApprovalRequest", "s"),
-    BUS_RW("LastCheckedOK", "s"),
-    BUS_RO("LastCheckerStatus", "n"),
-    BUS_RO("LastEnabled", "s"),
-    BUS_CONST("Name", "s"),
-    SD_BUS_PROPERTY("ObjectPath", "o", bus_get, 0, SD_BUS_VTABLE_PROPERTY_CONST | BUS_OLD),
-    /* write-only: EXPLICIT keeps it out of GetAll and GetManagedObjects,
-     * and reading it is refused */
-    SD_BUS_WRITABLE_PROPERTY("Secret", "ay", bus_get, bus_set, 0,
-                             SD_BUS_VTABLE_PROPERTY_EMITS_INVALIDATION
-                             | SD_BUS_VTABLE_PROPERTY_EXPLICIT | BUS_UNPRIV),
-    BUS_RW("Timeout", "t"),
+/* A client object's methods and signals; the properties come first, one
+ * per client_fields row that has a D-Bus name (bus_client_vtable). */
+static const sd_bus_vtable bus_client_members[] = {
     SD_BUS_METHOD_WITH_NAMES("Approve", "b", SD_BUS_PARAM(approve), "", "",
                              bus_client_method, BUS_UNPRIV),
     SD_BUS_METHOD("CheckedOK", "", "", bus_client_method, BUS_UNPRIV),
-    SD_BUS_METHOD("Enable", "", "", bus_client_method, BUS_UNPRIV | BUS_OLD),
-    SD_BUS_METHOD("Disable", "", "", bus_client_method, BUS_UNPRIV | BUS_OLD),
-    SD_BUS_METHOD("StartChecker", "", "", bus_client_method, BUS_UNPRIV | BUS_OLD),
-    SD_BUS_METHOD("StopChecker", "", "", bus_client_method, BUS_UNPRIV | BUS_OLD),
+    SD_BUS_METHOD("Enable", "", "", bus_client_method, BUS_UNPRIV | BUS_DEPRECATED),
+    SD_BUS_METHOD("Disable", "", "", bus_client_method, BUS_UNPRIV | BUS_DEPRECATED),
+    SD_BUS_METHOD("StartChecker", "", "", bus_client_method, BUS_UNPRIV | BUS_DEPRECATED),
+    SD_BUS_METHOD("StopChecker", "", "", bus_client_method, BUS_UNPRIV | BUS_DEPRECATED),
     SD_BUS_SIGNAL_WITH_NAMES("CheckerCompleted", "nxs", SD_BUS_PARAM(exitcode)
                              SD_BUS_PARAM(waitstatus) SD_BUS_PARAM(command), 0),
     SD_BUS_SIGNAL_WITH_NAMES("CheckerStarted", "s", SD_BUS_PARAM(command), 0),
@@ -4998,26 +4942,49 @@ static const sd_bus_vtable bus_client_vtable[] = {
                              SD_BUS_PARAM(default), 0),
     SD_BUS_SIGNAL_WITH_NAMES("Rejected", "s", SD_BUS_PARAM(reason), 0),
     SD_BUS_SIGNAL_WITH_NAMES("PropertyChanged", "sv", SD_BUS_PARAM(property)
-                             SD_BUS_PARAM(value), BUS_OLD),
+                             SD_BUS_PARAM(value), BUS_DEPRECATED),
     SD_BUS_VTABLE_END
 };
 
-static const sd_bus_vtable *bus_client_property(const char *prop)
+/* One property of the vtable, from its client_fields row.  Write-only
+ * (Secret): EXPLICIT keeps it out of GetAll and GetManagedObjects. */
+static sd_bus_vtable bus_property(const struct client_field *f)
 {
-    for (const sd_bus_vtable *p = bus_client_vtable; p->type != _SD_BUS_VTABLE_END; p++)
-        if ((p->type == _SD_BUS_VTABLE_PROPERTY || p->type == _SD_BUS_VTABLE_WRITABLE_PROPERTY)
-            && streq(p->x.property.member, prop))
-            return p;
-    return NULL;
+    static const uint64_t flags[] = {
+        [BUS_CONST] = SD_BUS_VTABLE_PROPERTY_CONST,
+        [BUS_READ] = SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE,
+        [BUS_WRITE] = SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE | BUS_UNPRIV,
+        [BUS_WRITE_ONLY] = SD_BUS_VTABLE_PROPERTY_EMITS_INVALIDATION
+                           | SD_BUS_VTABLE_PROPERTY_EXPLICIT | BUS_UNPRIV,
+        [BUS_OLD] = SD_BUS_VTABLE_PROPERTY_CONST | BUS_DEPRECATED,
+    };
+    if (f->access == BUS_WRITE || f->access == BUS_WRITE_ONLY)
+        return (sd_bus_vtable)SD_BUS_WRITABLE_PROPERTY(f->bus, f->sig, bus_get, bus_set, 0,
+                                                       flags[f->access]);
+    return (sd_bus_vtable)SD_BUS_PROPERTY(f->bus, f->sig, bus_get, 0, flags[f->access]);
+}
+
+static sd_bus_vtable *bus_client_vtable(void)
+{
+    size_t members = sizeof bus_client_members / sizeof bus_client_members[0];
+    sd_bus_vtable *v = xcalloc(1 + N_FIELDS + members, sizeof *v);
+    size_t n = 0;
+    v[n++] = (sd_bus_vtable)SD_BUS_VTABLE_START(0);
+    for (size_t i = 0; i < N_FIELDS; i++)
+        if (client_fields[i].access != BUS_NONE)
+            v[n++] = bus_property(&client_fields[i]);
+    memcpy(v + n, bus_client_members, sizeof bus_client_members);
+    return v;
 }
 
 /* Append one property's value as a variant. */
-static int bus_append_value(sd_bus_message *m, struct bus_entry *e, const sd_bus_vtable *p)
+static int bus_append_value(sd_bus_message *m, struct bus_entry *e,
+                            const struct client_field *f)
 {
     sd_bus_error err = SD_BUS_ERROR_NULL;
-    int r = sd_bus_message_open_container(m, 'v', p->x.property.signature);
+    int r = sd_bus_message_open_container(m, 'v', f->sig);
     if (r >= 0)
-        r = bus_get(NULL, e->path, BUS_CLIENT_IFACE, p->x.property.member, m, e, &err);
+        r = bus_get(NULL, e->path, BUS_CLIENT_IFACE, f->bus, m, e, &err);
     if (r >= 0)
         r = sd_bus_message_close_container(m);
     sd_bus_error_free(&err);
@@ -5028,15 +4995,15 @@ static int bus_append_value(sd_bus_message *m, struct bus_entry *e, const sd_bus
 static int bus_append_properties(sd_bus_message *m, struct bus_entry *e)
 {
     int r = sd_bus_message_open_container(m, 'a', "{sv}");
-    for (const sd_bus_vtable *p = bus_client_vtable; r >= 0 && p->type != _SD_BUS_VTABLE_END; p++) {
-        if ((p->type != _SD_BUS_VTABLE_PROPERTY && p->type != _SD_BUS_VTABLE_WRITABLE_PROPERTY)
-            || (p->flags & SD_BUS_VTABLE_PROPERTY_EXPLICIT))
+    for (size_t i = 0; r >= 0 && i < N_FIELDS; i++) {
+        const struct client_field *f = &client_fields[i];
+        if (f->access == BUS_NONE || f->access == BUS_WRITE_ONLY)
             continue;
         r = sd_bus_message_open_container(m, 'e', "sv");
         if (r >= 0)
-            r = sd_bus_message_append(m, "s", p->x.property.member);
+            r = sd_bus_message_append(m, "s", f->bus);
         if (r >= 0)
-            r = bus_append_value(m, e, p);
+            r = bus_append_value(m, e, f);
         if (r >= 0)
             r = sd_bus_message_close_container(m);
     }
@@ -5044,20 +5011,19 @@ static int bus_append_properties(sd_bus_message *m, struct bus_entry *e)
 }
 
 /* The deprecated PropertyChanged(sv), sent beside PropertiesChanged. */
-static void bus_emit_property_changed(struct bus *b, struct bus_entry *e, const char *prop)
+static void bus_emit_property_changed(struct bus *b, struct bus_entry *e,
+                                      const struct client_field *f)
 {
     sd_bus_message *m = NULL;
-    const sd_bus_vtable *p = bus_client_property(prop);
-    int r = p ? sd_bus_message_new_signal(b->bus, &m, e->path, BUS_CLIENT_IFACE,
-                                          "PropertyChanged") : -EINVAL;
+    int r = sd_bus_message_new_signal(b->bus, &m, e->path, BUS_CLIENT_IFACE, "PropertyChanged");
     if (r >= 0)
-        r = sd_bus_message_append(m, "s", prop);
+        r = sd_bus_message_append(m, "s", f->bus);
     if (r >= 0)
-        r = bus_append_value(m, e, p);
+        r = bus_append_value(m, e, f);
     if (r >= 0)
         r = sd_bus_send(b->bus, m, NULL);
     if (r < 0)
-        log_debug("D-Bus: cannot send PropertyChanged(%s): %s", prop, strerror(-r));
+        log_debug("D-Bus: cannot send PropertyChanged(%s): %s", f->bus, strerror(-r));
     sd_bus_message_unref(m);
 }
 
@@ -5210,15 +5176,15 @@ static const sd_bus_vtable bus_server_vtable[] = {
     SD_BUS_METHOD_WITH_NAMES("RemoveClient", "o", SD_BUS_PARAM(object_path), "", "",
                              bus_remove_client, BUS_UNPRIV),
     SD_BUS_METHOD_WITH_NAMES("GetAllClients", "", "", "ao", SD_BUS_PARAM(objpaths),
-                             bus_get_all_clients, BUS_UNPRIV | BUS_OLD),
+                             bus_get_all_clients, BUS_UNPRIV | BUS_DEPRECATED),
     SD_BUS_METHOD_WITH_NAMES("GetAllClientsWithProperties", "", "", "a{oa{sv}}",
                              SD_BUS_PARAM(objpath_properties),
-                             bus_get_all_with_properties, BUS_UNPRIV | BUS_OLD),
+                             bus_get_all_with_properties, BUS_UNPRIV | BUS_DEPRECATED),
     SD_BUS_SIGNAL_WITH_NAMES("ClientAdded", "o", SD_BUS_PARAM(objpath), 0),
     SD_BUS_SIGNAL_WITH_NAMES("ClientNotFound", "ss", SD_BUS_PARAM(key_id)
                              SD_BUS_PARAM(address), 0),
     SD_BUS_SIGNAL_WITH_NAMES("ClientRemoved", "os", SD_BUS_PARAM(objpath)
-                             SD_BUS_PARAM(name), BUS_OLD),
+                             SD_BUS_PARAM(name), BUS_DEPRECATED),
     SD_BUS_VTABLE_END
 };
 
@@ -5233,6 +5199,7 @@ static void bus_free(struct bus *b)
     free(b->v);
     if (b->bus)
         sd_bus_close_unref(b->bus);
+    free(b->client_vtable);
     free(b);
 }
 
@@ -5244,6 +5211,7 @@ static void bus_start(struct server *srv)
         return;
     struct bus *b = xcalloc(1, sizeof *b);
     b->srv = srv;
+    b->client_vtable = bus_client_vtable();
     const char *step = "connect to the system bus";
     int r = sd_bus_open_system(&b->bus);
     if (r >= 0) {
@@ -5256,7 +5224,7 @@ static void bus_start(struct server *srv)
         r = sd_bus_add_object_vtable(b->bus, NULL, "/", BUS_SERVER_IFACE, bus_server_vtable, b);
     if (r >= 0)
         r = sd_bus_add_fallback_vtable(b->bus, NULL, BUS_CLIENTS, BUS_CLIENT_IFACE,
-                                       bus_client_vtable, bus_find, b);
+                                       b->client_vtable, bus_find, b);
     if (r >= 0)
         r = sd_bus_add_node_enumerator(b->bus, NULL, BUS_CLIENTS, bus_enumerate, b);
     if (r >= 0)
@@ -5293,19 +5261,20 @@ static void bus_reloaded(struct server *srv)
     size_t n;
     bus_entries_build(srv, &v, &n);
     bool *added = xcalloc(n + 1, sizeof *added);
-    struct bus old = { b->bus, srv, b->v, b->n };
+    struct bus old = { b->bus, srv, b->v, b->n, NULL };
     for (size_t i = 0; i < n; i++) {
         struct bus_entry *o = bus_entry_by_path(&old, v[i].path);
         added[i] = !o;
         if (!o)
             continue;
-        memcpy(v[i].seen.v, o->seen.v, sizeof v[i].seen.v);
-        free(v[i].seen.host);
-        free(v[i].seen.checker);
-        v[i].seen.host = o->seen.host;
-        v[i].seen.checker = o->seen.checker;
+        memcpy(v[i].seen, o->seen, sizeof v[i].seen);
+        for (size_t f = 0; f < N_FIELDS; f++) {
+            free(v[i].seen_text[f]);
+            v[i].seen_text[f] = o->seen_text[f];
+            o->seen_text[f] = NULL;
+        }
         v[i].checker_command = o->checker_command;
-        o->seen.host = o->seen.checker = o->checker_command = NULL;
+        o->checker_command = NULL;
     }
     b->v = v;
     b->n = n;
@@ -5326,38 +5295,21 @@ static void bus_reloaded(struct server *srv)
 static void bus_publish(struct server *srv)
 {
     struct bus *b = srv->bus;
-    if (!b)
-        return;
-    for (size_t i = 0; i < b->n; i++) {
+    for (size_t i = 0; b && i < b->n; i++) {
         struct bus_entry *e = &b->v[i];
-        const struct client *c = e->client;
-        int64_t v[W_COUNT];
-        char *names[W_COUNT + 3];
+        char *names[N_FIELDS + 1];
         size_t k = 0;
-        bus_watch_values(c, v);
-        for (size_t w = 0; w < W_COUNT; w++)
-            if (v[w] != e->seen.v[w]) {
-                e->seen.v[w] = v[w];
-                names[k++] = (char *)bus_watched[w];   /* sd-bus takes char ** */
-            }
-        if (!streq(e->seen.host, c->cur.host)) {
-            free(e->seen.host);
-            e->seen.host = xstrdup(c->cur.host);
-            names[k++] = "Host";
-        }
-        if (!streq(e->seen.checker, c->cur.checker)) {
-            free(e->seen.checker);
-            e->seen.checker = xstrdup(c->cur.checker);
-            names[k++] = "Checker";
-        }
+        for (size_t f = 0; f < N_FIELDS; f++)
+            if (bus_watched(&client_fields[f]) && bus_seen_update(e, f))
+                names[k++] = (char *)client_fields[f].bus;   /* sd-bus takes char ** */
         if (k == 0)
             continue;
         names[k] = NULL;
         int r = sd_bus_emit_properties_changed_strv(b->bus, e->path, BUS_CLIENT_IFACE, names);
         if (r < 0)
-            log_debug("D-Bus: cannot send PropertiesChanged for %s: %s", c->name, strerror(-r));
+            log_debug("D-Bus: cannot send PropertiesChanged for %s: %s", e->name, strerror(-r));
         for (size_t j = 0; j < k; j++)
-            bus_emit_property_changed(b, e, names[j]);
+            bus_emit_property_changed(b, e, bus_field(names[j]));
     }
 }
 
@@ -5515,57 +5467,33 @@ static void bus_start(struct server *srv)
                  "or use_dbus = False to silence this)");
 }
 
-static size_t bus_pollfds(struct server *srv, struct pollfd *fds, size_t max)
+/* Without D-Bus there is nothing to poll, publish or announce. */
+static size_t bus_pollfds(struct server *srv UNUSED, struct pollfd *fds UNUSED,
+                          size_t max UNUSED)
 {
-    (void)srv; (void)fds; (void)max;
     return 0;
 }
 
-static void bus_process(struct server *srv, const struct pollfd *fds, size_t n, int64_t now)
+static int64_t bus_deadline(const struct server *srv UNUSED)
 {
-    (void)srv; (void)fds; (void)n; (void)now;
-}
-
-static int64_t bus_deadline(const struct server *srv)
-{
-    (void)srv;
     return 0;
 }
 
-static void bus_publish(struct server *srv) { (void)srv; }
-static void bus_reloaded(struct server *srv) { (void)srv; }
-static void bus_stop(struct server *srv) { (void)srv; }
-
-static void bus_checker_started(struct server *srv, const struct client *c,
-                                const char *command)
-{
-    (void)srv; (void)c; (void)command;
-}
-
-static void bus_checker_completed(struct server *srv, const struct client *c, int status)
-{
-    (void)srv; (void)c; (void)status;
-}
-
-static void bus_client_not_found(struct server *srv, const char *key_id, const char *peer)
-{
-    (void)srv; (void)key_id; (void)peer;
-}
-
-static void bus_need_approval(struct server *srv, const struct client *c)
-{
-    (void)srv; (void)c;
-}
-
-static void bus_rejected(struct server *srv, const struct client *c, const char *reason)
-{
-    (void)srv; (void)c; (void)reason;
-}
-
-static void bus_got_secret(struct server *srv, const struct client *c)
-{
-    (void)srv; (void)c;
-}
+static void bus_process(struct server *srv UNUSED, const struct pollfd *fds UNUSED,
+                        size_t n UNUSED, int64_t now UNUSED) {}
+static void bus_publish(struct server *srv UNUSED) {}
+static void bus_reloaded(struct server *srv UNUSED) {}
+static void bus_stop(struct server *srv UNUSED) {}
+static void bus_checker_started(struct server *srv UNUSED, const struct client *c UNUSED,
+                                const char *command UNUSED) {}
+static void bus_checker_completed(struct server *srv UNUSED, const struct client *c UNUSED,
+                                  int status UNUSED) {}
+static void bus_client_not_found(struct server *srv UNUSED, const char *key_id UNUSED,
+                                 const char *peer UNUSED) {}
+static void bus_need_approval(struct server *srv UNUSED, const struct client *c UNUSED) {}
+static void bus_rejected(struct server *srv UNUSED, const struct client *c UNUSED,
+                         const char *reason UNUSED) {}
+static void bus_got_secret(struct server *srv UNUSED, const struct client *c UNUSED) {}
 
 #endif /* HAVE_DBUS */
 
