@@ -3,12 +3,17 @@
 # Every .bats file does `load lib`.  The helpers start the server under test
 # on [::1]:PORT, make key sets with mandos-keygen (cached across runs), drive
 # the real mandos-client, and play hostile peers with small Python snippets.
-# Everything started here is remembered by PID and stopped by the default
-# teardown (mandos_teardown); every wait is bounded.
+# Everything started in the background here is started with spawn, in a
+# process group of its own, and stopped with its whole group by the default
+# teardown (mandos_teardown), as are the network namespaces given to
+# track_netns; every wait is bounded.
 #
 # Works with ./mandos (default) or, for cross-checking, with the reference
 # server: MANDOS_BIN=/usr/sbin/mandos bats t/.  The reference needs a system
 # D-Bus even with --no-dbus, so a private dbus-daemon is started for it.
+
+# `run !` and `run --separate-stderr` need bats 1.5
+bats_require_minimum_version 1.5.0
 
 MANDOS_BIN=${MANDOS_BIN:-"$BATS_TEST_DIRNAME/../mandos"}
 REAL_CLIENT=${REAL_CLIENT:-$("${BASH_SOURCE[0]%/*}/real-client-path.sh")}
@@ -19,6 +24,8 @@ SERVER_PID=
 SERVER_LOG=
 DBUS_PID=
 MANDOS_BG_PIDS=()
+MANDOS_BG_PGIDS=()
+MANDOS_NETNS=()
 
 # ---------------------------------------------------------------- skips
 
@@ -153,9 +160,9 @@ start_private_dbus() {
 	  </policy>
 	</busconfig>
 	EOF
-	dbus-daemon --config-file="$d/bus.conf" --nofork --nopidfile \
-		>"$d/dbus.log" 2>&1 </dev/null 3>&- &
-	DBUS_PID=$!
+	spawn dbus-daemon --config-file="$d/bus.conf" --nofork --nopidfile \
+		>"$d/dbus.log" 2>&1 </dev/null
+	DBUS_PID=$BG_PID
 	DBUS_DIR=$d
 	for ((i = 0; i < 200; i++)); do
 		[[ -S $d/bus ]] && break
@@ -217,6 +224,50 @@ track_pid() {
 	MANDOS_BG_PIDS+=("$1")
 }
 
+# track_netns NAME: have mandos_teardown delete this network namespace.
+track_netns() {
+	MANDOS_NETNS+=("$1")
+}
+
+# spawn CMD...: start CMD (a program or a shell function) in the background
+# in a process group of its own, so that mandos_teardown stops it together
+# with everything it started, also when the test fails half-way.  BG_PID is
+# its PID and the group's ID.  Redirections given to spawn apply to CMD.
+spawn() {
+	set -m
+	"$@" 3>&- &
+	BG_PID=$!
+	set +m
+	MANDOS_BG_PGIDS+=("$BG_PID")
+}
+
+# group_alive PGID: some process of the group runs (zombies do not count).
+group_alive() {
+	local p
+	for p in $(pgrep -g "$1"); do
+		pid_running "$p" && return 0
+	done
+	return 1
+}
+
+# stop_group PGID [SECONDS]: SIGTERM the whole group, wait (bounded),
+# SIGKILL what is left; reap the leader if it is our child.
+stop_group() {
+	local pg=$1 secs=${2:-5} i
+	[[ -n $pg ]] || return 0
+	if kill -TERM -- "-$pg" 2>/dev/null; then
+		for ((i = 0; i < secs * 20; i++)); do
+			group_alive "$pg" || break
+			sleep 0.05
+		done
+		if group_alive "$pg"; then
+			echo "# process group $pg ignored SIGTERM for ${secs}s, sending SIGKILL" >&2
+			kill -KILL -- "-$pg" 2>/dev/null
+		fi
+	fi
+	wait "$pg" 2>/dev/null || true
+}
+
 # ---------------------------------------------------------------- server
 
 # start_server CONFDIR [ARG...]: start the server in the foreground with
@@ -240,11 +291,11 @@ start_server() {
 	# runs as; a directory made here would belong to root
 	is_reference && mkdir -p "$state"
 	SERVER_LOG="$BATS_TEST_TMPDIR/server.log"
-	"$MANDOS_BIN" --foreground --debug --no-zeroconf --no-dbus \
+	spawn "$MANDOS_BIN" --foreground --debug --no-zeroconf --no-dbus \
 		--configdir "$confdir" --statedir "$state" \
 		--address ::1 --port "$PORT" "$@" \
-		>"$SERVER_LOG" 2>&1 </dev/null 3>&- &
-	SERVER_PID=$!
+		>"$SERVER_LOG" 2>&1 </dev/null
+	SERVER_PID=$BG_PID
 	for ((i = 0; i < 200; i++)); do
 		if ! pid_running "$SERVER_PID"; then
 			local st=0
@@ -292,13 +343,14 @@ assert_server_alive() {
 # run_client NAME [TIMEOUT]: run the real client against [::1]:$PORT with the
 # key set NAME; its stdout (the password, no newline) is ours, its stderr goes
 # to $BATS_TEST_TMPDIR/client-NAME.err.  Returns the client's (or timeout's)
-# exit status.
+# exit status.  timeout runs in the caller's process group (--foreground),
+# so that a client started with spawn is stopped with its group.
 run_client() {
 	local name=$1 secs=${2:-30} keys hooks
 	keys=$(keys_for "$name") || return 1
 	hooks="$BATS_TEST_TMPDIR/no-hooks"
 	mkdir -p "$hooks"
-	timeout -k 5 "$secs" "$REAL_CLIENT" \
+	timeout --foreground -k 5 "$secs" "$REAL_CLIENT" \
 		--connect="[::1]:$PORT" --interface=none \
 		--network-hook-dir="$hooks" --retry=1 \
 		--pubkey="$keys/pubkey.txt" --seckey="$keys/seckey.txt" \
@@ -406,15 +458,14 @@ tls_probe() {
 # all are connected.  HOLD_PID is the holder's PID.
 hold_silent_peers() {
 	local n=$1 secs=${2:-120} ready="$BATS_TEST_TMPDIR/hold.ready.$RANDOM" i
-	"$PYTHON" - "$PORT" "$n" "$secs" "$ready" >"$ready.log" 2>&1 3>&- <<-'EOF' &
+	spawn "$PYTHON" - "$PORT" "$n" "$secs" "$ready" >"$ready.log" 2>&1 <<-'EOF'
 	import socket, sys, time
 	port, n, secs, ready = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
 	socks = [socket.create_connection(("::1", port), timeout=10) for _ in range(n)]
 	open(ready, "w").close()
 	time.sleep(secs)
 	EOF
-	HOLD_PID=$!
-	track_pid "$HOLD_PID"
+	HOLD_PID=$BG_PID
 	for ((i = 0; i < 400; i++)); do
 		[[ -e $ready ]] && return 0
 		pid_running "$HOLD_PID" || break
@@ -427,12 +478,102 @@ hold_silent_peers() {
 
 # ---------------------------------------------------------------- asserts
 
-# refute_in_file STRING FILE: fail (showing the hit) if FILE contains STRING.
+# refute_in_file STRING FILE: fail (showing the hit) if FILE contains STRING,
+# and also when FILE cannot be read: a missing file proves nothing.
 refute_in_file() {
-	if grep -anF -- "$1" "$2" >&2; then
+	local rc=0
+	if [[ ! -f $2 || ! -r $2 ]]; then
+		echo "refute_in_file: no readable file $2" >&2
+		return 1
+	fi
+	grep -anF -- "$1" "$2" >&2 || rc=$?
+	if [[ $rc -eq 0 ]]; then
 		echo "unexpected: '$1' found in $2" >&2
 		return 1
 	fi
+	[[ $rc -eq 1 ]]
+}
+
+# refute_secrets CLIENTS_CONF FILE...: no FILE holds any client secret of
+# CLIENTS_CONF in a form the server has it in: the raw bytes it decoded,
+# their hex (either case) or base64, whole or as any 16-byte piece.
+refute_secrets() {
+	"$PYTHON" - "$@" <<-'EOF'
+	import base64, re, sys
+	conf = open(sys.argv[1]).read()
+	blocks = re.findall(r"^secret\s*[=:](.*?)(?=^\S|\Z)", conf, re.M | re.S)
+	secrets = [base64.b64decode("".join(b.split())) for b in blocks]
+	secrets = [s for s in secrets if len(s) >= 16]
+	if not secrets:
+	    sys.exit("refute_secrets: no secret of 16 bytes or more in " + sys.argv[1])
+	needles = []
+	for s in secrets:
+	    b64 = base64.b64encode(s)
+	    needles += [b64[i:i + 40] for i in range(0, len(b64) - 40, 16)]
+	    for i in range(0, len(s) - 15, 8):
+	        piece = s[i:i + 16]
+	        needles += [piece, piece.hex().encode(), piece.hex().upper().encode()]
+	bad = 0
+	for path in sys.argv[2:]:
+	    data = open(path, "rb").read()
+	    for n in needles:
+	        at = data.find(n)
+	        if at >= 0:
+	            line = data.count(b"\n", 0, at) + 1
+	            print("%s:%d: holds a piece of a secret: %r" % (path, line, n[:24]), file=sys.stderr)
+	            bad = 1
+	            break
+	print("refute_secrets: %d pieces of %d secrets looked for in %d files"
+	      % (len(needles), len(secrets), len(sys.argv) - 2))
+	sys.exit(bad)
+	EOF
+}
+
+# ---------------------------------------------------------------- timing
+
+# proc_cpu_ms PID: the CPU time (user + system) the process used, in ms.
+proc_cpu_ms() {
+	local stat hz
+	stat=$(cat "/proc/$1/stat") || return 1
+	stat=${stat##*) }
+	hz=$(getconf CLK_TCK)
+	# shellcheck disable=SC2086  # split the fields after "(comm) "
+	set -- $stat
+	# utime and stime are fields 14 and 15 of stat, 12 and 13 from "state"
+	echo $(((${12} + ${13}) * 1000 / hz))
+}
+
+# log_gap_ms FILE FIRST SECOND: the milliseconds, by the server's own log
+# timestamps, from the first line holding FIRST to the next one holding
+# SECOND; fails if either is missing.
+log_gap_ms() {
+	awk -v a="$2" -v b="$3" '
+	function ms(   t) {
+		split($2, t, /[:,]/)
+		return ((t[1] * 60 + t[2]) * 60 + t[3]) * 1000 + t[4]
+	}
+	start == "" && index($0, a) { start = ms(); next }
+	start != "" && index($0, b) { d = ms() - start; if (d < 0) d += 86400000; print d; found = 1; exit }
+	END { if (!found) exit 1 }' "$1" || {
+		echo "log_gap_ms: no '$2' followed by '$3' in $1" >&2
+		return 1
+	}
+}
+
+# conn_timeouts_ms FILE: for each connection the server logged as timed out,
+# the milliseconds from its accept to the time-out, by the log timestamps.
+conn_timeouts_ms() {
+	awk '
+	function ms(   t) {
+		split($2, t, /[:,]/)
+		return ((t[1] * 60 + t[2]) * 60 + t[3]) * 1000 + t[4]
+	}
+	/ TCP connection from: / { at[$NF] = ms(); next }
+	/: timed out while / {
+		peer = $6
+		sub(/:$/, "", peer)
+		if (peer in at) { d = ms() - at[peer]; if (d < 0) d += 86400000; print d }
+	}' "$1"
 }
 
 # ---------------------------------------------------------------- teardown
@@ -442,6 +583,10 @@ mandos_teardown() {
 	for pid in "${MANDOS_BG_PIDS[@]}"; do stop_pid "$pid" 5; done
 	MANDOS_BG_PIDS=()
 	stop_server
+	for pid in "${MANDOS_BG_PGIDS[@]}"; do stop_group "$pid" 5; done
+	MANDOS_BG_PGIDS=()
+	for pid in "${MANDOS_NETNS[@]}"; do ip netns del "$pid" 2>/dev/null || true; done
+	MANDOS_NETNS=()
 	stop_private_dbus
 	if [[ -n ${REF_STATE_DIR:-} && -d $REF_STATE_DIR ]]; then rm -rf "$REF_STATE_DIR"; fi
 	REF_STATE_DIR=
