@@ -12,12 +12,26 @@ setup() {
 
 teardown() {
 	if [[ -n ${DAEMON_PID:-} ]]; then stop_pid "$DAEMON_PID" 5; fi
+	stop_our_daemons
 	# the server never removes its PID file: put back what was there
 	if [[ -n ${PIDFILE_SAVED:-} ]]; then
 		rm -f "$PIDFILE"
 		if [[ -e $PIDFILE_SAVED ]]; then mv "$PIDFILE_SAVED" "$PIDFILE"; fi
 	fi
 	mandos_teardown
+}
+
+# stop_our_daemons: a daemon run with our $CONF (it forked away, so no
+# process group of ours holds it) is stopped, also when the test failed
+# before it learned the daemon's PID.
+stop_our_daemons() {
+	local pid
+	[[ -n ${CONF:-} ]] || return 0
+	for pid in $(pgrep -f -- "--configdir $CONF "); do
+		tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "--configdir $CONF " &&
+			stop_pid "$pid" 5
+	done
+	return 0
 }
 
 # own_pidfile: the test may write $PIDFILE; a stale one is kept aside.
@@ -74,7 +88,7 @@ own_pidfile() {
 # notify_listener SOCKET PORT OUT: record each datagram; on READY=1 note
 # whether the port already accepts connections.
 notify_listener() {
-	"$PYTHON" - "$1" "$2" "$3" <<-'EOF' &
+	spawn "$PYTHON" - "$1" "$2" "$3" <<-'EOF'
 	import os, socket, sys, time
 	path, port, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 	s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -94,7 +108,6 @@ notify_listener() {
 	            c.close()
 	        f.write(msg.replace("\n", ",") + note + "\n")
 	EOF
-	track_pid $!
 }
 
 @test "systemd: READY=1 only once the port accepts; RELOADING=1 then READY=1 on SIGHUP; STOPPING=1" {
@@ -121,7 +134,7 @@ notify_listener() {
 	client_section alpha 'socket pw' 'checker = true' >"$CONF/clients.conf"
 	local portfile="$BATS_TEST_TMPDIR/port"
 	SERVER_LOG="$BATS_TEST_TMPDIR/server.log"
-	"$PYTHON" - "$portfile" "$MANDOS_BIN" "$CONF" "$BATS_TEST_TMPDIR/state" <<-'EOF' >"$SERVER_LOG" 2>&1 3>&- &
+	spawn "$PYTHON" - "$portfile" "$MANDOS_BIN" "$CONF" "$BATS_TEST_TMPDIR/state" <<-'EOF' >"$SERVER_LOG" 2>&1
 	import os, socket, sys
 	portfile, binary, conf, state = sys.argv[1:5]
 	s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
@@ -135,7 +148,7 @@ notify_listener() {
 	os.execv(binary, [binary, "--foreground", "--debug", "--no-zeroconf", "--no-dbus",
 	                  "--configdir", conf, "--statedir", state, "--socket", "3"])
 	EOF
-	SERVER_PID=$!
+	SERVER_PID=$BG_PID
 	local i
 	for ((i = 0; i < 100; i++)); do [[ -s $portfile ]] && break; sleep 0.05; done
 	PORT=$(cat "$portfile")

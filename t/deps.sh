@@ -4,7 +4,7 @@
 # Usage: t/deps.sh build|test|all
 set -eu
 build="gcc make pkg-config libgnutls28-dev libavahi-client-dev libavahi-compat-libdnssd-dev libsystemd-dev"
-test="bats mandos-client mandos gnupg avahi-daemon avahi-utils dbus-daemon dbus-bin iproute2 python3 procps tmux xsltproc docbook-xsl docbook-xml libxml2-utils man-db clang libclang-rt-dev valgrind tcc musl-tools"
+test="bats mandos-client mandos gnupg systemd avahi-daemon avahi-utils dbus-daemon dbus-bin iproute2 python3 procps tmux xsltproc docbook-xsl docbook-xml libxml2-utils man-db clang libclang-rt-dev valgrind tcc musl-tools"
 case "${1:-all}" in
     build) want="$build" ;;
     test) want="$build $test" ;;

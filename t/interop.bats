@@ -68,17 +68,14 @@ setup() {
 	client_gets beta "$PW_BETA"
 }
 
-@test "interop: server log never contains the password or the secret" {
+@test "interop: the server log never holds the secret it sent" {
+	# The server never sees the password, only the OpenPGP message that
+	# the client decrypts into it: that message is what must not leak, as
+	# the raw bytes the server sends, or in hex or base64 (refute_secrets).
 	client_section alpha "$PW_ALPHA" >"$CONF/clients.conf"
 	start_server "$CONF"
 	client_gets alpha "$PW_ALPHA"
 	stop_server
-	[ -s "$SERVER_LOG" ]
-	refute_in_file "$PW_ALPHA" "$SERVER_LOG"
-	refute_in_file "wörd" "$SERVER_LOG"
-	# Nor the encrypted payload: take one full base64 line of the secret.
-	local b64
-	b64=$(sed -n '/^secret =/{n;s/^ *//;p;q}' "$CONF/clients.conf")
-	[ -n "$b64" ]
-	refute_in_file "$b64" "$SERVER_LOG"
+	grep -q "Sending secret to alpha" "$SERVER_LOG"
+	refute_secrets "$CONF/clients.conf" "$SERVER_LOG"
 }

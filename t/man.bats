@@ -51,7 +51,10 @@ render() {
     echo "xsltproc: $output"
     [ "$status" -eq 0 ]
     # xsltproc prints "Note: Writing ..."; anything worse is a defect.
-    ! grep -Eiq '^(warn|error)|error:|warning:' <<<"$output"
+    if grep -Eiq '^(warn|error)|error:|warning:' <<<"$output"; then
+        echo "xsltproc warned or failed" >&2
+        return 1
+    fi
     [ -s "$out/$page" ]
 
     command -v man >/dev/null || skip "man not installed"
