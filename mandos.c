@@ -6596,107 +6596,196 @@ static void test_options(void)
     }
 }
 
-static void test_checker_expansion(void)
+/* Set a field from its state-file text, as a saved value would be. */
+static void test_set(struct client *c, const char *name, const char *value)
 {
-    struct client_table t = { 0 };
-    char *errs = parse_clients("[foo.bar]\nsecret=\nhost = it's a \"host\"\n"
-                               "checker = echo %%(name)s %%(host)s %%(last_checked_ok)s "
-                               "%%(timeout)s 100%%%% %%(dbus_object_path)s\n", &t);
-    check_str(errs, "", "checker config");
-    free(errs);
-    CHECK(t.n == 1);
-    if (t.n == 1) {
-        struct buf cmd = { 0 };
-        CHECK(checker_expand(t.v[0], &cmd) == 0);
-        check_str(cmd.data, "echo foo.bar 'it'\"'\"'s a \"host\"' None 0:05:00 100% "
-                  "/clients/foo_bar", "expansion and quoting");
-        buf_free(&cmd);
-    }
-    client_table_clear(&t);
-    struct buf q = { 0 };
-    shell_quote("", 0, &q);
-    check_str(q.data, "''", "empty quotes");
-    buf_free(&q);
-    char why[300];
-    CHECK(checker_validate("fping -q -- %(host)s", why, sizeof why) == 0);
-    CHECK(checker_validate("x %(nosuch)s", why, sizeof why) < 0);
-    CHECK(checker_validate("x %(host)d", why, sizeof why) < 0);
-    CHECK(checker_validate("100%", why, sizeof why) < 0);
+    struct buf scratch = { 0 };
+    char key[64];
+    const struct client_field *f = client_field(name);
+    snprintf(key, sizeof key, "%s%s", f && (f->flags & F_RUN) ? "cur." : "", name);
+    CHECK(state_read_field(c, key, value, &scratch) == 0);
+    buf_free(&scratch);
 }
 
+/* A field's value as text: strings as they are, the rest as numbers. */
+static void test_get(const struct client *c, const char *name, struct buf *out)
+{
+    const struct client_field *f = client_field(name);
+    out->len = 0;
+    buf_adds(out, "");
+    if (f->type == CF_STR)
+        buf_adds(out, *CF_AT(c, f, char *));
+    else
+        buf_printf(out, "%" PRId64, client_number(c, f, 0, 0));
+}
+
+/* The run-time settings are the first N_RUN rows, in struct order. */
+static void test_client_fields(void)
+{
+    for (size_t i = 0; i < N_FIELDS; i++) {
+        const struct client_field *f = &client_fields[i];
+        bool in_cur = f->offset >= offsetof(struct client, cur)
+                      && f->offset < offsetof(struct client, cur) + sizeof(struct client_settings);
+        CHECK(((f->flags & F_RUN) != 0) == (i < N_RUN) && in_cur == (i < N_RUN));
+        CHECK(client_field(f->name) == f);
+        CHECK((f->bus == NULL) == (f->access == BUS_NONE) && (f->bus == NULL) == (f->sig == NULL));
+    }
+}
+
+/* Checker commands expanded with a client's attributes and quoted; "!"
+ * and the start of the reason for a command refused when read. */
+static void test_checker_expansion(void)
+{
+    static const struct { const char *conf, *field, *value, *want; } cases[] = {
+        { "host = it's a \"host\"\nchecker = echo %%(host)s 100%%%%", NULL, NULL,
+          "echo 'it'\"'\"'s a \"host\"' 100%" },
+        { "checker = x %%(name)s %%(dbus_object_path)s", NULL, NULL,
+          "x foo.bar /clients/foo_bar" },
+        { "checker = x %%(host)s %%(fingerprint)s %%(key_id)s", NULL, NULL, "x '' '' ''" },
+        { "interval = PT90S\nchecker = %%(interval)s %%(timeout)s %%(approval_duration)s",
+          NULL, NULL, "0:01:30 0:05:00 0:00:01" },
+        { "checker = %%(enabled)s", "enabled", "0", "False" },
+        { "checker = %%(timeout)s", "timeout", "1500", "0:00:01.500000" },
+        { "checker = %%(last_checked_ok)s", "last_checked_ok", "1675859696789012",
+          "'2023-02-08 12:34:56.789012'" },
+        { "checker = %%(last_enabled)s %%(expires)s", "last_enabled", "0", "None None" },
+        { "checker = x %%(nosuch)s", NULL, NULL, "!unknown attribute %(nosuch)s" },
+        { "checker = x %%(host)d", NULL, NULL, "!cannot expand" },
+        { "checker = 100%%", NULL, NULL, "!cannot expand" },
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        struct client_table t = { 0 };
+        struct buf conf = { 0 }, cmd = { 0 };
+        buf_printf(&conf, "[foo.bar]\nsecret=\n%s\n", cases[i].conf);
+        char *errs = parse_clients(conf.data, &t);
+        if (cases[i].want[0] == '!') {
+            CHECK(strstr(errs, cases[i].want + 1) != NULL);
+        } else if (t.n == 1) {
+            check_str(errs, "", cases[i].conf);
+            if (cases[i].field)
+                test_set(t.v[0], cases[i].field, cases[i].value);
+            CHECK(checker_expand(t.v[0], &cmd) == 0);
+            check_str(cmd.data, cases[i].want, cases[i].conf);
+        }
+        CHECK(t.n == 1);
+        free(errs);
+        buf_free(&conf);
+        buf_free(&cmd);
+        client_table_clear(&t);
+    }
+}
+
+static void test_shell_quote(void)
+{
+    static const struct { const char *in, *want; } cases[] = {
+        { "", "''" }, { "abc", "abc" }, { "a b", "'a b'" }, { "it's", "'it'\"'\"'s'" },
+        { "a/b-c.d:e,f=g+h@i%j_k", "a/b-c.d:e,f=g+h@i%j_k" }, { "$(x)", "'$(x)'" },
+        { "a\nb", "'a\nb'" },
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        struct buf q = { 0 };
+        shell_quote(cases[i].in, strlen(cases[i].in), &q);
+        check_str(q.data, cases[i].want, cases[i].in);
+        buf_free(&q);
+    }
+}
+
+/* Fields set at run time (from their saved text) survive a save and a
+ * load, and what is read back is saved the same; no secret is written. */
 static void test_state_round_trip(void)
 {
+    static const struct { const char *field, *saved, *value; } cases[] = {
+        { "host", "a\\tb\\\\c\\x7F", "a\tb\\c\x7F" }, { "timeout", "42", "42" },
+        { "enabled", "0", "0" }, { "checker", "true %(name)s", "true %(name)s" },
+        { "last_checker_status", "3", "3" }, { "last_checker_signal", "9", "9" },
+        { "last_checked_ok", "1675859696789012", "1675859696789012" },
+        { "approved_by_default", "0", "0" }, { "created", "-1", "-1" },
+    };
     struct client_table t = { 0 }, back = { 0 };
-    char *errs = parse_clients("[a b]\nsecret = aGVsbG8=\nhost = h\\x\nchecker = a\n\tb\n"
-                               "[c]\nsecret = aGVsbG8=\nenabled = no\n", &t);
-    free(errs);
-    CHECK(t.n == 2);
-    if (t.n != 2)
-        return;
-    t.v[0]->last_checked_ok = 1675859696789012LL;
-    t.v[0]->last_checker_status = 3;
-    set_string(&t.v[0]->cur.host, "changed at run time");
-    t.v[0]->cur.timeout = 42;
-    struct buf data = { 0 };
-    state_serialise(&t, 1000, 2000000, &data);
-    CHECK(strstr(data.data, "aGVsbG8") == NULL && strstr(data.data, "hello") == NULL);
-    struct buf derr = { 0 };
+    char *errs = parse_clients("[a b]\nsecret = aGVsbG8=\nchecker = a\n\tb\n", &t);
+    struct buf data = { 0 }, again = { 0 }, got = { 0 }, derr = { 0 };
     struct diag d = { "clients.state", 0, false, &derr };
-    CHECK(state_parse(data.data, data.len, &d, &back) == 0);
-    CHECK(back.n == 2);
-    if (back.n == 2) {
-        check_str(back.v[0]->name, "a b", "name");
-        check_str(back.v[0]->conf_text[1], "a\nb", "checker text");
-        check_str(back.v[0]->cur.host, "changed at run time", "cur.host");
-        CHECK(back.v[0]->cur.timeout == 42 && back.v[0]->last_checker_status == 3);
-        CHECK(back.v[0]->last_checked_ok == 1675859696789012LL);
-        CHECK(!back.v[1]->cur.enabled);
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0] && t.n == 1; i++)
+        test_set(t.v[0], cases[i].field, cases[i].saved);
+    state_serialise(&t, 1000, 2000000, &data);
+    CHECK(!strstr(data.data, "aGVsbG8") && !strstr(data.data, "hello"));
+    CHECK(state_parse(data.data, data.len, &d, &back) == 0 && back.n == 1);
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0] && back.n == 1; i++) {
+        test_get(back.v[0], cases[i].field, &got);
+        check_str(got.data, cases[i].value, cases[i].field);
     }
-    /* corrupt input is refused with a line number */
-    struct client_table junk = { 0 };
-    struct diag d2 = { "clients.state", 0, false, &derr };
-    const char *bad = STATE_MAGIC "\nclient x\ncreated notanumber\nend\n";
-    CHECK(state_parse(bad, strlen(bad), &d2, &junk) > 0 && strstr(derr.data, "clients.state:3:"));
-    client_table_clear(&junk);
-    struct diag d3 = { "clients.state", 0, false, &derr };
-    CHECK(state_parse("garbage", 7, &d3, &junk) > 0);
-    client_table_clear(&junk);
-    buf_free(&derr);
+    if (back.n == 1)
+        check_str(back.v[0]->conf_text[1], "a\nb", "checker text");
+    state_serialise(&back, 1000, 2000000, &again);
+    check_str(again.data, data.data, "written again");
+    free(errs);
     buf_free(&data);
+    buf_free(&again);
+    buf_free(&got);
+    buf_free(&derr);
     client_table_clear(&back);
     client_table_clear(&t);
 }
 
+/* Broken state files, each refused at the line given. */
+static void test_state_corrupt(void)
+{
+    static const struct { const char *text, *want; } cases[] = {
+        { STATE_MAGIC "\nclient x\ncreated notanumber\nend\n", "clients.state:3:" },
+        { "garbage", "clients.state:1:" },
+        { STATE_MAGIC "\nclient x\ncur.enabled 2\nend\n", "clients.state:3:" },
+        { STATE_MAGIC "\nclient x\ncur.timeout -1\nend\n", "clients.state:3:" },
+        { STATE_MAGIC "\nclient x\ncur.host a\\x00b\nend\n", "clients.state:3:" },
+        { STATE_MAGIC "\nclient x\ntext.host a\\qb\nend\n", "clients.state:3:" },
+        { STATE_MAGIC "\nclient x\nname y\nend\n", "clients.state:3:" },
+        { STATE_MAGIC "\nclient x\ntimeout 5\nend\n", "clients.state:3:" },
+        { STATE_MAGIC "\nclient x\nsecret_sha256 AB\nend\n", "clients.state:3:" },
+        { STATE_MAGIC "\nend\n", "clients.state:2:" },
+        { STATE_MAGIC "\nclient x\n", "clients.state:2:" },
+        { STATE_MAGIC "\nclient x\nclient y\n", "clients.state:3:" },
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        struct client_table junk = { 0 };
+        struct buf derr = { 0 };
+        struct diag d = { "clients.state", 0, false, &derr };
+        CHECK(state_parse(cases[i].text, strlen(cases[i].text), &d, &junk) > 0);
+        CHECK(derr.data && strncmp(derr.data, cases[i].want, strlen(cases[i].want)) == 0);
+        buf_free(&derr);
+        client_table_clear(&junk);
+    }
+}
+
+/* Saved state meets an edited clients.conf: a setting whose text is
+ * unchanged keeps its run-time value, an edited one takes the new text. */
 static void test_reconcile(void)
 {
-    struct client_table saved = { 0 }, now = { 0 };
-    char *e1 = parse_clients("[a]\nsecret=\nhost = one\ntimeout = PT5M\n"
-                             "[b]\nsecret=\n", &saved);
-    char *e2 = parse_clients("[a]\nsecret=\nhost = one\ntimeout = PT9M\n"
-                             "[new]\nsecret=\n", &now);
-    free(e1);
-    free(e2);
-    /* at run time: a was disabled and its host changed */
-    saved.v[0]->cur.enabled = false;
-    set_string(&saved.v[0]->cur.host, "runtime");
-    saved.v[0]->cur.timeout = 1;
-    state_apply(&now, &saved);
-    struct client *a = client_find_by_name(&now, "a");
-    CHECK(a && !a->cur.enabled);                      /* stays disabled */
-    CHECK(a && streq(a->cur.host, "runtime"));        /* unedited: run-time value */
-    CHECK(a && a->cur.timeout == 9 * MS_PER_MINUTE);  /* edited: config wins */
-    CHECK(client_find_by_name(&now, "new") && client_find_by_name(&now, "new")->cur.enabled);
-    CHECK(!client_find_by_name(&now, "b"));
-    client_table_clear(&now);
-    /* an edited enabled line re-enables */
-    e1 = parse_clients("[a]\nsecret=\nenabled = true\n", &saved);
-    e2 = parse_clients("[a]\nsecret=\nenabled = yes\n", &now);
-    free(e1);
-    free(e2);
-    saved.v[0]->cur.enabled = false;
-    state_apply(&now, &saved);
-    CHECK(now.v[0]->cur.enabled);
-    client_table_clear(&now);
+    static const struct { const char *old, *field, *value, *conf, *want; } cases[] = {
+        { "host = one", "host", "runtime", "host = one", "runtime" },
+        { "host = one", "host", "runtime", "host = two", "two" },
+        { "timeout = PT5M", "timeout", "1", "timeout = PT9M", "540000" },
+        { "timeout = PT5M", "timeout", "1", "timeout = 5m", "300000" },
+        { "", "enabled", "0", "", "0" },
+        { "enabled = true", "enabled", "0", "enabled = yes", "1" },
+        { "", "last_checker_status", "3", "timeout = PT1M", "3" },
+        { "checker = a", "checker", "b", "checker = a", "b" },
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        struct client_table saved = { 0 }, now = { 0 };
+        struct buf text = { 0 }, got = { 0 };
+        buf_printf(&text, "[a]\nsecret=\n%s\n[gone]\nsecret=\n", cases[i].old);
+        free(parse_clients(text.data, &saved));
+        text.len = 0;
+        buf_printf(&text, "[new]\nsecret=\n[a]\nsecret=\n%s\n", cases[i].conf);
+        free(parse_clients(text.data, &now));
+        test_set(saved.v[0], cases[i].field, cases[i].value);
+        state_apply(&now, &saved);
+        CHECK(now.n == 2 && !client_find_by_name(&now, "gone"));
+        test_get(client_find_by_name(&now, "a"), cases[i].field, &got);
+        check_str(got.data, cases[i].want, cases[i].conf);
+        buf_free(&text);
+        buf_free(&got);
+        client_table_clear(&now);
+    }
 }
 
 static void test_zeroconf(void)
@@ -6821,7 +6910,10 @@ static const struct {
     { "version line reader leaves the TLS bytes in the socket", test_version_reader },
     { "options and mandos.conf", test_options },
     { "checker expansion and shell quoting", test_checker_expansion },
-    { "state file: round trip, corruption", test_state_round_trip },
+    { "client fields: the table's own rules", test_client_fields },
+    { "shell quoting", test_shell_quote },
+    { "state file: round trip", test_state_round_trip },
+    { "state file: corruption, refused with its line", test_state_corrupt },
     { "state: three-way reconciliation", test_reconcile },
     { "client timers: the bound and running what is due", test_timers },
     { "Zeroconf back end (" ZEROCONF_NAME "): its part of the poll loop", test_zeroconf },
