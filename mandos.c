@@ -1711,9 +1711,12 @@ enum cf_type {
 #define F_POSITIVE 0x20          /* a duration that must be above zero */
 #define F_COMMAND 0x40           /* a command: %(name)s must be attributes */
 
-/* On D-Bus: CONST never changes; READ and WRITE announce their changes
- * with PropertiesChanged; WRITE_ONLY only invalidates; OLD is deprecated. */
-enum cf_bus { BUS_NONE, BUS_CONST, BUS_READ, BUS_WRITE, BUS_WRITE_ONLY, BUS_OLD };
+/* A D-Bus property's access: CONST never changes; READ and WRITE announce
+ * changes with PropertiesChanged; WRITE_ONLY only invalidates (its value
+ * is never shown); DEPRECATED is a constant kept for old tools. */
+enum cf_prop {
+    PROP_NONE, PROP_CONST, PROP_READ, PROP_WRITE, PROP_WRITE_ONLY, PROP_DEPRECATED
+};
 
 struct client_field {
     const char *name;            /* clients.conf key, state key, %(name)s */
@@ -1723,7 +1726,7 @@ struct client_field {
     size_t offset;               /* in struct client */
     const char *bus;             /* D-Bus property name, or NULL */
     const char *sig;             /* its D-Bus signature */
-    enum cf_bus access;
+    enum cf_prop access;
 };
 
 #define CL(member) offsetof(struct client, member)
@@ -1731,55 +1734,55 @@ struct client_field {
 /* The first N_RUN rows are the run-time settings, in struct order. */
 static const struct client_field client_fields[] = {
     { "host", CF_STR, F_CONF | F_RUN | F_ATTR, "", CL(cur.host),
-      "Host", "s", BUS_WRITE },
+      "Host", "s", PROP_WRITE },
     { "checker", CF_STR, F_CONF | F_RUN | F_COMMAND, "fping -q -- %%(host)s", CL(cur.checker),
-      "Checker", "s", BUS_WRITE },
+      "Checker", "s", PROP_WRITE },
     { "timeout", CF_MS, F_CONF | F_RUN | F_ATTR, "PT5M", CL(cur.timeout),
-      "Timeout", "t", BUS_WRITE },
+      "Timeout", "t", PROP_WRITE },
     { "extended_timeout", CF_MS, F_CONF | F_RUN, "PT15M", CL(cur.extended_timeout),
-      "ExtendedTimeout", "t", BUS_WRITE },
+      "ExtendedTimeout", "t", PROP_WRITE },
     { "interval", CF_MS, F_CONF | F_RUN | F_ATTR | F_POSITIVE, "PT2M", CL(cur.interval),
-      "Interval", "t", BUS_WRITE },
+      "Interval", "t", PROP_WRITE },
     { "approval_delay", CF_MS, F_CONF | F_RUN | F_ATTR, "PT0S", CL(cur.approval_delay),
-      "ApprovalDelay", "t", BUS_WRITE },
+      "ApprovalDelay", "t", PROP_WRITE },
     { "approval_duration", CF_MS, F_CONF | F_RUN | F_ATTR, "PT1S", CL(cur.approval_duration),
-      "ApprovalDuration", "t", BUS_WRITE },
+      "ApprovalDuration", "t", PROP_WRITE },
     { "approved_by_default", CF_BOOL, F_CONF | F_RUN, "True", CL(cur.approved_by_default),
-      "ApprovedByDefault", "b", BUS_WRITE },
+      "ApprovedByDefault", "b", PROP_WRITE },
     { "enabled", CF_BOOL, F_CONF | F_RUN | F_ATTR, "True", CL(cur.enabled),
-      "Enabled", "b", BUS_WRITE },
+      "Enabled", "b", PROP_WRITE },
     { "key_id", CF_KEY_ID, F_CONF | F_ATTR, "", CL(key_id),
-      "KeyID", "s", BUS_CONST },
+      "KeyID", "s", PROP_CONST },
     { "fingerprint", CF_STR, F_CONF | F_ATTR, NULL, CL(fingerprint),
-      "Fingerprint", "s", BUS_CONST },
+      "Fingerprint", "s", PROP_CONST },
     { "secret", CF_SECRET, F_CONF, NULL, CL(secret),
-      "Secret", "ay", BUS_WRITE_ONLY },
+      "Secret", "ay", PROP_WRITE_ONLY },
     { "secfile", CF_SECRET, F_CONF, NULL, CL(secret),
-      NULL, NULL, BUS_NONE },
+      NULL, NULL, PROP_NONE },
     { "name", CF_STR, F_ATTR, NULL, CL(name),
-      "Name", "s", BUS_CONST },
+      "Name", "s", PROP_CONST },
     { "created", CF_TIME, F_HIST | F_ATTR, NULL, CL(created),
-      "Created", "s", BUS_CONST },
+      "Created", "s", PROP_CONST },
     { "last_enabled", CF_TIME, F_HIST | F_ATTR, NULL, CL(last_enabled),
-      "LastEnabled", "s", BUS_READ },
+      "LastEnabled", "s", PROP_READ },
     { "last_checked_ok", CF_TIME, F_HIST | F_ATTR, NULL, CL(last_checked_ok),
-      "LastCheckedOK", "s", BUS_WRITE },
+      "LastCheckedOK", "s", PROP_WRITE },
     { "last_approval_request", CF_TIME, F_HIST | F_ATTR, NULL, CL(last_approval_request),
-      "LastApprovalRequest", "s", BUS_READ },
+      "LastApprovalRequest", "s", PROP_READ },
     { "expires", CF_EXPIRES, F_SAVE | F_ATTR, NULL, CL(expires),
-      "Expires", "s", BUS_READ },
+      "Expires", "s", PROP_READ },
     { "last_checker_status", CF_INT, F_HIST, NULL, CL(last_checker_status),
-      "LastCheckerStatus", "n", BUS_READ },
+      "LastCheckerStatus", "n", PROP_READ },
     { "last_checker_signal", CF_INT, F_HIST, NULL, CL(last_checker_signal),
-      NULL, NULL, BUS_NONE },
+      NULL, NULL, PROP_NONE },
     { "secret_sha256", CF_HASH, F_SAVE, NULL, CL(secret_hash),
-      NULL, NULL, BUS_NONE },
+      NULL, NULL, PROP_NONE },
     { "dbus_object_path", CF_PATH, F_ATTR, NULL, 0,
-      "ObjectPath", "o", BUS_OLD },
+      "ObjectPath", "o", PROP_DEPRECATED },
     { "approval_pending", CF_COUNT, 0, NULL, CL(approvals_pending),
-      "ApprovalPending", "b", BUS_READ },
+      "ApprovalPending", "b", PROP_READ },
     { "checker_running", CF_PID, 0, NULL, CL(checker_pid),
-      "CheckerRunning", "b", BUS_WRITE },
+      "CheckerRunning", "b", PROP_WRITE },
 };
 
 #define N_FIELDS (sizeof client_fields / sizeof client_fields[0])
@@ -2872,39 +2875,29 @@ static int state_save(struct server *srv)
     if (srv->state_dirfd < 0)
         return 0;
     struct buf data = { 0 };
-    state_serialise(&srv->clients, mono_ms(), wall_us(), &data);
     char tmp[64];
+    state_serialise(&srv->clients, mono_ms(), wall_us(), &data);
     snprintf(tmp, sizeof tmp, "%s.tmp-%ld", STATE_FILE, (long)getpid());
     int fd = open_cloexec(srv->state_dirfd, tmp, O_WRONLY | O_CREAT | O_TRUNC, 0600);
-    int rc = -1;
-    if (fd < 0)
-        goto fail;
-    if (write_all(fd, data.data, data.len) < 0 || fsync(fd) < 0) {
-        close(fd);
-        goto fail_unlink;
-    }
-    if (close(fd) < 0 || renameat(srv->state_dirfd, tmp, srv->state_dirfd, STATE_FILE) < 0)
-        goto fail_unlink;
-    fsync(srv->state_dirfd);
-    rc = 0;
-    srv->state_dirty = srv->state_urgent = false;
-    srv->state_saved_at = mono_ms();
-    goto done;
-fail_unlink:
-    {
-        int e = errno;
+    bool ok = fd >= 0 && write_all(fd, data.data, data.len) == 0 && fsync(fd) == 0;
+    if (fd >= 0 && close(fd) < 0)
+        ok = false;
+    ok = ok && renameat(srv->state_dirfd, tmp, srv->state_dirfd, STATE_FILE) == 0;
+    int e = errno;
+    if (fd >= 0 && !ok)
         unlinkat(srv->state_dirfd, tmp, 0);
-        errno = e;
-    }
-fail:
-    log_err("Could not save state to %s/%s: %s", srv->set.statedir, STATE_FILE,
-            strerror(errno));
-    /* try again later rather than in a tight loop */
+    buf_free(&data);
+    /* after a failure too: try again later rather than in a tight loop */
     srv->state_saved_at = mono_ms();
     srv->state_urgent = false;
-done:
-    buf_free(&data);
-    return rc;
+    if (!ok) {
+        log_err("Could not save state to %s/%s: %s", srv->set.statedir, STATE_FILE,
+                strerror(e));
+        return -1;
+    }
+    fsync(srv->state_dirfd);
+    srv->state_dirty = false;
+    return 0;
 }
 
 /* Parse one "key value" line into the client being read. */
@@ -2948,58 +2941,55 @@ static struct client *state_new_record(const char *name)
     return c;
 }
 
+/* One line of a state file into `*cur`, the client being read, which
+ * its "end" line adds to `out`. */
+static int state_line(char *line, struct client **cur, struct client_table *out,
+                      struct buf *scratch)
+{
+    char *sp = strchr(line, ' ');
+    const char *val = sp ? sp + 1 : "";
+    if (sp)
+        *sp = '\0';
+    if (streq(line, "client")) {
+        if (*cur || state_unescape(val, scratch) < 0 || !*scratch->data)
+            return -1;
+        *cur = state_new_record(scratch->data);
+        return 0;
+    }
+    if (!*cur)
+        return -1;
+    if (!streq(line, "end"))
+        return state_read_field(*cur, line, val, scratch);
+    grow((void **)&out->v, &out->cap, out->n + 1, sizeof *out->v);
+    out->v[out->n++] = *cur;
+    *cur = NULL;
+    return 0;
+}
+
 /* Parse a state file's bytes into client records (their `expires` is in
- * wall-clock µs).  Errors name the line; returns the error count. */
+ * wall-clock µs).  The first error stops it; returns the error count. */
 static int state_parse(const char *data, size_t len, struct diag *diag,
                        struct client_table *out)
 {
     struct client *cur = NULL;
     struct buf line = { 0 }, scratch = { 0 };
     int lineno = 0;
-    size_t i = 0;
-    bool magic = false;
-    while (i < len && diag->count == 0) {
+    for (size_t i = 0; i < len && diag->count == 0; i++) {
         size_t start = i;
         while (i < len && data[i] != '\n')
             i++;
-        lineno++;
         line.len = 0;
         buf_add(&line, data + start, i - start);
-        if (i < len)
-            i++;
-        if (memchr(line.data, '\0', line.len)) {
+        lineno++;
+        if (memchr(line.data, '\0', line.len))
             diag_error(diag, lineno, "NUL byte in state file");
-            break;
-        }
-        if (!magic) {
-            if (!streq(line.data, STATE_MAGIC))
-                diag_error(diag, lineno, "not a mandos.c state file (expected \"%s\")",
-                           STATE_MAGIC);
-            magic = true;
-            continue;
-        }
-        if (line.len == 0 || line.data[0] == '#')
-            continue;
-        char *sp = strchr(line.data, ' ');
-        const char *val = sp ? sp + 1 : "";
-        if (sp)
-            *sp = '\0';
-        if (streq(line.data, "client")) {
-            if (cur || state_unescape(val, &scratch) < 0 || !*scratch.data) {
-                diag_error(diag, lineno, "bad \"client\" line");
-                break;
-            }
-            cur = state_new_record(scratch.data);
-        } else if (streq(line.data, "end") && cur) {
-            grow((void **)&out->v, &out->cap, out->n + 1, sizeof *out->v);
-            out->v[out->n++] = cur;
-            cur = NULL;
-        } else if (!cur || state_read_field(cur, line.data, val, &scratch) < 0) {
+        else if (lineno == 1 && !streq(line.data, STATE_MAGIC))
+            diag_error(diag, lineno, "not a mandos.c state file (expected \"%s\")",
+                       STATE_MAGIC);
+        else if (lineno > 1 && line.len && line.data[0] != '#'
+                 && state_line(line.data, &cur, out, &scratch) < 0)
             diag_error(diag, lineno, "unexpected or malformed line \"%.40s\"", line.data);
-        }
     }
-    if (diag->count == 0 && !magic && len > 0)
-        diag_error(diag, 1, "not a mandos.c state file");
     if (diag->count == 0 && cur)
         diag_error(diag, lineno, "incomplete: the last client has no \"end\" line");
     client_free(cur);
@@ -6628,7 +6618,7 @@ static void test_client_fields(void)
                       && f->offset < offsetof(struct client, cur) + sizeof(struct client_settings);
         CHECK(((f->flags & F_RUN) != 0) == (i < N_RUN) && in_cur == (i < N_RUN));
         CHECK(client_field(f->name) == f);
-        CHECK((f->bus == NULL) == (f->access == BUS_NONE) && (f->bus == NULL) == (f->sig == NULL));
+        CHECK((f->bus == NULL) == (f->access == PROP_NONE) && (f->bus == NULL) == (f->sig == NULL));
     }
 }
 
