@@ -2166,9 +2166,12 @@ static void clients_run_timers(struct server *srv, int64_t now)
     t->next_event = 0;
     for (size_t i = 0; i < t->n; i++) {
         int64_t e = client_next_event(t->v[i]);
-        if (e && e <= now)
+        if (e && e <= now) {
             client_run_timers(srv, t->v[i], now);
-        client_reschedule(t, t->v[i]);
+            e = client_next_event(t->v[i]);
+        }
+        if (e && (!t->next_event || e < t->next_event))
+            t->next_event = e;
     }
 }
 
