@@ -6781,6 +6781,39 @@ static void test_reconcile(void)
     }
 }
 
+/* What a reload does to the clients it keeps, adds and removes. */
+static void test_reload(void)
+{
+    struct server srv;
+    memset(&srv, 0, sizeof srv);
+    srv.state_dirfd = -1;
+    free(parse_clients("[a]\nsecret = YQ==\nhost = one\n[b]\nsecret = Yg==\nenabled = yes\n"
+                       "[gone]\nsecret=\n", &srv.clients));
+    struct client_table fresh = { 0 };
+    free(parse_clients("[new]\nsecret=\n[b]\nsecret = Yw==\nenabled = no\n"
+                       "[a]\nsecret = YQ==\nhost = one\n", &fresh));
+    CHECK(srv.clients.n == 3 && fresh.n == 3);
+    if (srv.clients.n != 3 || fresh.n != 3)
+        return;
+    struct client *a = srv.clients.v[0];
+    a->checker_pid = 4242;       /* never signalled: a stays enabled */
+    a->approved = APPROVAL_GRANTED;
+    a->expires = 77;
+    set_string(&a->cur.host, "runtime");
+    memcpy(a->secret, "A", 1);   /* a secret set at run time */
+    clients_replace(&srv, &fresh);
+    a = client_find_by_name(&srv.clients, "a");
+    struct client *b = client_find_by_name(&srv.clients, "b");
+    CHECK(srv.clients.n == 3 && client_find_by_name(&srv.clients, "new"));
+    CHECK(!client_find_by_name(&srv.clients, "gone") && a && b);
+    CHECK(a && a->checker_pid == 4242 && a->approved == APPROVAL_GRANTED && a->expires == 77);
+    CHECK(a && streq(a->cur.host, "runtime") && a->secret[0] == 'A');
+    CHECK(b && !b->cur.enabled && b->secret[0] == 'c');   /* edited: disabled, new secret */
+    if (a)
+        a->checker_pid = 0;
+    client_table_clear(&srv.clients);
+}
+
 static void test_zeroconf(void)
 {
     const char *why = zc_self_test();
@@ -6908,6 +6941,7 @@ static const struct {
     { "state file: round trip", test_state_round_trip },
     { "state file: corruption, refused with its line", test_state_corrupt },
     { "state: three-way reconciliation", test_reconcile },
+    { "reload: kept, added and removed clients", test_reload },
     { "client timers: the bound and running what is due", test_timers },
     { "Zeroconf back end (" ZEROCONF_NAME "): its part of the poll loop", test_zeroconf },
     { "client removal, D-Bus object paths, ISO timestamps", test_client_remove },
