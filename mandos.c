@@ -4575,7 +4575,7 @@ static const struct client_field *bus_field(const char *prop)
 /* Properties that announce their changes. */
 static bool bus_watched(const struct client_field *f)
 {
-    return f->access == BUS_READ || f->access == BUS_WRITE;
+    return f->access == PROP_READ || f->access == PROP_WRITE;
 }
 
 /* Note field i's value as published; true if it changed since. */
@@ -4696,7 +4696,7 @@ static int bus_get(sd_bus *bus, const char *path, const char *iface, const char 
     const struct client *c = e->client;
     const struct client_field *f = bus_field(prop);
     (void)bus; (void)path; (void)iface;
-    if (!f || f->access == BUS_WRITE_ONLY)
+    if (!f || f->access == PROP_WRITE_ONLY)
         return sd_bus_error_setf(err, SD_BUS_ERROR_ACCESS_DENIED, "%s is write-only", prop);
     int64_t v = client_number(c, f, mono_ms(), wall_us());
     switch (f->type) {
@@ -4861,7 +4861,7 @@ static int bus_set_value(struct bus_entry *e, const char *prop, sd_bus_message *
     int r;
     if (!f)
         return sd_bus_error_setf(err, SD_BUS_ERROR_UNKNOWN_PROPERTY, "no property %s", prop);
-    if (f->access != BUS_WRITE && f->access != BUS_WRITE_ONLY)
+    if (f->access != PROP_WRITE && f->access != PROP_WRITE_ONLY)
         return sd_bus_error_setf(err, SD_BUS_ERROR_PROPERTY_READ_ONLY, "%s is read-only", prop);
     if (f->type == CF_SECRET)
         r = bus_set_secret(e, m, type, err);
@@ -4944,14 +4944,14 @@ static const sd_bus_vtable bus_client_members[] = {
 static sd_bus_vtable bus_property(const struct client_field *f)
 {
     static const uint64_t flags[] = {
-        [BUS_CONST] = SD_BUS_VTABLE_PROPERTY_CONST,
-        [BUS_READ] = SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE,
-        [BUS_WRITE] = SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE | BUS_UNPRIV,
-        [BUS_WRITE_ONLY] = SD_BUS_VTABLE_PROPERTY_EMITS_INVALIDATION
+        [PROP_CONST] = SD_BUS_VTABLE_PROPERTY_CONST,
+        [PROP_READ] = SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE,
+        [PROP_WRITE] = SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE | BUS_UNPRIV,
+        [PROP_WRITE_ONLY] = SD_BUS_VTABLE_PROPERTY_EMITS_INVALIDATION
                            | SD_BUS_VTABLE_PROPERTY_EXPLICIT | BUS_UNPRIV,
-        [BUS_OLD] = SD_BUS_VTABLE_PROPERTY_CONST | BUS_DEPRECATED,
+        [PROP_DEPRECATED] = SD_BUS_VTABLE_PROPERTY_CONST | BUS_DEPRECATED,
     };
-    if (f->access == BUS_WRITE || f->access == BUS_WRITE_ONLY)
+    if (f->access == PROP_WRITE || f->access == PROP_WRITE_ONLY)
         return (sd_bus_vtable)SD_BUS_WRITABLE_PROPERTY(f->bus, f->sig, bus_get, bus_set, 0,
                                                        flags[f->access]);
     return (sd_bus_vtable)SD_BUS_PROPERTY(f->bus, f->sig, bus_get, 0, flags[f->access]);
@@ -4964,7 +4964,7 @@ static sd_bus_vtable *bus_client_vtable(void)
     size_t n = 0;
     v[n++] = (sd_bus_vtable)SD_BUS_VTABLE_START(0);
     for (size_t i = 0; i < N_FIELDS; i++)
-        if (client_fields[i].access != BUS_NONE)
+        if (client_fields[i].access != PROP_NONE)
             v[n++] = bus_property(&client_fields[i]);
     memcpy(v + n, bus_client_members, sizeof bus_client_members);
     return v;
@@ -4990,7 +4990,7 @@ static int bus_append_properties(sd_bus_message *m, struct bus_entry *e)
     int r = sd_bus_message_open_container(m, 'a', "{sv}");
     for (size_t i = 0; r >= 0 && i < N_FIELDS; i++) {
         const struct client_field *f = &client_fields[i];
-        if (f->access == BUS_NONE || f->access == BUS_WRITE_ONLY)
+        if (f->access == PROP_NONE || f->access == PROP_WRITE_ONLY)
             continue;
         r = sd_bus_message_open_container(m, 'e', "sv");
         if (r >= 0)
