@@ -206,6 +206,15 @@ fuzz: $(FUZZ_BINS)
 fuzz-smoke: $(FUZZ_BINS)
 	FUZZ_SECONDS=30 t/fuzz/run.sh $(FUZZ_TARGETS)
 
+# Differential test against the reference server /usr/sbin/mandos: N
+# generated configurations from SEED (t/difftest/, t/differences).
+N ?= 100
+SEED ?= 1
+difftest: mandos
+	@t/deps.sh test
+	t/difftest/driver.py random $(N) $(SEED)
+.PHONY: difftest
+
 # Side by side with the reference server; prints a table (t/bench/run.sh).
 bench: mandos
 	$(MAKE) -C t/bench all
