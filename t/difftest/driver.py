@@ -232,7 +232,7 @@ class Run:
         """The line of the log that says why the server stopped."""
         lines = [ln.strip() for ln in self.log.splitlines() if ln.strip()]
         for ln in reversed(lines):
-            if ln.startswith("mandos: ") or re.match(r"[\w.]+(Error|Exception): ", ln):
+            if ln.startswith("mandos: ") or re.match(r"[\w.]+(Error|Exception)(: |$)", ln):
                 if not self.NOISE.search(ln):
                     return ln
         return lines[-1] if lines else "(no output, exit %s)" % self.status
