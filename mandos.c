@@ -5120,40 +5120,26 @@ static int bus_remove_client(sd_bus_message *m, void *userdata, sd_bus_error *er
     return sd_bus_reply_method_return(m, NULL);
 }
 
-/* Deprecated: mandos-monitor still lists the clients with these. */
+/* Deprecated, but mandos-monitor still lists the clients with these:
+ * GetAllClients gives the paths, GetAllClientsWithProperties adds each
+ * client's properties. */
 static int bus_get_all_clients(sd_bus_message *m, void *userdata, sd_bus_error *err)
 {
     struct bus *b = userdata;
     sd_bus_message *reply = NULL;
+    bool props = streq(sd_bus_message_get_member(m), "GetAllClientsWithProperties");
     (void)err;
     int r = sd_bus_message_new_method_return(m, &reply);
     if (r >= 0)
-        r = sd_bus_message_open_container(reply, 'a', "o");
-    for (size_t i = 0; r >= 0 && i < b->n; i++)
-        r = sd_bus_message_append(reply, "o", b->v[i].path);
-    if (r >= 0)
-        r = sd_bus_message_close_container(reply);
-    if (r >= 0)
-        r = sd_bus_send(NULL, reply, NULL);
-    sd_bus_message_unref(reply);
-    return r;
-}
-
-static int bus_get_all_with_properties(sd_bus_message *m, void *userdata, sd_bus_error *err)
-{
-    struct bus *b = userdata;
-    sd_bus_message *reply = NULL;
-    (void)err;
-    int r = sd_bus_message_new_method_return(m, &reply);
-    if (r >= 0)
-        r = sd_bus_message_open_container(reply, 'a', "{oa{sv}}");
+        r = sd_bus_message_open_container(reply, 'a', props ? "{oa{sv}}" : "o");
     for (size_t i = 0; r >= 0 && i < b->n; i++) {
-        r = sd_bus_message_open_container(reply, 'e', "oa{sv}");
+        if (props)
+            r = sd_bus_message_open_container(reply, 'e', "oa{sv}");
         if (r >= 0)
             r = sd_bus_message_append(reply, "o", b->v[i].path);
-        if (r >= 0)
+        if (r >= 0 && props)
             r = bus_append_properties(reply, &b->v[i]);
-        if (r >= 0)
+        if (r >= 0 && props)
             r = sd_bus_message_close_container(reply);
     }
     if (r >= 0)
@@ -5172,7 +5158,7 @@ static const sd_bus_vtable bus_server_vtable[] = {
                              bus_get_all_clients, BUS_UNPRIV | BUS_DEPRECATED),
     SD_BUS_METHOD_WITH_NAMES("GetAllClientsWithProperties", "", "", "a{oa{sv}}",
                              SD_BUS_PARAM(objpath_properties),
-                             bus_get_all_with_properties, BUS_UNPRIV | BUS_DEPRECATED),
+                             bus_get_all_clients, BUS_UNPRIV | BUS_DEPRECATED),
     SD_BUS_SIGNAL_WITH_NAMES("ClientAdded", "o", SD_BUS_PARAM(objpath), 0),
     SD_BUS_SIGNAL_WITH_NAMES("ClientNotFound", "ss", SD_BUS_PARAM(key_id)
                              SD_BUS_PARAM(address), 0),
