@@ -30,9 +30,10 @@
  * The server is one process with one poll() loop (checkers are its child
  * processes).  Connections are non-blocking and the loop sleeps only until
  * the nearest deadline on the monotonic clock, so one slow or silent
- * client cannot stall the others.  Start-up, reload and shutdown block
- * briefly: files are read and written directly, the D-Bus name is
- * requested synchronously, killed checkers are reaped.
+ * client cannot stall the others.  A few calls block briefly: files are
+ * read (config at start-up and reload) and written (the state) directly,
+ * the D-Bus name is requested synchronously, and killed checkers are
+ * reaped at shutdown.
  *
  * D-Bus uses sd-bus from libsystemd: it plugs into a foreign poll() loop
  * with one fd, an event mask and a deadline; its vtables declare objects,
