@@ -1,8 +1,10 @@
 #!/usr/bin/env bats
-# Zeroconf end to end: the server publishes _mandos._tcp through a private
-# avahi-daemon in one network namespace, and the real mandos-client, given
+# Zeroconf end to end: the server publishes _mandos._tcp through the
+# avahi-daemon of its network namespace, and the real mandos-client, given
 # no address, finds it by multicast DNS over a veth from another namespace.
-# The world (namespaces, private D-Bus, avahi-daemon) is built by
+# Each namespace has its own avahi-daemon on its own private D-Bus, so what
+# the client side learns (its daemon, or the real client's own embedded
+# Avahi) crossed the veth as multicast DNS.  The world is built by
 # t/netns.bash and torn down after every test, pass or fail.
 #
 # Binaries: MANDOS_BIN (default ./mandos; the reference /usr/sbin/mandos
@@ -51,14 +53,20 @@ zc_world() {
 # namespace with its own state directory; log in $NSW_DIR/LABEL.log.
 # Sets ZC_PID.  No --address, no --port unless given in ARGs.
 zc_start_server() {
-	local bin=$1 label=$2 state
-	shift 2
+	zc_start_server_on srv "$@"
+}
+
+# zc_start_server_on SIDE BIN LABEL [ARG...]: the same on SIDE (srv, cli),
+# publishing through that side's avahi-daemon.
+zc_start_server_on() {
+	local side=$1 bin=$2 label=$3 state
+	shift 3
 	[[ -x $bin ]] || { echo "not executable: $bin" >&2; return 1; }
 	state=$NSW_DIR/state-$label
 	mkdir -p "$state" || return 1
 	# the reference drops privileges before it writes its state
 	chmod 777 "$state"
-	nsw_spawn srv "$NSW_DIR/$label.log" "$bin" --foreground --debug \
+	nsw_spawn "$side" "$NSW_DIR/$label.log" "$bin" --foreground --debug \
 		--no-dbus --configdir "$ZC_CONF" --statedir "$state" "$@"
 	ZC_PID=$NSW_PID
 }
@@ -108,31 +116,110 @@ zc_unescape() {
 	printf '%s' "$out$s"
 }
 
-# zc_resolved: print one line "NAME|PORT|TXT" per resolved _mandos._tcp
-# service seen by avahi-daemon in the server namespace.
+# zc_resolved [SIDE]: print one line "NAME|PORT|TXT" per resolved
+# _mandos._tcp service seen by SIDE's avahi-daemon (default srv).
 zc_resolved() {
 	local line f
 	while IFS= read -r line; do
 		[[ $line == '='* ]] || continue
 		IFS=';' read -r -a f <<<"$line"
 		printf '%s|%s|%s\n' "$(zc_unescape "${f[3]}")" "${f[8]}" "${f[9]:-}"
-	done < <(nsw_browse)
+	done < <(nsw_browse "${1:-srv}")
 }
 
-# zc_has_names NAME...: every NAME is currently published (resolved).
+# zc_resolved_where SIDE: one line "NAME|INTERFACE|HOST|ADDRESS|PORT" per
+# resolved _mandos._tcp service seen by SIDE's avahi-daemon.
+zc_resolved_where() {
+	local line f
+	while IFS= read -r line; do
+		[[ $line == '='* ]] || continue
+		IFS=';' read -r -a f <<<"$line"
+		printf '%s|%s|%s|%s|%s\n' "$(zc_unescape "${f[3]}")" "${f[1]}" "${f[6]}" \
+			"${f[7]}" "${f[8]}"
+	done < <(nsw_browse "$1")
+}
+
+# zc_has_names NAME...: every NAME is currently published (resolved), as
+# the server side's avahi-daemon sees it.
 zc_has_names() {
-	local seen n
-	seen=$(zc_resolved) || return 1
+	zc_has_names_on srv "$@"
+}
+
+# zc_has_names_on SIDE NAME...: the same, as SIDE's avahi-daemon sees it.
+zc_has_names_on() {
+	local side=$1 seen n
+	shift
+	seen=$(zc_resolved "$side") || return 1
 	for n in "$@"; do
 		grep -qxF -- "$n" <<<"$(cut -d'|' -f1 <<<"$seen")" || return 1
 	done
 }
 
+# zc_has_none_on SIDE: SIDE's avahi-daemon knows no _mandos._tcp service.
+zc_has_none_on() {
+	[[ -z $(zc_resolved "$1") ]]
+}
+
+# zc_wire_line NAME SIDE PORT: the line zc_resolved_where would show on
+# the other side for service NAME published on SIDE at PORT: on the other
+# side's veth, SIDE's host name, SIDE's veth address.
+zc_wire_line() {
+	local name=$1 side=$2 port=$3 ns ifc there
+	ns=$(nsw_ns_name "$side") || return 1
+	ifc=$(nsw_veth "$side") || return 1
+	case $side in srv) there=$NSW_VCLI ;; *) there=$NSW_VSRV ;; esac
+	printf '%s|%s|%s.local|%s|%s\n' "$name" "$there" "$(nsw_host "$side")" \
+		"$(nsw_ll_addr "$ns" "$ifc")" "$port"
+}
+
+# zc_seen_over_wire NAME SIDE PORT: the daemon on the other side of the
+# veth has resolved NAME exactly as zc_wire_line says.  Its only interface
+# is its veth, so it can have learned that only from multicast DNS.
+zc_seen_over_wire() {
+	local other=cli want
+	[[ $2 == cli ]] && other=srv
+	want=$(zc_wire_line "$@") || return 1
+	zc_resolved_where "$other" | grep -qxF -- "$want"
+}
+
+# zc_expect_over_wire NAME SIDE PORT: wait (bounded) for zc_seen_over_wire;
+# on failure say what the other side does see.
+zc_expect_over_wire() {
+	local other=cli
+	[[ $2 == cli ]] && other=srv
+	nsw_wait 15 zc_seen_over_wire "$@" && return 0
+	echo "the $other side's avahi-daemon should resolve (name|if|host|addr|port):" >&2
+	zc_wire_line "$@" >&2
+	echo "it resolves:" >&2
+	zc_resolved_where "$other" >&2
+	return 1
+}
+
+# zc_client_found OUTFILE PORT: the real client's debug output says it
+# found "Mandos" by mDNS at the server side's host name and veth address,
+# on PORT.
+zc_client_found() {
+	local out=$1 port=$2 host addr line
+	host=$(nsw_host srv).local
+	addr=$(nsw_ll_addr "$NSW_SRV" "$NSW_VSRV")
+	line="Mandos server \"Mandos\" found on $host ($addr, "
+	if ! grep -aF -- "$line" "$out.err" | grep -qaE -- "[)] on port $port\$"; then
+		echo "the real client's stderr lacks: $line..., N) on port $port; it says:" >&2
+		grep -a 'found on' "$out.err" >&2
+		return 1
+	fi
+}
+
 # zc_port_of PID: the TCP port the process PID listens on in the server
 # namespace (first one found).
 zc_port_of() {
-	nsw_srv ss -Hltnp 2>/dev/null |
-		awk -v want="pid=$1," 'index($0, want) {
+	zc_port_of_on srv "$1"
+}
+
+# zc_port_of_on SIDE PID: the same in SIDE's namespace.
+zc_port_of_on() {
+	nsw_in "$1" ss -Hltnp 2>/dev/null |
+		awk -v want="pid=$2," 'index($0, want) {
 			n = split($4, a, ":"); print a[n]; exit }'
 }
 
@@ -159,15 +246,17 @@ zc_log_tail() {
 }
 
 zc_dump_logs() {
-	local f
+	local f side
 	echo "--- world logs in $NSW_DIR"
-	for f in "$NSW_DIR"/*.log; do
+	for f in "$NSW_DIR"/*.log "$NSW_DIR"/*/*.log; do
 		[[ -e $f ]] || continue
-		echo "--- $(basename "$f") (tail)"
+		echo "--- ${f#"$NSW_DIR"/} (tail)"
 		zc_log_tail "$f"
 	done
-	echo "--- avahi-browse now:"
-	nsw_browse
+	for side in srv cli; do
+		echo "--- avahi-browse on the $side side now:"
+		nsw_browse "$side"
+	done
 }
 
 # zc_backend BIN: the Zeroconf back end BIN says it was built with
@@ -221,6 +310,10 @@ zc_discovery() {
 	# and no TXT record.
 	port=$(zc_port_of "$ZC_PID")
 	[[ -n $port ]] || { echo "cannot see the server's listening port" >&2; return 1; }
+	# The real client found it by mDNS: at the server side's host name
+	# and veth address, on that port; and so did the client side's daemon.
+	zc_client_found "$NSW_DIR/got" "$port" || return 1
+	zc_expect_over_wire Mandos srv "$port" || return 1
 	nsw_wait 10 zc_has_names Mandos || { echo "Mandos not in avahi-browse" >&2; return 1; }
 	seen=$(zc_resolved)
 	if ! grep -qxF "Mandos|$port|" <<<"$seen"; then
@@ -271,33 +364,102 @@ zc_discovery() {
 	}
 }
 
-@test "zeroconf: after avahi-daemon is killed and restarted the service is published again" {
+@test "zeroconf: only the server side's avahi-daemon makes it findable: stopped, the other side forgets it and the client finds nothing; restarted, both find it" {
 	need_server_bin
 	zc_need_publishing "$MANDOS_BIN"
 	zc_world
-	local t0 t1 rc=0
+	local t0 t1 rc=0 port
 	zc_start_server "$MANDOS_BIN" server
 	if ! nsw_wait 15 zc_has_names Mandos; then
 		echo "service never published before the restart" >&2
 		return 1
 	fi
+	port=$(zc_port_of "$ZC_PID")
+	[[ -n $port ]] || { echo "cannot see the server's listening port" >&2; return 1; }
+	zc_expect_over_wire Mandos srv "$port"
 	t0=$(nsw_now_ms)
-	nsw_avahi_stop
-	# give the server a moment to notice the daemon is gone
-	sleep 1
+	nsw_avahi_stop srv
+	# its goodbye crosses the veth: the client side's daemon forgets the
+	# service long before the records' time to live
+	if ! nsw_wait 10 zc_has_none_on cli; then
+		echo "the client side still knows, 10 s after the server side's daemon stopped:" >&2
+		zc_resolved_where cli >&2
+		return 1
+	fi
+	t1=$(nsw_now_ms)
+	zc_timing "zeroconf goodbye: server side's avahi-daemon stopped -> client side forgot it $((t1 - t0)) ms"
 	zc_assert_alive "$ZC_PID" server
-	nsw_avahi_start
+	zc_port_is "$ZC_PID" "$port"
+	# The server still listens, but nobody announces it: the real client,
+	# which normally finds it within about a second, finds nothing in 6 s.
+	zc_client "$NSW_DIR/unseen" 6 || rc=$?
+	if [[ $rc -ne 124 || -s $NSW_DIR/unseen ]] || grep -aq 'found on' "$NSW_DIR/unseen.err"; then
+		echo "with no announcement the client should time out (124) having found nothing;" \
+			"exit $rc, stdout $(wc -c <"$NSW_DIR/unseen") bytes, stderr says:" >&2
+		grep -a 'found on' "$NSW_DIR/unseen.err" >&2
+		return 1
+	fi
+	t0=$(nsw_now_ms)
+	nsw_avahi_start srv
 	if ! nsw_wait 15 zc_has_names Mandos; then
 		echo "service not back within 15 s of avahi-daemon's restart" >&2
 		is_reference && echo "(MANDOS_BIN is the reference server)" >&2
 		return 1
 	fi
 	t1=$(nsw_now_ms)
-	zc_timing "zeroconf avahi restart: kill -> service published again $((t1 - t0)) ms (includes 1 s pause)"
+	zc_timing "zeroconf avahi restart: daemon started -> service published again $((t1 - t0)) ms"
 	zc_assert_alive "$ZC_PID" server
-	# and a client can still find and use it
+	# and it crosses the veth again, to the client side's daemon and to
+	# the real client
+	zc_expect_over_wire Mandos srv "$port"
+	rc=0
 	zc_client "$NSW_DIR/got" 30 || rc=$?
 	zc_expect_password "$NSW_DIR/got" "$rc"
+	zc_client_found "$NSW_DIR/got" "$port"
+}
+
+@test "zeroconf: a server on the client side hears over the veth that 'Mandos' is taken and becomes 'Mandos #2'" {
+	need_server_bin
+	zc_need_publishing "$MANDOS_BIN"
+	zc_world
+	local t0 t1 p1 p2 port1 port2
+	zc_start_server "$MANDOS_BIN" first
+	p1=$ZC_PID
+	nsw_wait 15 zc_has_names Mandos
+	port1=$(zc_port_of "$p1")
+	[[ -n $port1 ]] || { echo "cannot see the first server's port" >&2; return 1; }
+	zc_expect_over_wire Mandos srv "$port1"
+	# The second server's daemon holds no "Mandos" of its own: only its
+	# probe, answered across the veth, can tell it that the name is taken.
+	t0=$(nsw_now_ms)
+	zc_start_server_on cli "$MANDOS_BIN" second
+	p2=$ZC_PID
+	if ! nsw_wait 20 zc_has_names_on cli 'Mandos #2'; then
+		echo "the second server never published 'Mandos #2'; the client side sees:" >&2
+		zc_resolved_where cli >&2
+		return 1
+	fi
+	t1=$(nsw_now_ms)
+	zc_timing "zeroconf collision over the veth: second start -> 'Mandos #2' published $((t1 - t0)) ms"
+	port2=$(zc_port_of_on cli "$p2")
+	[[ -n $port2 ]] || { echo "cannot see the second server's port" >&2; return 1; }
+	# each side's daemon learns the other's service from the wire
+	zc_expect_over_wire 'Mandos #2' cli "$port2"
+	zc_expect_over_wire Mandos srv "$port1"
+	zc_assert_alive "$p1" first
+	zc_assert_alive "$p2" second
+	# the rename came from the collision on the network, not a local one
+	if ! grep -aq 'Zeroconf service name collision' "$NSW_DIR/second.log" ||
+		grep -aq 'Local Zeroconf service name collision' "$NSW_DIR/second.log"; then
+		echo "the second server's log should tell of a collision on the network:" >&2
+		grep -ai 'collision\|Mandos #2' "$NSW_DIR/second.log" >&2
+		return 1
+	fi
+	if grep -aqi 'collision' "$NSW_DIR/first.log"; then
+		echo "the first server should keep its name, but its log says:" >&2
+		grep -ai 'collision' "$NSW_DIR/first.log" >&2
+		return 1
+	fi
 }
 
 @test "zeroconf: ZEROCONF=dnssd build (MANDOS_DNSSD_BIN) is found by the real client" {
