@@ -190,7 +190,9 @@ class Gen:
             name = self.r.choice(parts)
             for _ in range(n - 1):
                 sep = self.r.choice(seps)
-                name += sep + self.r.choice(parts) + (str(self.r.randint(0, 9)) if self.chance(0.3) else "")
+                word = self.r.choice(parts)
+                digit = str(self.r.randint(0, 9)) if self.chance(0.3) else ""
+                name += sep + word + digit
             if self.chance(0.03):
                 name = self.r.choice([name + "/", "/" + name, name.replace("/", "//") + "//x",
                                       name + "é", " " + name])
@@ -325,7 +327,8 @@ class Gen:
             if self.chance(0.25):
                 self.feat("secfile")
                 path = "secret-%d.bin" % len(self.files)
-                self.files[path] = bytes(self.r.randrange(256) for _ in range(self.r.randint(0, 64)))
+                size = self.r.randint(0, 64)
+                self.files[path] = bytes(self.r.randrange(256) for _ in range(size))
                 if self.chance(0.5):
                     self.feat("secfile-relative")
                     sec.append(("secfile", path))
