@@ -37,6 +37,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOP = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
+sys.dont_write_bytecode = True      # no __pycache__ in the source tree
 import gen  # noqa: E402
 
 PROPS = ["Name", "Host", "Checker", "Timeout", "Interval", "ExtendedTimeout",
