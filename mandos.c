@@ -189,22 +189,15 @@
 
 /* setresuid where the platform has it; elsewhere (macOS, illumos) the
  * plain calls, which as root set the real, effective and saved IDs. */
+static int shim_set_ids(uid_t uid, gid_t gid)
+{
 #if (defined(__linux__) || defined(__FreeBSD__) || defined(__OpenBSD__) \
      || defined(__NetBSD__) || defined(__DragonFly__)) && !MANDOS_PORTABLE
-static int shim_set_ids(uid_t uid, gid_t gid)
-{
-    if (setresgid(gid, gid, gid) != 0)
-        return -1;
-    return setresuid(uid, uid, uid);
-}
+    return setresgid(gid, gid, gid) == 0 ? setresuid(uid, uid, uid) : -1;
 #else
-static int shim_set_ids(uid_t uid, gid_t gid)
-{
-    if (setgid(gid) != 0)
-        return -1;
-    return setuid(uid);
-}
+    return setgid(gid) == 0 ? setuid(uid) : -1;
 #endif
+}
 
 /* Every descriptor this program opens is close-on-exec, so that none
  * reaches a checker: files and sockets are opened through these. */
