@@ -107,11 +107,13 @@ compilers: $(COMPILER_BINS) .compilers/musl-syntax
 	@t/deps.sh test
 	@mkdir -p .compilers
 	$(@:.compilers/mandos-%=%) $(WARNINGS) -Werror -O2 -o $@ $(COMPILER_LINK)
+# Never "-o /dev/null" here: tcc run as root replaces /dev/null with a
+# regular file, which breaks every later test on the machine.
 .compilers/mandos-tcc: mandos.c Makefile
 	@t/deps.sh test
 	@mkdir -p .compilers
 	tcc -std=c99 -Wall -Wunsupported -Werror -O2 -o $@ $(COMPILER_LINK)
-	tcc -std=c99 -Wall -Wunsupported -Werror -DMANDOS_PORTABLE=1 -c -o /dev/null $(TLS_CFLAGS) $(ZC_CFLAGS) $(DBUS_CFLAGS) mandos.c
+	tcc -std=c99 -Wall -Wunsupported -Werror -DMANDOS_PORTABLE=1 -c -o .compilers/portable-tcc.o $(TLS_CFLAGS) $(ZC_CFLAGS) $(DBUS_CFLAGS) mandos.c
 .compilers/musl-syntax: mandos.c Makefile
 	@t/deps.sh test
 	@mkdir -p .compilers
