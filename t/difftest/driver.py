@@ -195,7 +195,7 @@ class Run:
 
     def watch(self, proc, bus):
         """Wait (bounded) until PROC exits or listens and owns its bus name
-        (or listens for 3 s without it: D-Bus off), then read the objects."""
+        (or listens for 8 s without it: D-Bus off), then read the objects."""
         deadline = time.monotonic() + 30
         listen_since = None
         while time.monotonic() < deadline:
@@ -208,7 +208,7 @@ class Run:
                 if bus.has_owner():
                     self.objects, self.bus_error = bus.managed_objects()
                     break
-                if time.monotonic() - listen_since > 3:
+                if time.monotonic() - listen_since > 8:
                     self.bus_error = "no bus name"
                     break
             time.sleep(0.05)
