@@ -1954,12 +1954,11 @@ static void client_free(struct client *c)
     if (c->secret)
         wipe(c->secret, c->secret_len);
     free(c->secret);
-    free(c->cur.host);
-    free(c->cur.checker);
-    for (size_t f = 0; f < N_RUN; f++)
-        free(c->conf_text[f]);
-    free(c->name);
-    free(c->fingerprint);
+    for (size_t i = 0; i < N_FIELDS; i++)
+        if (client_fields[i].type == CF_STR)
+            free(*CF_AT(c, &client_fields[i], char *));
+    for (size_t i = 0; i < N_RUN; i++)
+        free(c->conf_text[i]);
     free(c);
 }
 
@@ -2840,8 +2839,8 @@ static void state_put_field(const struct client *c, size_t i, int64_t now_mono,
 static void state_serialise(const struct client_table *t, int64_t now_mono,
                             int64_t now_wall, struct buf *out)
 {
-    buf_adds(out, STATE_MAGIC "\n# Written by mandos.c; the server rewrites it on "
-             "every change.  No secrets here.\n");
+    buf_adds(out, STATE_MAGIC "\n# Written by mandos.c, which rewrites it as its clients "
+             "change.  No secrets here.\n");
     for (size_t i = 0; i < t->n; i++) {
         buf_adds(out, "client ");
         state_escape(t->v[i]->name, out);
@@ -2930,11 +2929,12 @@ static int state_read_field(struct client *c, const char *key, const char *val,
 static struct client *state_new_record(const char *name)
 {
     struct client *c = xcalloc(1, sizeof *c);
+    for (size_t i = 0; i < N_RUN; i++) {
+        c->conf_text[i] = xstrdup("");
+        if (client_fields[i].type == CF_STR)
+            *CF_AT(c, &client_fields[i], char *) = xstrdup("");
+    }
     c->name = xstrdup(name);
-    c->cur.host = xstrdup("");
-    c->cur.checker = xstrdup("");
-    for (size_t f = 0; f < N_RUN; f++)
-        c->conf_text[f] = xstrdup("");
     return c;
 }
 
