@@ -125,10 +125,11 @@ compilers: $(COMPILER_BINS) .compilers/musl-syntax
 	done
 	touch $@
 
-# The self-tests of every build count; the Zeroconf tests skip the other
-# back ends unless told where they are.
+# The tests are linted first (t/lint.sh); the self-tests of every build
+# count; the Zeroconf tests skip the other back ends unless told where they are.
 check: mandos mandos-dnssd mandos-none mandos-nodbus mandos-portable compilers
 	@t/deps.sh test
+	@t/lint.sh
 	@t/mutate.sh --verify
 	MANDOS_DNSSD_BIN=$${MANDOS_DNSSD_BIN:-$(CURDIR)/mandos-dnssd} \
 	MANDOS_NONE_BIN=$${MANDOS_NONE_BIN:-$(CURDIR)/mandos-none} SANITIZE=$(SANITIZE) \
