@@ -88,6 +88,7 @@ skip_allowed() {
         [[ $1 =~ ${ALLOW_TEST[i]} ]] || continue
         [ "${ALLOW_WHEN[i]}" = always ] && return 0
         [ "${ALLOW_WHEN[i]}" = sanitized ] && [ -n "$san_dir" ] && return 0
+        [ "${ALLOW_WHEN[i]}" = portable ] && [ "${MANDOS_PORTABLE:-}" = 1 ] && return 0
     done
     return 1
 }
@@ -108,8 +109,8 @@ read_allowlist() {
         *[![:space:]]*) echo "$1:$n: not 'test:', 'when:' or 'why:'" >&2; bad=1 ;;
         *)  # a blank line (or the end) closes an entry
             if [ -n "$test$when$why" ]; then
-                if [ -z "$test" ] || [ -z "$why" ] || [[ ! $when =~ ^(always|sanitized)$ ]]; then
-                    echo "$1:$at: an entry needs test:, why: and when: always|sanitized" >&2
+                if [ -z "$test" ] || [ -z "$why" ] || [[ ! $when =~ ^(always|sanitized|portable)$ ]]; then
+                    echo "$1:$at: an entry needs test:, why: and when: always|sanitized|portable" >&2
                     bad=1
                 else
                     ALLOW_TEST+=("$test") ALLOW_WHEN+=("$when")
