@@ -19,7 +19,7 @@
  *   4. Config and durations       INI dialect, durations, options, mandos.conf
  *   5. Clients                    field table, struct client, index, timers,
  *                                 approval, reload, reading clients.conf
- *   6. Checkers                   runtime expansion, fork/exec, reaping
+ *   6. Checkers                   runtime expansion, posix_spawn, reaping
  *   7. Persistence                state directory, state file, reconciliation
  *   8. Network and TLS            listening socket, struct conn state machine
  *   9. Zeroconf                   avahi / dns_sd / none back ends (zc_*)
