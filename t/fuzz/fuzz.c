@@ -210,7 +210,11 @@ static void fuzz_version_reader(const uint8_t *data, size_t size, size_t chunk)
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     if (!fuzz_srv.priority) {
-        if (gnutls_priority_init(&fuzz_srv.priority, DEFAULT_PRIORITY, NULL) != GNUTLS_E_SUCCESS
+        const char *prio = NULL;    /* the built-in default, from the option table */
+        for (size_t i = 0; i < sizeof opts / sizeof opts[0]; i++)
+            if (opts[i].key && !strcmp(opts[i].key, "priority"))
+                prio = opts[i].builtin;
+        if (!prio || gnutls_priority_init(&fuzz_srv.priority, prio, NULL) != GNUTLS_E_SUCCESS
             || gnutls_certificate_allocate_credentials(&fuzz_srv.cred) != GNUTLS_E_SUCCESS)
             abort();
     }
