@@ -6033,7 +6033,8 @@ static void test_durations(void)
 {
     static const struct { const char *in; int64_t ms; } good[] = {
         { "PT5M", 5 * MS_PER_MINUTE }, { "P1DT2H", 26 * MS_PER_HOUR },
-        { "P1Y2M3DT4H5M6S", (364 + 56 + 3) * MS_PER_DAY + 4 * MS_PER_HOUR + 5 * MS_PER_MINUTE + 6000 },
+        { "P1Y2M3DT4H5M6S",
+          (364 + 56 + 3) * MS_PER_DAY + 4 * MS_PER_HOUR + 5 * MS_PER_MINUTE + 6000 },
         { "5m", 5 * MS_PER_MINUTE }, { "1h 30m", 90 * MS_PER_MINUTE },
         { "30s 1h", 3630 * MS_PER_SECOND }, { "1d 1d", 2 * MS_PER_DAY }, { "", 0 },
         { "  ", 0 }, { "PT0S", 0 }, { "P0D", 0 }, { "P2W", 14 * MS_PER_DAY },
@@ -6067,7 +6068,8 @@ static void test_durations(void)
 static void test_duration_render(void)
 {
     static const struct { int64_t ms; const char *want; } cases[] = {
-        { 5 * MS_PER_MINUTE, "0:05:00" }, { 2 * MS_PER_DAY + MS_PER_HOUR + 62000, "2 days, 1:01:02" },
+        { 5 * MS_PER_MINUTE, "0:05:00" },
+        { 2 * MS_PER_DAY + MS_PER_HOUR + 62000, "2 days, 1:01:02" },
         { MS_PER_DAY, "1 day, 0:00:00" }, { 1500, "0:00:01.500000" }, { 0, "0:00:00" },
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
@@ -6262,8 +6264,10 @@ static void test_ini_errors(void)
     check_errors(errs, "1", "a BOM");
     free(errs);
     client_table_clear(&t);
-    errs = parse_clients("[a]\nsecret=\nkey_id = 16FADC8E51108E940E1AFAF22B2154F651D203F2A10D991A7F71960ADACCC4D9\n"
-                         "[b]\nsecret=\nkey_id = 16fadc8e51108e940e1afaf22b2154f651d203f2a10d991a7f71960adaccc4d9\n", &t);
+    errs = parse_clients("[a]\nsecret=\nkey_id = "
+                         "16FADC8E51108E940E1AFAF22B2154F651D203F2A10D991A7F71960ADACCC4D9\n"
+                         "[b]\nsecret=\nkey_id = "
+                         "16fadc8e51108e940e1afaf22b2154f651d203f2a10d991a7f71960adaccc4d9\n", &t);
     check_errors(errs, "4", "one key_id twice");
     CHECK(strstr(errs, "[a] and [b] have the same key_id") != NULL);
     free(errs);
