@@ -323,6 +323,55 @@ zc_discovery() {
 	fi
 }
 
+# zc_wire_collision BIN: a server in the server namespace takes "Mandos";
+# a second one started in the client namespace, through the client side's
+# daemon, must be told across the veth and end up as "Mandos #2", each side
+# learning the other's service from the wire.
+zc_wire_collision() {
+	local bin=$1 t0 t1 p1 p2 port1 port2
+	zc_world
+	zc_start_server "$bin" first
+	p1=$ZC_PID
+	nsw_wait 15 zc_has_names Mandos
+	port1=$(zc_port_of "$p1")
+	[[ -n $port1 ]] || { echo "cannot see the first server's port" >&2; return 1; }
+	zc_expect_over_wire Mandos srv "$port1"
+	# The second server's daemon holds no "Mandos" of its own: only its
+	# probe, answered across the veth, can tell it that the name is taken.
+	t0=$(nsw_now_ms)
+	zc_start_server_on cli "$bin" second
+	p2=$ZC_PID
+	if ! nsw_wait 20 zc_has_names_on cli 'Mandos #2'; then
+		echo "the second server never published 'Mandos #2'; the client side sees:" >&2
+		zc_resolved_where cli >&2
+		return 1
+	fi
+	t1=$(nsw_now_ms)
+	zc_timing "zeroconf collision over the veth ($(basename "$bin")): second start -> 'Mandos #2' published $((t1 - t0)) ms"
+	port2=$(zc_port_of_on cli "$p2")
+	[[ -n $port2 ]] || { echo "cannot see the second server's port" >&2; return 1; }
+	# each side's daemon learns the other's service from the wire
+	zc_expect_over_wire 'Mandos #2' cli "$port2"
+	zc_expect_over_wire Mandos srv "$port1"
+	zc_assert_alive "$p1" first
+	zc_assert_alive "$p2" second
+	# the rename came from the collision on the network, not a local one
+	# (with dnssd the daemon renames and the server is only told the name)
+	if ! grep -aqF "Changing Zeroconf service name to 'Mandos #2'" "$NSW_DIR/second.log" ||
+		grep -aq 'Local Zeroconf service name collision' "$NSW_DIR/second.log" ||
+		{ [[ $(zc_backend "$bin") != dnssd ]] &&
+			! grep -aq 'Zeroconf service name collision' "$NSW_DIR/second.log"; }; then
+		echo "the second server's log should tell of a collision on the network:" >&2
+		grep -ai 'collision\|Mandos #2' "$NSW_DIR/second.log" >&2
+		return 1
+	fi
+	if grep -aqi 'collision' "$NSW_DIR/first.log"; then
+		echo "the first server should keep its name, but its log says:" >&2
+		grep -ai 'collision' "$NSW_DIR/first.log" >&2
+		return 1
+	fi
+}
+
 # ---------------------------------------------------------------- tests
 
 @test "zeroconf: real client with no --connect finds the server by mDNS and gets its password" {
@@ -421,45 +470,7 @@ zc_discovery() {
 @test "zeroconf: a server on the client side hears over the veth that 'Mandos' is taken and becomes 'Mandos #2'" {
 	need_server_bin
 	zc_need_publishing "$MANDOS_BIN"
-	zc_world
-	local t0 t1 p1 p2 port1 port2
-	zc_start_server "$MANDOS_BIN" first
-	p1=$ZC_PID
-	nsw_wait 15 zc_has_names Mandos
-	port1=$(zc_port_of "$p1")
-	[[ -n $port1 ]] || { echo "cannot see the first server's port" >&2; return 1; }
-	zc_expect_over_wire Mandos srv "$port1"
-	# The second server's daemon holds no "Mandos" of its own: only its
-	# probe, answered across the veth, can tell it that the name is taken.
-	t0=$(nsw_now_ms)
-	zc_start_server_on cli "$MANDOS_BIN" second
-	p2=$ZC_PID
-	if ! nsw_wait 20 zc_has_names_on cli 'Mandos #2'; then
-		echo "the second server never published 'Mandos #2'; the client side sees:" >&2
-		zc_resolved_where cli >&2
-		return 1
-	fi
-	t1=$(nsw_now_ms)
-	zc_timing "zeroconf collision over the veth: second start -> 'Mandos #2' published $((t1 - t0)) ms"
-	port2=$(zc_port_of_on cli "$p2")
-	[[ -n $port2 ]] || { echo "cannot see the second server's port" >&2; return 1; }
-	# each side's daemon learns the other's service from the wire
-	zc_expect_over_wire 'Mandos #2' cli "$port2"
-	zc_expect_over_wire Mandos srv "$port1"
-	zc_assert_alive "$p1" first
-	zc_assert_alive "$p2" second
-	# the rename came from the collision on the network, not a local one
-	if ! grep -aq 'Zeroconf service name collision' "$NSW_DIR/second.log" ||
-		grep -aq 'Local Zeroconf service name collision' "$NSW_DIR/second.log"; then
-		echo "the second server's log should tell of a collision on the network:" >&2
-		grep -ai 'collision\|Mandos #2' "$NSW_DIR/second.log" >&2
-		return 1
-	fi
-	if grep -aqi 'collision' "$NSW_DIR/first.log"; then
-		echo "the first server should keep its name, but its log says:" >&2
-		grep -ai 'collision' "$NSW_DIR/first.log" >&2
-		return 1
-	fi
+	zc_wire_collision "$MANDOS_BIN"
 }
 
 @test "zeroconf: ZEROCONF=dnssd build (MANDOS_DNSSD_BIN) is found by the real client" {
@@ -467,6 +478,13 @@ zc_discovery() {
 	[[ -x $MANDOS_DNSSD_BIN ]] || skip "MANDOS_DNSSD_BIN=$MANDOS_DNSSD_BIN is not an executable"
 	zc_want_backend "$MANDOS_DNSSD_BIN" dnssd
 	zc_discovery "$MANDOS_DNSSD_BIN" dnssd
+}
+
+@test "zeroconf: ZEROCONF=dnssd build (MANDOS_DNSSD_BIN) on the client side is renamed 'Mandos #2' by a collision over the veth" {
+	[[ -n ${MANDOS_DNSSD_BIN:-} ]] || skip "MANDOS_DNSSD_BIN not set (path of a ZEROCONF=dnssd build)"
+	[[ -x $MANDOS_DNSSD_BIN ]] || skip "MANDOS_DNSSD_BIN=$MANDOS_DNSSD_BIN is not an executable"
+	zc_want_backend "$MANDOS_DNSSD_BIN" dnssd
+	zc_wire_collision "$MANDOS_DNSSD_BIN"
 }
 
 @test "zeroconf: ZEROCONF=none build (MANDOS_NONE_BIN) needs a port, then serves without publishing" {
