@@ -162,6 +162,8 @@ ids_in_manual() {
 	[[ ${lines[1]} == "mandos.c "* ]]
 }
 
+# The syslog test's directories (made outside `run`, whose subshell could
+# not hand them back to the teardown).
 SYSLOG_DIRS=()
 
 teardown() {
@@ -170,15 +172,19 @@ teardown() {
 	for d in "${SYSLOG_DIRS[@]}"; do rm -rf "$d"; done
 }
 
-# syslog_lines BIN: run BIN for 2 s in a mount namespace of its own whose
+# syslog_dir: a directory for syslog_lines, in SYSLOG_DIRS; the reference
+# reads its files as an unprivileged user, so not under the Bats
+# temporary tree (0700).
+syslog_dir() {
+	SYSLOG_DIR=$(mktemp -d /tmp/mandos-difftest-syslog.XXXXXX) || return 1
+	SYSLOG_DIRS+=("$SYSLOG_DIR")
+}
+
+# syslog_lines DIR BIN: run BIN for 2 s in a mount namespace of its own whose
 # /dev is a tmpfs with a /dev/log socket read here (and null, zero, the
 # random devices and tty bound from the real /dev); print what arrived.
 syslog_lines() {
-	local bin=$1 d
-	# the reference reads its files as an unprivileged user: not under
-	# the Bats temporary tree (0700)
-	d=$(mktemp -d /tmp/mandos-difftest-syslog.XXXXXX)
-	SYSLOG_DIRS+=("$d")
+	local d=$1 bin=$2
 	mkdir -p "$d/conf" "$d/state" "$d/olddev"
 	chmod 755 "$d" "$d/conf"
 	chmod 777 "$d/state"
@@ -229,12 +235,14 @@ syslog_lines() {
 	need_ours "compares mandos.c with the reference"
 	[[ $(id -u) -eq 0 ]]
 	command -v unshare >/dev/null
-	run syslog_lines "$MANDOS_BIN"
+	syslog_dir
+	run syslog_lines "$SYSLOG_DIR" "$MANDOS_BIN"
 	echo "ours: $output"
 	[ "$status" -eq 0 ]
 	grep -qE '^<[0-9]+>.* mandos\[[0-9]+\]: WARNING: No clients defined' <<<"$output"
 	start_private_dbus
-	run syslog_lines "$REF_BIN"
+	syslog_dir
+	run syslog_lines "$SYSLOG_DIR" "$REF_BIN"
 	echo "reference: $output"
 	[ "$status" -eq 0 ]
 	grep -qE '^<[0-9]+>Mandos \[[0-9]+\]: WARNING: No clients defined' <<<"$output"
