@@ -16,7 +16,6 @@ setup() {
 teardown() {
 	mandos_teardown
 	rm -rf "$OUT"
-	if [[ -n ${NS:-} ]]; then ip netns del "$NS"; fi
 }
 
 @test "portable: a checker inherits no descriptor of the server or of whoever started it" {
@@ -71,6 +70,7 @@ teardown() {
 	local port log="$BATS_TEST_TMPDIR/ns.log" pid i
 	NS="mcs-port-$$-$RANDOM"
 	ip netns add "$NS"
+	track_netns "$NS"    # deleted by mandos_teardown, also when the test fails
 	ip -n "$NS" link add d0 type veth peer name d1
 	ip -n "$NS" link set d0 up
 	ip -n "$NS" link set d1 up
