@@ -90,6 +90,7 @@
 #include <inttypes.h>
 #include <limits.h>
 #include <net/if.h>
+#include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
@@ -1826,8 +1827,7 @@ struct server {
 static void checker_stop(struct server *srv, struct client *c);
 static void checker_start(struct server *srv, struct client *c);
 static void conn_approval_wakeup(struct server *srv, struct client *c, int64_t now);
-static void conn_drop_for_client(struct server *srv, struct client *c);
-static void conn_follow_client(struct server *srv, struct client *old, struct client *n);
+static void conn_client_gone(struct server *srv, struct client *old, struct client *n);
 /* What section 10 publishes on D-Bus for section 8; no-ops without it. */
 static void bus_client_not_found(struct server *srv, const char *key_id, const char *peer);
 static void bus_need_approval(struct server *srv, const struct client *c);
@@ -2108,7 +2108,7 @@ static void client_remove(struct server *srv, struct client *c)
     log_info("Removing client %s", c->name);
     client_disable(srv, c, "removed");
     checker_stop(srv, c);        /* one started by hand while disabled */
-    conn_drop_for_client(srv, c);
+    conn_client_gone(srv, c, NULL);
     struct client_table *t = &srv->clients;
     size_t i = name_index_find(&t->names, c->name, client_name_at, t);
     memmove(&t->v[i], &t->v[i + 1], (t->n - i - 1) * sizeof *t->v);
@@ -2178,7 +2178,7 @@ static int client_succeed(struct server *srv, struct client *n, struct client *o
     /* a key replaced in clients.conf is a key revoked */
     bool same_key = n->indexed && old->indexed && streq(n->key_id, old->key_id);
     if (!same_key)
-        conn_drop_for_client(srv, old);
+        conn_client_gone(srv, old, NULL);
     client_reconcile(n, old);
     int change = (int)n->cur.enabled - (int)old->cur.enabled;
     n->cur.enabled = old->cur.enabled;
@@ -2199,7 +2199,7 @@ static int client_succeed(struct server *srv, struct client *n, struct client *o
         old->secret_len = sl;
     }
     if (same_key)
-        conn_follow_client(srv, old, n);
+        conn_client_gone(srv, old, n);
     return change;
 }
 
@@ -2226,7 +2226,7 @@ static void clients_replace(struct server *srv, struct client_table *fresh)
             continue;
         log_info("Removing client %s", t->v[i]->name);
         checker_stop(srv, t->v[i]);
-        conn_drop_for_client(srv, t->v[i]);
+        conn_client_gone(srv, t->v[i], NULL);
     }
     client_table_clear(t);
     *t = *fresh;
@@ -3107,23 +3107,13 @@ static void statedir_check_writable(struct server *srv)
 
 #define VERSION_LINE_MAX 64      /* "1\r\n" is all a real client sends */
 
-enum conn_state {
-    CONN_VERSION,      /* reading the "1\r\n" line, byte by byte */
-    CONN_HANDSHAKE,    /* TLS handshake; we are the TLS client */
-    CONN_APPROVAL,     /* identified; waiting for approval or its timeout */
-    CONN_SEND,         /* sending the secret */
-    CONN_BYE,          /* TLS close_notify exchange */
-    CONN_CLOSED        /* finished; freed at the end of the loop turn */
-};
+/* In protocol order; a closed connection is freed at the end of the turn. */
+enum conn_state { CONN_VERSION, CONN_HANDSHAKE, CONN_APPROVAL, CONN_SEND, CONN_BYE, CONN_CLOSED };
 
 /* For "timed out while ..." */
 static const char *const conn_state_names[] = {
-    [CONN_VERSION] = "reading the protocol version",
-    [CONN_HANDSHAKE] = "TLS handshake",
-    [CONN_APPROVAL] = "waiting for approval",
-    [CONN_SEND] = "sending the secret",
-    [CONN_BYE] = "closing TLS",
-    [CONN_CLOSED] = "closed",
+    "reading the protocol version", "TLS handshake", "waiting for approval",
+    "sending the secret", "closing TLS", "closed",
 };
 
 struct conn {
@@ -3138,6 +3128,7 @@ struct conn {
     bool counted_pending;        /* this conn is in client->approvals_pending */
     unsigned char *secret;       /* private copy while sending; wiped after */
     size_t secret_len, secret_sent;
+    size_t slot;                 /* its place in this turn's poll array */
     struct conn *prev, *next;    /* oldest first */
 };
 
@@ -3164,58 +3155,15 @@ static void conn_log(const struct conn *cn, int level, const char *fmt, ...)
 /* "addr:port", or "[addr%scope]:port" for IPv6. */
 static void format_peer(const struct sockaddr_storage *ss, char *out, size_t n)
 {
-    const struct sockaddr_in6 *s6 = (const void *)ss;
-    const struct sockaddr_in *s4 = (const void *)ss;
-    char host[INET6_ADDRSTRLEN] = "?";
-    char scope[IF_NAMESIZE + 2] = "";
-    if (ss->ss_family == AF_INET) {
-        inet_ntop(AF_INET, &s4->sin_addr, host, sizeof host);
-        snprintf(out, n, "%s:%u", host, (unsigned)ntohs(s4->sin_port));
-        return;
-    }
-    if (ss->ss_family != AF_INET6) {
+    char host[INET6_ADDRSTRLEN + IF_NAMESIZE + 2], port[8];
+    bool v6 = ss->ss_family == AF_INET6;
+    socklen_t len = v6 ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in);
+    int flags = NI_NUMERICHOST | NI_NUMERICSERV;
+    if ((v6 || ss->ss_family == AF_INET)
+        && getnameinfo((const void *)ss, len, host, sizeof host, port, sizeof port, flags) == 0)
+        snprintf(out, n, "%s%s%s:%s", v6 ? "[" : "", host, v6 ? "]" : "", port);
+    else
         snprintf(out, n, "?:0");
-        return;
-    }
-    inet_ntop(AF_INET6, &s6->sin6_addr, host, sizeof host);
-    unsigned id = (unsigned)s6->sin6_scope_id;
-    if (id && if_indextoname(id, scope + 1))
-        scope[0] = '%';
-    else if (id)
-        snprintf(scope, sizeof scope, "%%%u", id);
-    snprintf(out, n, "[%s%s]:%u", host, scope, (unsigned)ntohs(s6->sin6_port));
-}
-
-/* The address to bind: an IPv4 or IPv6 literal, the latter optionally
- * "fe80::1%eth0"; a link-local one without a scope takes --interface's.
- * -1 on a bad literal or an unknown scope. */
-static int listen_address(const char *text, const struct settings *set, uint16_t port,
-                          struct sockaddr_storage *ss, socklen_t *len)
-{
-    struct sockaddr_in *s4 = (void *)ss;
-    struct sockaddr_in6 *s6 = (void *)ss;
-    memset(ss, 0, sizeof *ss);
-    if (!set->use_ipv6) {
-        s4->sin_family = AF_INET;
-        s4->sin_port = htons(port);
-        *len = sizeof *s4;
-        return inet_pton(AF_INET, text, &s4->sin_addr) == 1 ? 0 : -1;
-    }
-    s6->sin6_family = AF_INET6;
-    s6->sin6_port = htons(port);
-    *len = sizeof *s6;
-    char addr[INET6_ADDRSTRLEN + IF_NAMESIZE + 2];
-    snprintf(addr, sizeof addr, "%s", text);
-    char *scope = strchr(addr, '%');
-    if (scope)
-        *scope++ = '\0';
-    if (inet_pton(AF_INET6, addr, &s6->sin6_addr) != 1)
-        return -1;
-    if (!scope && IN6_IS_ADDR_LINKLOCAL(&s6->sin6_addr) && *set->interface)
-        scope = set->interface;
-    if (scope)
-        s6->sin6_scope_id = if_nametoindex(scope);
-    return scope && !s6->sin6_scope_id ? -1 : 0;
 }
 
 /* Like the reference, a missing interface is an error but not a fatal
@@ -3235,60 +3183,80 @@ static void listen_bind_device(int fd, int family, const char *interface)
         fatal("cannot bind to interface %s: %s", interface, strerror(errno));
 }
 
-/* Bind to --address and --port; with neither, listen() picks a port. */
+/* Bind to --address, an IPv4 or IPv6 literal (the latter optionally
+ * "fe80::1%eth0"; a link-local one without a scope takes --interface's),
+ * and --port. */
 static void listen_bind(int fd, const struct settings *set)
 {
-    const char *any = set->use_ipv6 ? "::" : "0.0.0.0";
-    const char *addr = *set->address ? set->address : any;
+    const char *text = *set->address ? set->address : set->use_ipv6 ? "::" : "0.0.0.0";
     uint16_t port = (uint16_t)(set->port > 0 ? set->port : 0);
     struct sockaddr_storage ss;
-    socklen_t len;
-    if (listen_address(addr, set, port, &ss, &len) < 0)
-        fatal("bad address \"%s\" (an IP%s literal%s)", addr, set->use_ipv6 ? "v6" : "v4",
+    struct sockaddr_in *s4 = (void *)&ss;
+    struct sockaddr_in6 *s6 = (void *)&ss;
+    char addr[INET6_ADDRSTRLEN + IF_NAMESIZE + 2];
+    snprintf(addr, sizeof addr, "%s", text);
+    char *scope = set->use_ipv6 ? strchr(addr, '%') : NULL;
+    if (scope)
+        *scope++ = '\0';
+    memset(&ss, 0, sizeof ss);
+    bool ok;
+    if (!set->use_ipv6) {
+        s4->sin_family = AF_INET;
+        s4->sin_port = htons(port);
+        ok = inet_pton(AF_INET, addr, &s4->sin_addr) == 1;
+    } else {
+        s6->sin6_family = AF_INET6;
+        s6->sin6_port = htons(port);
+        ok = inet_pton(AF_INET6, addr, &s6->sin6_addr) == 1;
+        if (!scope && IN6_IS_ADDR_LINKLOCAL(&s6->sin6_addr) && *set->interface)
+            scope = set->interface;
+        if (ok && scope)
+            ok = (s6->sin6_scope_id = if_nametoindex(scope)) != 0;
+    }
+    if (!ok)
+        fatal("bad address \"%s\" (an IP%s literal%s)", text, set->use_ipv6 ? "v6" : "v4",
               set->use_ipv6 ? ", optionally with %interface" : "");
     int one = 1;
     if (port)
         setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    socklen_t len = set->use_ipv6 ? sizeof *s6 : sizeof *s4;
     if (bind(fd, (struct sockaddr *)&ss, len) < 0)
-        fatal("cannot bind to address %s port %d: %s", addr, port, strerror(errno));
+        fatal("cannot bind to address %s port %d: %s", text, port, strerror(errno));
 }
 
 /* Create (or adopt, with --socket) the listening socket, bind it and
- * start listening.  Runs as root, before privileges are dropped. */
+ * start listening; with neither --address nor --port, listen() picks the
+ * port.  Runs as root, before privileges are dropped. */
 static void listen_open(struct server *srv)
 {
     const struct settings *set = &srv->set;
-    int fd;
-    if (set->socket_fd >= 0) {
-        /* keep it clear of stdin/stdout/stderr, which daemonizing replaces */
-        fd = fcntl(set->socket_fd, F_DUPFD_CLOEXEC, 3);
-        if (fd < 0)
-            fatal("--socket %d: %s", set->socket_fd, strerror(errno));
-        close(set->socket_fd);
-    } else {
-        fd = socket_cloexec(set->use_ipv6 ? AF_INET6 : AF_INET, SOCK_STREAM);
-        if (fd < 0)
-            fatal("cannot create a socket: %s", strerror(errno));
-    }
+    int family = set->use_ipv6 ? AF_INET6 : AF_INET;
+    /* an adopted socket moves clear of 0-2, which daemonizing replaces */
+    int adopt = set->socket_fd;
+    int fd = adopt >= 0 ? fcntl(adopt, F_DUPFD_CLOEXEC, 3) : socket_cloexec(family, SOCK_STREAM);
+    if (fd < 0 && adopt >= 0)
+        fatal("--socket %d: %s", adopt, strerror(errno));
+    if (fd < 0)
+        fatal("cannot create a socket: %s", strerror(errno));
+    if (adopt >= 0)
+        close(adopt);
     if (set_nonblock_cloexec(fd) < 0)
         fatal("cannot set up the listening socket: %s", strerror(errno));
     if (*set->interface)
-        listen_bind_device(fd, set->use_ipv6 ? AF_INET6 : AF_INET, set->interface);
+        listen_bind_device(fd, family, set->interface);
     if (*set->address || set->port > 0)
         listen_bind(fd, set);
     if (listen(fd, SOMAXCONN) < 0)
         fatal("cannot listen: %s", strerror(errno));
     struct sockaddr_storage ss;
     socklen_t len = sizeof ss;
-    if (getsockname(fd, (struct sockaddr *)&ss, &len) < 0)
+    char where[INET6_ADDRSTRLEN + IF_NAMESIZE + 2], port[8];
+    int flags = NI_NUMERICHOST | NI_NUMERICSERV;
+    if (getsockname(fd, (struct sockaddr *)&ss, &len) < 0
+        || getnameinfo((struct sockaddr *)&ss, len, where, sizeof where, port, sizeof port, flags))
         fatal("getsockname: %s", strerror(errno));
-    const struct sockaddr_in6 *s6 = (const void *)&ss;
-    const struct sockaddr_in *s4 = (const void *)&ss;
-    bool v6 = ss.ss_family == AF_INET6;
-    const void *ip = v6 ? (const void *)&s6->sin6_addr : (const void *)&s4->sin_addr;
-    char where[INET6_ADDRSTRLEN] = "?";
-    inet_ntop(ss.ss_family, ip, where, sizeof where);
-    srv->port = ntohs(v6 ? s6->sin6_port : s4->sin_port);
+    where[strcspn(where, "%")] = '\0';   /* the address alone, as the reference shows it */
+    srv->port = atoi(port);
     srv->listen_fd = fd;
     log_info("Now listening on address '%s', port %d", where, srv->port);
 }
@@ -3328,10 +3296,9 @@ static enum step conn_enter(struct server *srv, struct conn *cn, enum conn_state
 
 static void conn_leave_approval(struct conn *cn)
 {
-    if (cn->counted_pending && cn->client) {
+    if (cn->counted_pending && cn->client)
         cn->client->approvals_pending--;
-        cn->counted_pending = false;
-    }
+    cn->counted_pending = false;
 }
 
 static void conn_forget_secret(struct conn *cn)
@@ -3429,27 +3396,8 @@ static int conn_read_line(struct conn *cn)
     }
 }
 
-/* The version line is accepted: start TLS, as its client.  The deadline
- * set at accept() covers the line and the handshake together. */
-static enum step conn_tls_start(struct server *srv, struct conn *cn)
-{
-    int rc = gnutls_init(&cn->tls, GNUTLS_CLIENT | GNUTLS_NO_TICKETS | GNUTLS_ENABLE_RAWPK
-                         | GNUTLS_NONBLOCK);
-    if (rc == GNUTLS_E_SUCCESS)
-        rc = gnutls_priority_set(cn->tls, srv->priority);
-    if (rc == GNUTLS_E_SUCCESS)
-        rc = gnutls_credentials_set(cn->tls, GNUTLS_CRD_CERTIFICATE, srv->cred);
-    if (rc != GNUTLS_E_SUCCESS) {
-        conn_log(cn, LOG_ERR, "cannot set up TLS: %s", gnutls_strerror(rc));
-        return STEP_CLOSE;
-    }
-    gnutls_transport_set_int(cn->tls, cn->fd);
-    /* our own deadline bounds the handshake, not GnuTLS's default */
-    gnutls_handshake_set_timeout(cn->tls, 0);
-    cn->state = CONN_HANDSHAKE;
-    return STEP_NEXT;
-}
-
+/* The version line, then TLS as its client.  The deadline set at accept()
+ * covers the line and the handshake together. */
 static enum step conn_do_version(struct server *srv, struct conn *cn)
 {
     int r = conn_read_line(cn);
@@ -3463,7 +3411,20 @@ static enum step conn_do_version(struct server *srv, struct conn *cn)
         conn_log(cn, LOG_ERR, "Unknown protocol version: %s", why_shown);
         return STEP_CLOSE;
     }
-    return conn_tls_start(srv, cn);
+    int rc = gnutls_init(&cn->tls, GNUTLS_CLIENT | GNUTLS_NO_TICKETS | GNUTLS_ENABLE_RAWPK
+                         | GNUTLS_NONBLOCK);
+    if (rc == GNUTLS_E_SUCCESS)
+        rc = gnutls_priority_set(cn->tls, srv->priority);
+    if (rc == GNUTLS_E_SUCCESS)
+        rc = gnutls_credentials_set(cn->tls, GNUTLS_CRD_CERTIFICATE, srv->cred);
+    if (rc != GNUTLS_E_SUCCESS) {
+        conn_log(cn, LOG_ERR, "cannot set up TLS: %s", gnutls_strerror(rc));
+        return STEP_CLOSE;
+    }
+    gnutls_transport_set_int(cn->tls, cn->fd);
+    gnutls_handshake_set_timeout(cn->tls, 0);   /* our own deadline bounds it */
+    cn->state = CONN_HANDSHAKE;
+    return STEP_NEXT;
 }
 
 /* A key_id: SHA-256 of a DER SubjectPublicKeyInfo; a GnuTLS error code. */
@@ -3483,27 +3444,8 @@ static int key_id_of_spki(const gnutls_datum_t *spki, unsigned char key_id[32])
     return rc;
 }
 
-/* The peer's key_id, from the raw public key it presented. */
-static int conn_peer_key_id(struct conn *cn, unsigned char key_id[32])
-{
-    if (gnutls_certificate_type_get2(cn->tls, GNUTLS_CTYPE_PEERS) != GNUTLS_CRT_RAWPK) {
-        conn_log(cn, LOG_WARNING, "Bad certificate: peer did not present a raw public key");
-        return -1;
-    }
-    unsigned int n = 0;
-    const gnutls_datum_t *certs = gnutls_certificate_get_peers(cn->tls, &n);
-    if (!certs || n == 0) {
-        conn_log(cn, LOG_WARNING, "Bad certificate: no public key received");
-        return -1;
-    }
-    int rc = key_id_of_spki(&certs[0], key_id);
-    if (rc != GNUTLS_E_SUCCESS) {
-        conn_log(cn, LOG_WARNING, "Bad certificate: %s", gnutls_strerror(rc));
-        return -1;
-    }
-    return 0;
-}
-
+/* After the handshake: the peer's raw public key gives its key_id, which
+ * names the client. */
 static enum step conn_do_handshake(struct server *srv, struct conn *cn, int64_t now)
 {
     int rc = gnutls_handshake(cn->tls);
@@ -3514,10 +3456,21 @@ static enum step conn_do_handshake(struct server *srv, struct conn *cn, int64_t 
         return STEP_CLOSE;
     }
     conn_log(cn, LOG_DEBUG, "Handshake succeeded");
+    unsigned int n = 0;
+    const gnutls_datum_t *certs = gnutls_certificate_get_peers(cn->tls, &n);
     unsigned char key[32];
     char hex[65];
-    if (conn_peer_key_id(cn, key) < 0)
+    const char *bad = NULL;
+    if (gnutls_certificate_type_get2(cn->tls, GNUTLS_CTYPE_PEERS) != GNUTLS_CRT_RAWPK)
+        bad = "peer did not present a raw public key";
+    else if (!certs || n == 0)
+        bad = "no public key received";
+    else if ((rc = key_id_of_spki(&certs[0], key)) != GNUTLS_E_SUCCESS)
+        bad = gnutls_strerror(rc);
+    if (bad) {
+        conn_log(cn, LOG_WARNING, "Bad certificate: %s", bad);
         return conn_enter(srv, cn, CONN_BYE, now);
+    }
     hex_encode_upper(key, 32, hex);
     conn_log(cn, LOG_DEBUG, "Key ID: %s", hex);
     cn->client = client_find_by_key_id(&srv->clients, key);
@@ -3585,13 +3538,13 @@ static enum step conn_do_approval(struct server *srv, struct conn *cn, short rev
     return conn_reject(srv, cn, "Approval timed out", now);
 }
 
+/* The secret goes from a private copy: a reload or a new secret must not
+ * change the bytes of a send that is under way. */
 static enum step conn_do_send(struct server *srv, struct conn *cn, int64_t now)
 {
     struct client *c = cn->client;
     conn_leave_approval(cn);
     if (!cn->secret) {
-        /* a private copy: a reload or a new secret must not change the
-         * bytes of a send that is under way */
         cn->secret = xcalloc(1, c->secret_len + 1);
         memcpy(cn->secret, c->secret, c->secret_len);
         cn->secret_len = c->secret_len;
@@ -3648,7 +3601,7 @@ static void conn_step(struct server *srv, struct conn *cn, short revents, int64_
  * says which way it is blocked. */
 static short conn_events(const struct conn *cn)
 {
-    if (cn->state == CONN_VERSION || cn->state == CONN_APPROVAL || !cn->tls)
+    if (cn->state == CONN_VERSION || cn->state == CONN_APPROVAL)
         return POLLIN;
     return gnutls_record_get_direction(cn->tls) ? POLLOUT : POLLIN;
 }
@@ -3674,24 +3627,20 @@ static void conn_approval_wakeup(struct server *srv, struct client *c, int64_t n
             conn_step(srv, cn, 0, now);
 }
 
-/* The client is going away (removed, or its key replaced): so do its
- * connections. */
-static void conn_drop_for_client(struct server *srv, struct client *c)
+/* Client `old` goes away: a reload that kept its key hands its connections
+ * to `n`; otherwise (n NULL: removed, or its key replaced) they close. */
+static void conn_client_gone(struct server *srv, struct client *old, struct client *n)
 {
-    for (struct conn *cn = srv->conns_head; cn; cn = cn->next)
-        if (cn->client == c && cn->state != CONN_CLOSED) {
-            conn_log(cn, LOG_INFO, "client removed; closing");
-            conn_close(srv, cn);
-        }
-}
-
-/* A reload replaced client `old` by `n`, with the same key: its
- * connections go on with the new one. */
-static void conn_follow_client(struct server *srv, struct client *old, struct client *n)
-{
-    for (struct conn *cn = srv->conns_head; cn; cn = cn->next)
-        if (cn->client == old)
+    for (struct conn *cn = srv->conns_head; cn; cn = cn->next) {
+        if (cn->client != old || cn->state == CONN_CLOSED)
+            continue;
+        if (n) {
             cn->client = n;
+            continue;
+        }
+        conn_log(cn, LOG_INFO, "client removed; closing");
+        conn_close(srv, cn);
+    }
 }
 
 /* When full, the oldest peer that has not yet proven who it is makes
@@ -3710,27 +3659,7 @@ static bool conn_make_room(struct server *srv)
     return false;
 }
 
-/* A new connection at the tail of the list, waiting for its version line. */
-static void conn_new(struct server *srv, int fd, const char *peer, int64_t now)
-{
-    int one = 1;
-    /* the secret is one small record: send it now, not after an ACK */
-    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    struct conn *cn = xcalloc(1, sizeof *cn);
-    cn->fd = fd;
-    conn_enter(srv, cn, CONN_VERSION, now);
-    snprintf(cn->peer, sizeof cn->peer, "%s", peer);
-    cn->prev = srv->conns_tail;
-    if (srv->conns_tail)
-        srv->conns_tail->next = cn;
-    else
-        srv->conns_head = cn;
-    srv->conns_tail = cn;
-    srv->nconns++;
-    log_info("TCP connection from: %s", cn->peer);
-    conn_step(srv, cn, POLLIN, now);
-}
-
+/* Each new connection joins the tail of the list and reads at once. */
 static void conn_accept(struct server *srv, int64_t now)
 {
     for (int i = 0; i < 64; i++) {
@@ -3743,14 +3672,25 @@ static void conn_accept(struct server *srv, int64_t now)
             log_warn("accept: %s", strerror(errno));
         if (fd < 0)
             return;
-        char peer[sizeof ((struct conn *)0)->peer];
-        format_peer(&ss, peer, sizeof peer);
-        if (conn_make_room(srv) && set_nonblock_cloexec(fd) == 0) {
-            conn_new(srv, fd, peer, now);
+        struct conn *cn = xcalloc(1, sizeof *cn);
+        format_peer(&ss, cn->peer, sizeof cn->peer);
+        if (!conn_make_room(srv) || set_nonblock_cloexec(fd) < 0) {
+            log_warn("%s: refused: %zu connections open", cn->peer, srv->nconns);
+            close(fd);
+            free(cn);
             continue;
         }
-        log_warn("%s: refused: %zu connections open", peer, srv->nconns);
-        close(fd);
+        int one = 1;
+        /* the secret is one small record: send it now, not after an ACK */
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        cn->fd = fd;
+        conn_enter(srv, cn, CONN_VERSION, now);
+        cn->prev = srv->conns_tail;
+        *(cn->prev ? &cn->prev->next : &srv->conns_head) = cn;
+        srv->conns_tail = cn;
+        srv->nconns++;
+        log_info("TCP connection from: %s", cn->peer);
+        conn_step(srv, cn, POLLIN, now);
     }
 }
 
@@ -5511,32 +5451,28 @@ static void usage_print(FILE *f)
     fprintf(f, "See mandos(8), mandos.conf(5) and mandos-clients.conf(5).\n");
 }
 
-/* A long option by its exact name or an unambiguous prefix. */
-static int opt_find_long(const char *name, size_t n, char *err, size_t errlen)
+/* The option that "--name[=value]" (the name or an unambiguous prefix of
+ * it) or "-x[value]" gives; `*value` is what the argument itself carries. */
+static int opt_find(const char *a, const char **value, char *err, size_t errlen)
 {
+    bool dashes = a[1] == '-';
+    const char *name = a + 1 + dashes;
+    size_t n = dashes ? strcspn(name, "=") : 1;
     int found = -1, matches = 0;
+    *value = name[n] ? name + n + dashes : NULL;
     for (size_t i = 0; i < N_OPTS; i++) {
         const char *o = opts[i].name;
-        if (!o || strncmp(o, name, n) != 0)
+        if (dashes ? !o || strncmp(o, name, n) != 0 : opts[i].letter != *name)
             continue;
-        if (strlen(o) == n)
+        if (!dashes || strlen(o) == n)
             return (int)i;
         found = (int)i;
         matches++;
     }
     if (matches == 1)
         return found;
-    snprintf(err, errlen, "%s option --%.*s", matches ? "ambiguous" : "unrecognized",
-             (int)n, name);
-    return -1;
-}
-
-static int opt_find_short(char letter, char *err, size_t errlen)
-{
-    for (size_t i = 0; i < N_OPTS; i++)
-        if (opts[i].letter == letter)
-            return (int)i;
-    snprintf(err, errlen, "unrecognized option -%c", letter);
+    snprintf(err, errlen, "%s option -%s%.*s", matches ? "ambiguous" : "unrecognized",
+             dashes ? "-" : "", (int)n, name);
     return -1;
 }
 
@@ -5546,19 +5482,12 @@ static int cmdline_parse(int argc, char **argv, struct cmdline *cl, char *err, s
     memset(cl, 0, sizeof *cl);
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
-        const char *value = NULL;          /* given inside the same argument */
-        int id;
-        if (a[0] == '-' && a[1] == '-' && a[2]) {
-            const char *eq = strchr(a + 2, '=');
-            id = opt_find_long(a + 2, eq ? (size_t)(eq - a - 2) : strlen(a + 2), err, errlen);
-            value = eq ? eq + 1 : NULL;
-        } else if (a[0] == '-' && a[1] && a[1] != '-') {
-            id = opt_find_short(a[1], err, errlen);
-            value = a[2] ? a + 2 : NULL;
-        } else {
+        const char *value;
+        if (a[0] != '-' || !a[1] || streq(a, "--")) {
             snprintf(err, errlen, "unexpected argument \"%s\"", a);
             return -1;
         }
+        int id = opt_find(a, &value, err, errlen);
         if (id < 0)
             return -1;
         const struct opt *o = &opts[id];
@@ -5606,16 +5535,11 @@ static int cmdline_action(const struct cmdline *cl)
 static void privileges_choose(struct server *srv)
 {
     static const char *const names[] = { "_mandos", "mandos", "nobody" };
-    srv->run_uid = 65534;
-    srv->run_gid = 65534;
-    for (size_t i = 0; i < 3; i++) {
-        struct passwd *pw = getpwnam(names[i]);
-        if (pw) {
-            srv->run_uid = pw->pw_uid;
-            srv->run_gid = pw->pw_gid;
-            return;
-        }
-    }
+    struct passwd *pw = NULL;
+    for (size_t i = 0; i < 3 && !pw; i++)
+        pw = getpwnam(names[i]);
+    srv->run_uid = pw ? pw->pw_uid : 65534;
+    srv->run_gid = pw ? pw->pw_gid : 65534;
 }
 
 static void privileges_drop(struct server *srv)
@@ -5672,7 +5596,6 @@ static void daemonize(void)
  * once, as root, so that later messages need no access to its path. */
 static void notify_open(struct server *srv)
 {
-    srv->notify_fd = -1;
     const char *path = getenv("NOTIFY_SOCKET");
     struct sockaddr_un sun;
     size_t n = path ? strlen(path) : 0;
@@ -5699,22 +5622,23 @@ static void notify_send(struct server *srv, const char *msg)
         log_debug("could not notify systemd: %s", strerror(errno));
 }
 
-/* ---- signals ------------------------------------------------------------- */
+/* ---- signals and reload ------------------------------------------------------ */
 
 static int signal_pipe_write = -1;  /* the handler's only state */
 
+/* When the pipe is full, a wakeup is pending already: a lost byte is fine. */
 static void signal_to_pipe(int sig)
 {
     int saved = errno;
     unsigned char b = (unsigned char)sig;
-    if (write(signal_pipe_write, &b, 1) < 0) {
-        /* pipe full: a wakeup is already pending */
-    }
+    ssize_t ignored = write(signal_pipe_write, &b, 1);
+    (void)ignored;
     errno = saved;
 }
 
 static void signals_install(struct server *srv)
 {
+    static const int sigs[] = { SIGTERM, SIGHUP, SIGCHLD, SIGINT };
     if (pipe(srv->signal_pipe) < 0 || set_nonblock_cloexec(srv->signal_pipe[0]) < 0
         || set_nonblock_cloexec(srv->signal_pipe[1]) < 0)
         fatal("pipe: %s", strerror(errno));
@@ -5724,17 +5648,14 @@ static void signals_install(struct server *srv)
     sa.sa_handler = signal_to_pipe;
     sa.sa_flags = SA_RESTART;
     sigemptyset(&sa.sa_mask);
-    sigaction(SIGTERM, &sa, NULL);
-    sigaction(SIGHUP, &sa, NULL);
-    sigaction(SIGCHLD, &sa, NULL);
-    /* an inherited "ignore SIGINT" (e.g. from nohup) is kept */
-    sigaction(SIGINT, NULL, &old);
-    if (old.sa_handler != SIG_IGN)
-        sigaction(SIGINT, &sa, NULL);
+    for (size_t i = 0; i < sizeof sigs / sizeof sigs[0]; i++) {
+        /* an inherited "ignore SIGINT" (e.g. from nohup) is kept */
+        sigaction(sigs[i], NULL, &old);
+        if (sigs[i] != SIGINT || old.sa_handler != SIG_IGN)
+            sigaction(sigs[i], &sa, NULL);
+    }
     signal(SIGPIPE, SIG_IGN);
 }
-
-/* ---- reload (SIGHUP) ----------------------------------------------------- */
 
 static void server_reload(struct server *srv)
 {
@@ -5747,17 +5668,14 @@ static void server_reload(struct server *srv)
         log_err("Reload refused: %d error%s in %s/clients.conf; the previous configuration "
                 "stays in force", errors, errors == 1 ? "" : "s", srv->set.configdir);
         client_table_clear(&fresh);
-        notify_send(srv, "READY=1");
-        return;
+    } else {
+        clients_replace(srv, &fresh);
+        state_changed(srv, true);
+        bus_reloaded(srv);
+        log_info("Reloaded: %zu clients", srv->clients.n);
     }
-    clients_replace(srv, &fresh);
-    state_changed(srv, true);
-    bus_reloaded(srv);
-    log_info("Reloaded: %zu clients", srv->clients.n);
     notify_send(srv, "READY=1");
 }
-
-/* ---- the loop ------------------------------------------------------------- */
 
 static void signals_drain(struct server *srv)
 {
@@ -5777,6 +5695,8 @@ static void signals_drain(struct server *srv)
     }
 }
 
+/* ---- the loop ------------------------------------------------------------- */
+
 /* Milliseconds poll() may sleep: until the nearest deadline, at most 60 s. */
 static int loop_timeout(const struct server *srv, int64_t now)
 {
@@ -5789,7 +5709,7 @@ static int loop_timeout(const struct server *srv, int64_t now)
         if (t[i] && t[i] < next)     /* 0: none */
             next = t[i];
     for (const struct conn *cn = srv->conns_head; cn; cn = cn->next)
-        if (cn->state != CONN_CLOSED && cn->deadline < next)
+        if (cn->deadline < next)
             next = cn->deadline;
     return next <= now ? 0 : (int)(next - now);
 }
@@ -5805,17 +5725,16 @@ static void loop_run_timers(struct server *srv, int64_t now)
         state_save(srv);
 }
 
+/* Each turn rebuilds the poll array; the list holds no closed connection
+ * here, since conn_sweep() ends every turn. */
 static void server_loop(struct server *srv)
 {
     struct pollfd *fds = NULL;
-    struct conn **owner = NULL;
-    size_t cap = 0, owner_cap = 0;
+    size_t cap = 0;
     log_debug("Starting main loop");
     while (!srv->quitting) {
         int64_t now = mono_ms();
-        size_t need = 2 + BUS_MAX_FDS + ZC_MAX_FDS + srv->nconns;
-        grow((void **)&fds, &cap, need, sizeof *fds);
-        grow((void **)&owner, &owner_cap, srv->nconns + 1, sizeof *owner);
+        grow((void **)&fds, &cap, 2 + BUS_MAX_FDS + ZC_MAX_FDS + srv->nconns, sizeof *fds);
         size_t n = 0;
         fds[n++] = (struct pollfd){ srv->signal_pipe[0], POLLIN, 0 };
         fds[n++] = (struct pollfd){ srv->listen_fd, POLLIN, 0 };
@@ -5824,37 +5743,33 @@ static void server_loop(struct server *srv)
         size_t zc_first = n;
         n += zc_pollfds(srv, fds + n, ZC_MAX_FDS);
         size_t conn_first = n;
-        for (struct conn *cn = srv->conns_head; cn; cn = cn->next)
-            if (cn->state != CONN_CLOSED) {
-                owner[n - conn_first] = cn;
-                fds[n++] = (struct pollfd){ cn->fd, conn_events(cn), 0 };
-            }
-        int rc = poll(fds, (nfds_t)n, loop_timeout(srv, now));
-        if (rc < 0 && errno != EINTR)
+        for (struct conn *cn = srv->conns_head; cn; cn = cn->next) {
+            cn->slot = n;
+            fds[n++] = (struct pollfd){ cn->fd, conn_events(cn), 0 };
+        }
+        /* a failed poll() leaves every revents 0: timers still run */
+        if (poll(fds, (nfds_t)n, loop_timeout(srv, now)) < 0 && errno != EINTR)
             log_err("poll: %s", strerror(errno));
         now = mono_ms();
-        if (rc > 0) {
-            for (size_t i = conn_first; i < n; i++)
-                if (fds[i].revents && owner[i - conn_first]->state != CONN_CLOSED)
-                    conn_step(srv, owner[i - conn_first], fds[i].revents, now);
-            zc_process(srv, fds + zc_first, conn_first - zc_first, now);
-            if (fds[1].revents)
-                conn_accept(srv, now);
-            if (fds[0].revents)
-                signals_drain(srv);
-        } else {
-            zc_process(srv, fds + zc_first, 0, now);
-        }
+        for (struct conn *cn = srv->conns_head; cn; cn = cn->next)
+            if (cn->state != CONN_CLOSED && fds[cn->slot].revents)
+                conn_step(srv, cn, fds[cn->slot].revents, now);
+        zc_process(srv, fds + zc_first, conn_first - zc_first, now);
+        if (fds[1].revents)
+            conn_accept(srv, now);
+        if (fds[0].revents)
+            signals_drain(srv);
         bus_process(srv, fds + bus_first, zc_first - bus_first, now);
         loop_run_timers(srv, now);
         bus_publish(srv);       /* after everything that may change a client */
         conn_sweep(srv);
     }
     free(fds);
-    free(owner);
 }
 
-static void server_shutdown(struct server *srv)
+/* Stop serving, save the state, and give back everything, so leak
+ * checkers see a clean exit. */
+static void server_stop(struct server *srv)
 {
     notify_send(srv, "STOPPING=1");
     zc_stop(srv);
@@ -5869,11 +5784,6 @@ static void server_shutdown(struct server *srv)
     }
     state_save(srv);
     log_debug("Server exiting");
-}
-
-/* Give back everything, so leak checkers see a clean exit. */
-static void server_free(struct server *srv)
-{
     client_table_clear(&srv->clients);
     if (srv->priority)
         gnutls_priority_deinit(srv->priority);
@@ -5886,6 +5796,8 @@ static void server_free(struct server *srv)
             close(fds[i]);
     settings_clear(&srv->set);
 }
+
+/* ---- start-up --------------------------------------------------------------- */
 
 /* Room for max_connections sockets plus our own few descriptors. */
 static void raise_fd_limit(struct server *srv)
@@ -5903,8 +5815,6 @@ static void raise_fd_limit(struct server *srv)
                  (long)rl.rlim_cur, srv->set.max_connections);
     }
 }
-
-/* ---- start-up --------------------------------------------------------------- */
 
 /* Read everything; any error stops us here, before serving or forking. */
 static void server_configure(struct server *srv, const struct cmdline *cl)
@@ -5991,15 +5901,12 @@ int main(int argc, char **argv)
     int status = cmdline_action(&cl);
     if (status >= 0)
         return status;
-    struct server srv;
-    memset(&srv, 0, sizeof srv);
-    srv.listen_fd = srv.notify_fd = srv.state_dirfd = srv.config_dirfd = -1;
-    srv.signal_pipe[0] = srv.signal_pipe[1] = -1;
+    struct server srv = { .listen_fd = -1, .notify_fd = -1, .state_dirfd = -1,
+                          .config_dirfd = -1, .signal_pipe = { -1, -1 } };
     server_configure(&srv, &cl);
     server_start(&srv);
     server_loop(&srv);
-    server_shutdown(&srv);
-    server_free(&srv);
+    server_stop(&srv);
     return 0;
 }
 
