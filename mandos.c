@@ -3135,14 +3135,15 @@ struct conn {
 /* What a state's handler says: wait for the peer, go on, or give up. */
 enum step { STEP_WAIT, STEP_NEXT, STEP_CLOSE };
 
-/* Every line about a connection names the peer and, once known, the client. */
+/* Every line about a connection names the peer and, once known, the
+ * client.  STEP_CLOSE, for a handler that says why it gives up. */
 PRINTF_LIKE(3, 4)
-static void conn_log(const struct conn *cn, int level, const char *fmt, ...)
+static enum step conn_log(const struct conn *cn, int level, const char *fmt, ...)
 {
     char msg[1024];
     va_list ap;
     if (level > log_cfg.threshold)
-        return;                  /* not even formatted: this is the hot path */
+        return STEP_CLOSE;       /* not even formatted: this is the hot path */
     va_start(ap, fmt);
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
@@ -3150,6 +3151,7 @@ static void conn_log(const struct conn *cn, int level, const char *fmt, ...)
         log_msg(level, "%s (%s): %s", cn->peer, cn->client->name, msg);
     else
         log_msg(level, "%s: %s", cn->peer, msg);
+    return STEP_CLOSE;
 }
 
 /* "addr:port", or "[addr%scope]:port" for IPv6. */
@@ -3164,23 +3166,6 @@ static void format_peer(const struct sockaddr_storage *ss, char *out, size_t n)
         snprintf(out, n, "%s%s%s:%s", v6 ? "[" : "", host, v6 ? "]" : "", port);
     else
         snprintf(out, n, "?:0");
-}
-
-/* Like the reference, a missing interface is an error but not a fatal
- * one: the server then serves on every interface.  A system that cannot
- * bind to an interface at all refuses to start instead. */
-static void listen_bind_device(int fd, int family, const char *interface)
-{
-    if (shim_bind_to_device(fd, family, interface) == 0)
-        return;
-    if (errno == EPERM)
-        log_err("No permission to bind to interface %s", interface);
-    else if (errno == ENODEV)
-        log_err("Interface %s does not exist, cannot bind", interface);
-    else if (errno == ENOPROTOOPT)
-        fatal("--interface %s: this system cannot bind a socket to an interface", interface);
-    else
-        fatal("cannot bind to interface %s: %s", interface, strerror(errno));
 }
 
 /* Bind to --address, an IPv4 or IPv6 literal (the latter optionally
@@ -3242,8 +3227,20 @@ static void listen_open(struct server *srv)
         close(adopt);
     if (set_nonblock_cloexec(fd) < 0)
         fatal("cannot set up the listening socket: %s", strerror(errno));
-    if (*set->interface)
-        listen_bind_device(fd, family, set->interface);
+    /* Like the reference, a missing interface is an error but not a fatal
+     * one: we serve on every interface.  A system that cannot bind to an
+     * interface at all refuses to start instead. */
+    const char *ifname = set->interface;
+    if (*ifname && shim_bind_to_device(fd, family, ifname) < 0) {
+        if (errno == EPERM)
+            log_err("No permission to bind to interface %s", ifname);
+        else if (errno == ENODEV)
+            log_err("Interface %s does not exist, cannot bind", ifname);
+        else if (errno == ENOPROTOOPT)
+            fatal("--interface %s: this system cannot bind a socket to an interface", ifname);
+        else
+            fatal("cannot bind to interface %s: %s", ifname, strerror(errno));
+    }
     if (*set->address || set->port > 0)
         listen_bind(fd, set);
     if (listen(fd, SOMAXCONN) < 0)
@@ -3364,8 +3361,8 @@ static bool version_line_accepted(const char *line, size_t n, char *why, size_t 
 /* Read the version line one byte at a time: whatever follows the newline
  * is the peer's TLS traffic and must stay in the socket.  "\r\n", "\n"
  * and a lone "\r" all end the line (after a "\r" we only peek).
- * 1: the line is in cn->line; 0: wait for more; -1: give up. */
-static int conn_read_line(struct conn *cn)
+ * STEP_NEXT: the line is in cn->line. */
+static enum step conn_read_line(struct conn *cn)
 {
     for (;;) {
         bool after_cr = cn->line_len && cn->line[cn->line_len - 1] == '\r';
@@ -3374,24 +3371,20 @@ static int conn_read_line(struct conn *cn)
         if (r < 0 && errno == EINTR)
             continue;
         if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
-            return 0;
-        if (r < 0 || (r == 0 && !after_cr)) {
-            conn_log(cn, LOG_ERR, "Unknown protocol version: %s before a full line",
-                     r < 0 ? strerror(errno) : "connection closed");
-            return -1;
-        }
+            return STEP_WAIT;
+        if (r < 0 || (r == 0 && !after_cr))
+            return conn_log(cn, LOG_ERR, "Unknown protocol version: %s before a full line",
+                            r < 0 ? strerror(errno) : "connection closed");
         if (after_cr && r == 1 && ch == '\n' && recv(cn->fd, &ch, 1, 0) != 1)
-            return -1;
+            return STEP_CLOSE;
         if (after_cr || ch == '\n') {
             cn->line_len -= after_cr;
             cn->line[cn->line_len] = '\0';
-            return 1;
+            return STEP_NEXT;
         }
-        if (cn->line_len + 1 >= sizeof cn->line) {
-            conn_log(cn, LOG_ERR, "Unknown protocol version: line longer than %d bytes",
-                     VERSION_LINE_MAX);
-            return -1;
-        }
+        if (cn->line_len + 1 >= sizeof cn->line)
+            return conn_log(cn, LOG_ERR, "Unknown protocol version: line longer than %d bytes",
+                            VERSION_LINE_MAX);
         cn->line[cn->line_len++] = ch;
     }
 }
@@ -3400,16 +3393,15 @@ static int conn_read_line(struct conn *cn)
  * covers the line and the handshake together. */
 static enum step conn_do_version(struct server *srv, struct conn *cn)
 {
-    int r = conn_read_line(cn);
-    if (r <= 0)
-        return r == 0 ? STEP_WAIT : STEP_CLOSE;
+    enum step r = conn_read_line(cn);
+    if (r != STEP_NEXT)
+        return r;
     char shown[4 * VERSION_LINE_MAX + 1], why[80], why_shown[4 * sizeof why + 1];
     escape_for_log(cn->line, cn->line_len, shown, sizeof shown);
     conn_log(cn, LOG_DEBUG, "Protocol version: '%s'", shown);
     if (!version_line_accepted(cn->line, cn->line_len, why, sizeof why)) {
         escape_for_log(why, strlen(why), why_shown, sizeof why_shown);
-        conn_log(cn, LOG_ERR, "Unknown protocol version: %s", why_shown);
-        return STEP_CLOSE;
+        return conn_log(cn, LOG_ERR, "Unknown protocol version: %s", why_shown);
     }
     int rc = gnutls_init(&cn->tls, GNUTLS_CLIENT | GNUTLS_NO_TICKETS | GNUTLS_ENABLE_RAWPK
                          | GNUTLS_NONBLOCK);
@@ -3417,10 +3409,8 @@ static enum step conn_do_version(struct server *srv, struct conn *cn)
         rc = gnutls_priority_set(cn->tls, srv->priority);
     if (rc == GNUTLS_E_SUCCESS)
         rc = gnutls_credentials_set(cn->tls, GNUTLS_CRD_CERTIFICATE, srv->cred);
-    if (rc != GNUTLS_E_SUCCESS) {
-        conn_log(cn, LOG_ERR, "cannot set up TLS: %s", gnutls_strerror(rc));
-        return STEP_CLOSE;
-    }
+    if (rc != GNUTLS_E_SUCCESS)
+        return conn_log(cn, LOG_ERR, "cannot set up TLS: %s", gnutls_strerror(rc));
     gnutls_transport_set_int(cn->tls, cn->fd);
     gnutls_handshake_set_timeout(cn->tls, 0);   /* our own deadline bounds it */
     cn->state = CONN_HANDSHAKE;
@@ -3451,10 +3441,8 @@ static enum step conn_do_handshake(struct server *srv, struct conn *cn, int64_t 
     int rc = gnutls_handshake(cn->tls);
     if (tls_again(rc))
         return STEP_WAIT;
-    if (rc < 0) {
-        conn_log(cn, LOG_WARNING, "Handshake failed: %s", gnutls_strerror(rc));
-        return STEP_CLOSE;
-    }
+    if (rc < 0)
+        return conn_log(cn, LOG_WARNING, "Handshake failed: %s", gnutls_strerror(rc));
     conn_log(cn, LOG_DEBUG, "Handshake succeeded");
     unsigned int n = 0;
     const gnutls_datum_t *certs = gnutls_certificate_get_peers(cn->tls, &n);
@@ -3494,32 +3482,25 @@ static bool conn_peer_gone(struct conn *cn)
     return r == 0 || (r < 0 && !tls_again(r));
 }
 
-static enum step conn_reject(struct server *srv, struct conn *cn, const char *reason,
-                             int64_t now)
-{
-    bus_rejected(srv, cn->client, reason);
-    return conn_enter(srv, cn, CONN_BYE, now);
-}
-
 /* The approval rules, evaluated on entry and whenever something changes
  * (approve/deny, enable/disable, the deadline, the peer hanging up). */
 static enum step conn_do_approval(struct server *srv, struct conn *cn, short revents,
                                   int64_t now)
 {
     struct client *c = cn->client;
-    if ((revents & (POLLIN | POLLHUP | POLLERR)) && conn_peer_gone(cn)) {
-        conn_log(cn, LOG_INFO, "peer went away while waiting for approval");
-        return STEP_CLOSE;
-    }
+    if ((revents & (POLLIN | POLLHUP | POLLERR)) && conn_peer_gone(cn))
+        return conn_log(cn, LOG_INFO, "peer went away while waiting for approval");
     if (!c->cur.enabled) {
         conn_log(cn, LOG_INFO, "Client %s is disabled", c->name);
-        return conn_reject(srv, cn, "Disabled", now);
+        bus_rejected(srv, c, "Disabled");
+        return conn_enter(srv, cn, CONN_BYE, now);
     }
     if (c->approved == APPROVAL_GRANTED || c->cur.approval_delay == 0)
         return conn_enter(srv, cn, CONN_SEND, now);
     if (c->approved == APPROVAL_DENIED) {
         conn_log(cn, LOG_WARNING, "Client %s was not approved", c->name);
-        return conn_reject(srv, cn, "Denied", now);
+        bus_rejected(srv, c, "Denied");
+        return conn_enter(srv, cn, CONN_BYE, now);
     }
     if (!cn->counted_pending) {
         cn->counted_pending = true;
@@ -3535,7 +3516,8 @@ static enum step conn_do_approval(struct server *srv, struct conn *cn, short rev
     if (c->cur.approved_by_default)
         return conn_enter(srv, cn, CONN_SEND, now);
     conn_log(cn, LOG_WARNING, "Client %s timed out while waiting for approval", c->name);
-    return conn_reject(srv, cn, "Approval timed out", now);
+    bus_rejected(srv, c, "Approval timed out");
+    return conn_enter(srv, cn, CONN_BYE, now);
 }
 
 /* The secret goes from a private copy: a reload or a new secret must not
@@ -3554,10 +3536,8 @@ static enum step conn_do_send(struct server *srv, struct conn *cn, int64_t now)
                                        cn->secret_len - cn->secret_sent);
         if (tls_again(r))
             return STEP_WAIT;
-        if (r < 0) {
-            conn_log(cn, LOG_WARNING, "gnutls send failed: %s", gnutls_strerror((int)r));
-            return STEP_CLOSE;
-        }
+        if (r < 0)
+            return conn_log(cn, LOG_WARNING, "gnutls send failed: %s", gnutls_strerror((int)r));
         cn->secret_sent += (size_t)r;
     }
     conn_forget_secret(cn);
@@ -3709,12 +3689,6 @@ static void conn_sweep(struct server *srv)
     }
 }
 
-static void conn_close_all(struct server *srv)
-{
-    for (struct conn *cn = srv->conns_head; cn; cn = cn->next)
-        conn_close(srv, cn);
-    conn_sweep(srv);
-}
 
 /* ===================================================================== */
 /* 9. Zeroconf                                                           */
@@ -5774,7 +5748,9 @@ static void server_stop(struct server *srv)
     notify_send(srv, "STOPPING=1");
     zc_stop(srv);
     bus_stop(srv);
-    conn_close_all(srv);
+    for (struct conn *cn = srv->conns_head; cn; cn = cn->next)
+        conn_close(srv, cn);
+    conn_sweep(srv);
     for (size_t i = 0; i < srv->clients.n; i++) {
         struct client *c = srv->clients.v[i];
         pid_t pid = c->checker_pid;
