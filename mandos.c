@@ -3168,9 +3168,8 @@ static void format_peer(const struct sockaddr_storage *ss, char *out, size_t n)
         snprintf(out, n, "?:0");
 }
 
-/* Bind to --address, an IPv4 or IPv6 literal (the latter optionally
- * "fe80::1%eth0"; a link-local one without a scope takes --interface's),
- * and --port. */
+/* Bind to --port and --address, an IP literal; a link-local IPv6 one
+ * without its "%scope" takes --interface's. */
 static void listen_bind(int fd, const struct settings *set)
 {
     const char *text = *set->address ? set->address : set->use_ipv6 ? "::" : "0.0.0.0";
@@ -3209,9 +3208,8 @@ static void listen_bind(int fd, const struct settings *set)
         fatal("cannot bind to address %s port %d: %s", text, port, strerror(errno));
 }
 
-/* Create (or adopt, with --socket) the listening socket, bind it and
- * start listening; with neither --address nor --port, listen() picks the
- * port.  Runs as root, before privileges are dropped. */
+/* Make (or adopt, with --socket) the listening socket, as root; with
+ * neither --address nor --port, listen() picks the port. */
 static void listen_open(struct server *srv)
 {
     const struct settings *set = &srv->set;
@@ -3227,9 +3225,8 @@ static void listen_open(struct server *srv)
         close(adopt);
     if (set_nonblock_cloexec(fd) < 0)
         fatal("cannot set up the listening socket: %s", strerror(errno));
-    /* Like the reference, a missing interface is an error but not a fatal
-     * one: we serve on every interface.  A system that cannot bind to an
-     * interface at all refuses to start instead. */
+    /* as with the reference, a missing interface means every interface;
+     * a system that cannot bind to an interface at all refuses to start */
     const char *ifname = set->interface;
     if (*ifname && shim_bind_to_device(fd, family, ifname) < 0) {
         if (errno == EPERM)
@@ -3434,8 +3431,7 @@ static int key_id_of_spki(const gnutls_datum_t *spki, unsigned char key_id[32])
     return rc;
 }
 
-/* After the handshake: the peer's raw public key gives its key_id, which
- * names the client. */
+/* The peer's raw public key gives the key_id that names the client. */
 static enum step conn_do_handshake(struct server *srv, struct conn *cn, int64_t now)
 {
     int rc = gnutls_handshake(cn->tls);
@@ -5480,41 +5476,7 @@ static int cmdline_parse(int argc, char **argv, struct cmdline *cl, char *err, s
     return 0;
 }
 
-/* Run the action given (--help, --version, --check), if any: its exit
- * status, or -1 when there is none and the server is to start. */
-static int cmdline_action(const struct cmdline *cl)
-{
-    for (size_t i = 0; i < N_OPTS; i++) {
-        if (!cl->value[i])
-            continue;
-        if (opts[i].type == OPT_CHECK)
-            return run_self_tests();
-        if (opts[i].type == OPT_HELP) {
-            usage_print(stdout);
-            return 0;
-        }
-        if (opts[i].type == OPT_VERSION) {
-            printf("mandos %s\nmandos.c %s; GnuTLS %s; Zeroconf: %s; D-Bus: %s\n",
-                   MANDOS_VERSION, MANDOS_C_VERSION, gnutls_check_version(NULL),
-                   ZEROCONF_NAME, bus_backend);
-            return 0;
-        }
-    }
-    return -1;
-}
-
 /* ---- process set-up ------------------------------------------------------ */
-
-/* The account to run as: _mandos, mandos, or nobody. */
-static void privileges_choose(struct server *srv)
-{
-    static const char *const names[] = { "_mandos", "mandos", "nobody" };
-    struct passwd *pw = NULL;
-    for (size_t i = 0; i < 3 && !pw; i++)
-        pw = getpwnam(names[i]);
-    srv->run_uid = pw ? pw->pw_uid : 65534;
-    srv->run_gid = pw ? pw->pw_gid : 65534;
-}
 
 static void privileges_drop(struct server *srv)
 {
@@ -5688,17 +5650,6 @@ static int loop_timeout(const struct server *srv, int64_t now)
     return next <= now ? 0 : (int)(next - now);
 }
 
-static void loop_run_timers(struct server *srv, int64_t now)
-{
-    for (struct conn *cn = srv->conns_head; cn; cn = cn->next)
-        if (cn->state != CONN_CLOSED && cn->deadline <= now)
-            conn_expire(srv, cn, now);
-    clients_run_timers(srv, now);
-    if (srv->state_dirty
-        && (srv->state_urgent || now >= srv->state_saved_at + STATE_SAVE_DELAY_MS))
-        state_save(srv);
-}
-
 /* Each turn rebuilds the poll array; the list holds no closed connection
  * here, since conn_sweep() ends every turn. */
 static void server_loop(struct server *srv)
@@ -5734,7 +5685,13 @@ static void server_loop(struct server *srv)
         if (fds[0].revents)
             signals_drain(srv);
         bus_process(srv, fds + bus_first, zc_first - bus_first, now);
-        loop_run_timers(srv, now);
+        for (struct conn *cn = srv->conns_head; cn; cn = cn->next)
+            if (cn->state != CONN_CLOSED && cn->deadline <= now)
+                conn_expire(srv, cn, now);
+        clients_run_timers(srv, now);
+        if (srv->state_dirty
+            && (srv->state_urgent || now >= srv->state_saved_at + STATE_SAVE_DELAY_MS))
+            state_save(srv);
         bus_publish(srv);       /* after everything that may change a client */
         conn_sweep(srv);
     }
@@ -5820,7 +5777,12 @@ static void server_configure(struct server *srv, const struct cmdline *cl)
     srv->config_dirfd = open_cloexec(AT_FDCWD, srv->set.configdir, O_RDONLY | O_DIRECTORY, 0);
     if (srv->config_dirfd < 0)
         fatal("cannot open config directory %s: %s", srv->set.configdir, strerror(errno));
-    privileges_choose(srv);
+    static const char *const users[] = { "_mandos", "mandos", "nobody" };  /* to run as */
+    struct passwd *pw = NULL;
+    for (size_t i = 0; i < 3 && !pw; i++)
+        pw = getpwnam(users[i]);
+    srv->run_uid = pw ? pw->pw_uid : 65534;
+    srv->run_gid = pw ? pw->pw_gid : 65534;
     int errors = clients_load(srv->set.configdir, srv->config_dirfd, &diag, &srv->clients);
     if (errors)
         fatal("%d error%s in %s/clients.conf; not starting", errors, errors == 1 ? "" : "s",
@@ -5874,9 +5836,22 @@ int main(int argc, char **argv)
         fprintf(stderr, "mandos: error: %s (see mandos --help)\n", err);
         return 2;
     }
-    int status = cmdline_action(&cl);
-    if (status >= 0)
-        return status;
+    for (size_t i = 0; i < N_OPTS; i++) {   /* an action given ends here */
+        if (!cl.value[i])
+            continue;
+        if (opts[i].type == OPT_CHECK)
+            return run_self_tests();
+        if (opts[i].type == OPT_HELP) {
+            usage_print(stdout);
+            return 0;
+        }
+        if (opts[i].type == OPT_VERSION) {
+            printf("mandos %s\nmandos.c %s; GnuTLS %s; Zeroconf: %s; D-Bus: %s\n",
+                   MANDOS_VERSION, MANDOS_C_VERSION, gnutls_check_version(NULL),
+                   ZEROCONF_NAME, bus_backend);
+            return 0;
+        }
+    }
     struct server srv = { .listen_fd = -1, .notify_fd = -1, .state_dirfd = -1,
                           .config_dirfd = -1, .signal_pipe = { -1, -1 } };
     server_configure(&srv, &cl);
