@@ -3554,10 +3554,13 @@ static enum step conn_do_bye(struct conn *cn)
 }
 
 /* Advance a connection as far as it can go without waiting.  `revents`
- * is what poll() reported (0 when woken for another reason). */
+ * is what poll() reported; 0 when woken by the deadline, which ends every
+ * state but approval (that has its own rules), or by a change. */
 static void conn_step(struct server *srv, struct conn *cn, short revents, int64_t now)
 {
     enum step r = STEP_NEXT;
+    if (!revents && cn->deadline <= now && cn->state != CONN_APPROVAL)
+        r = conn_log(cn, LOG_WARNING, "timed out while %s", conn_state_names[cn->state]);
     for (int guard = 0; guard < 16 && r == STEP_NEXT; guard++) {
         switch (cn->state) {
         case CONN_VERSION: r = conn_do_version(srv, cn); break;
@@ -3580,17 +3583,6 @@ static short conn_events(const struct conn *cn)
     if (cn->state == CONN_VERSION || cn->state == CONN_APPROVAL)
         return POLLIN;
     return gnutls_record_get_direction(cn->tls) ? POLLOUT : POLLIN;
-}
-
-/* The deadline passed: approval decides by its own rules, the rest end. */
-static void conn_expire(struct server *srv, struct conn *cn, int64_t now)
-{
-    if (cn->state == CONN_APPROVAL) {
-        conn_step(srv, cn, 0, now);
-        return;
-    }
-    conn_log(cn, LOG_WARNING, "timed out while %s", conn_state_names[cn->state]);
-    conn_close(srv, cn);
 }
 
 /* ---- the set of connections ------------------------------------------------ */
@@ -5687,7 +5679,7 @@ static void server_loop(struct server *srv)
         bus_process(srv, fds + bus_first, zc_first - bus_first, now);
         for (struct conn *cn = srv->conns_head; cn; cn = cn->next)
             if (cn->state != CONN_CLOSED && cn->deadline <= now)
-                conn_expire(srv, cn, now);
+                conn_step(srv, cn, 0, now);
         clients_run_timers(srv, now);
         if (srv->state_dirty
             && (srv->state_urgent || now >= srv->state_saved_at + STATE_SAVE_DELAY_MS))
