@@ -3172,39 +3172,30 @@ static void format_peer(const struct sockaddr_storage *ss, char *out, size_t n)
  * without its "%scope" takes --interface's. */
 static void listen_bind(int fd, const struct settings *set)
 {
-    const char *text = *set->address ? set->address : set->use_ipv6 ? "::" : "0.0.0.0";
+    bool v6 = set->use_ipv6;
+    const char *text = *set->address ? set->address : v6 ? "::" : "0.0.0.0";
     uint16_t port = (uint16_t)(set->port > 0 ? set->port : 0);
-    struct sockaddr_storage ss;
-    struct sockaddr_in *s4 = (void *)&ss;
-    struct sockaddr_in6 *s6 = (void *)&ss;
+    struct sockaddr_in s4 = { .sin_family = AF_INET, .sin_port = htons(port) };
+    struct sockaddr_in6 s6 = { .sin6_family = AF_INET6, .sin6_port = htons(port) };
     char addr[INET6_ADDRSTRLEN + IF_NAMESIZE + 2];
     snprintf(addr, sizeof addr, "%s", text);
-    char *scope = set->use_ipv6 ? strchr(addr, '%') : NULL;
+    char *scope = v6 ? strchr(addr, '%') : NULL;
     if (scope)
         *scope++ = '\0';
-    memset(&ss, 0, sizeof ss);
-    bool ok;
-    if (!set->use_ipv6) {
-        s4->sin_family = AF_INET;
-        s4->sin_port = htons(port);
-        ok = inet_pton(AF_INET, addr, &s4->sin_addr) == 1;
-    } else {
-        s6->sin6_family = AF_INET6;
-        s6->sin6_port = htons(port);
-        ok = inet_pton(AF_INET6, addr, &s6->sin6_addr) == 1;
-        if (!scope && IN6_IS_ADDR_LINKLOCAL(&s6->sin6_addr) && *set->interface)
-            scope = set->interface;
-        if (ok && scope)
-            ok = (s6->sin6_scope_id = if_nametoindex(scope)) != 0;
-    }
+    bool ok = inet_pton(v6 ? AF_INET6 : AF_INET, addr, v6 ? (void *)&s6.sin6_addr
+                                                          : (void *)&s4.sin_addr) == 1;
+    if (!scope && IN6_IS_ADDR_LINKLOCAL(&s6.sin6_addr) && *set->interface)
+        scope = set->interface;
+    if (ok && scope)
+        ok = (s6.sin6_scope_id = if_nametoindex(scope)) != 0;
     if (!ok)
-        fatal("bad address \"%s\" (an IP%s literal%s)", text, set->use_ipv6 ? "v6" : "v4",
-              set->use_ipv6 ? ", optionally with %interface" : "");
+        fatal("bad address \"%s\" (an IP%s literal%s)", text, v6 ? "v6" : "v4",
+              v6 ? ", optionally with %interface" : "");
     int one = 1;
     if (port)
         setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    socklen_t len = set->use_ipv6 ? sizeof *s6 : sizeof *s4;
-    if (bind(fd, (struct sockaddr *)&ss, len) < 0)
+    struct sockaddr *sa = v6 ? (struct sockaddr *)&s6 : (struct sockaddr *)&s4;
+    if (bind(fd, sa, v6 ? sizeof s6 : sizeof s4) < 0)
         fatal("cannot bind to address %s port %d: %s", text, port, strerror(errno));
 }
 
@@ -3611,22 +3602,6 @@ static void conn_client_gone(struct server *srv, struct client *old, struct clie
     }
 }
 
-/* When full, the oldest peer that has not yet proven who it is makes
- * room: a crowd of silent peers cannot lock out a real client. */
-static bool conn_make_room(struct server *srv)
-{
-    if (srv->nconns < (size_t)srv->set.max_connections)
-        return true;
-    for (struct conn *cn = srv->conns_head; cn; cn = cn->next)
-        if (cn->state == CONN_VERSION || cn->state == CONN_HANDSHAKE) {
-            conn_log(cn, LOG_WARNING, "dropped to make room (%ld connections open)",
-                     srv->set.max_connections);
-            conn_close(srv, cn);
-            return true;
-        }
-    return false;
-}
-
 /* Each new connection joins the tail of the list and reads at once. */
 static void conn_accept(struct server *srv, int64_t now)
 {
@@ -3640,9 +3615,17 @@ static void conn_accept(struct server *srv, int64_t now)
             log_warn("accept: %s", strerror(errno));
         if (fd < 0)
             return;
+        long max = srv->set.max_connections;
+        /* when full, the oldest peer that has not yet proven who it is makes
+         * room: a crowd of silent peers cannot lock out a real client */
+        for (struct conn *old = srv->conns_head; old && srv->nconns >= (size_t)max; old = old->next)
+            if (old->state == CONN_VERSION || old->state == CONN_HANDSHAKE) {
+                conn_log(old, LOG_WARNING, "dropped to make room (%ld connections open)", max);
+                conn_close(srv, old);
+            }
         struct conn *cn = xcalloc(1, sizeof *cn);
         format_peer(&ss, cn->peer, sizeof cn->peer);
-        if (!conn_make_room(srv) || set_nonblock_cloexec(fd) < 0) {
+        if (srv->nconns >= (size_t)max || set_nonblock_cloexec(fd) < 0) {
             log_warn("%s: refused: %zu connections open", cn->peer, srv->nconns);
             close(fd);
             free(cn);
