@@ -85,8 +85,8 @@ mandos-nodbus: mandos.c Makefile .build-config
 	$(MAKE) --no-print-directory DBUS=0 mandos-variant VARIANT=$@
 
 # mandos-portable: MANDOS_PORTABLE (read only in section 1 of mandos.c)
-# hides SO_BINDTODEVICE, SOCK_CLOEXEC, O_CLOEXEC, MSG_NOSIGNAL, close_range
-# and setresuid, so that their fallbacks are compiled and tested here.
+# hides SO_BINDTODEVICE and close_range, so that their fallbacks are
+# compiled and tested here.
 mandos-portable: mandos.c Makefile .build-config
 	$(CC) $(WARNINGS) $(CFLAGS) -DMANDOS_PORTABLE=1 $(TLS_CFLAGS) $(ZC_CFLAGS) $(DBUS_CFLAGS) \
 	    -o $@ mandos.c $(LDFLAGS) $(TLS_LIBS) $(ZC_LIBS) $(DBUS_LIBS)

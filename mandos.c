@@ -1,72 +1,54 @@
 /*
  * mandos.c - a small Mandos server in one C99 file.
  *
- * Mandos lets a machine whose root file system is encrypted reboot without
- * a person typing the passphrase.  At boot, the machine's initial RAM disk
- * runs mandos-client, which finds this server (Zeroconf, _mandos._tcp),
- * connects, sends the protocol line "1\r\n" and then runs TLS with the
- * roles swapped: this server is the TLS *client*.  The peer proves who it is
- * with a raw public key (RFC 7250); we hash that key into a key_id, look it
- * up in clients.conf and, if the client is enabled and approved, send its
- * stored secret (an OpenPGP message only that machine can decrypt).
- * Meanwhile a per-client "checker" command confirms the machine is still
- * where it belongs; a client not confirmed within its timeout is disabled.
+ * Mandos lets a machine with an encrypted root file system reboot with no one
+ * typing the passphrase.  Its initial RAM disk runs mandos-client, which finds
+ * this server by Zeroconf (_mandos._tcp), connects, sends "1\r\n" and runs TLS
+ * with the roles swapped: this server is the TLS *client*.  The peer's raw
+ * public key (RFC 7250) hashes to a key_id; the client of that key_id in
+ * clients.conf, if enabled and approved, is sent its stored secret.  A checker
+ * command per client confirms that the machine is where it belongs; a client
+ * not confirmed within its timeout is disabled.
  *
  * Map of this file, in order:
- *   1. Portability and includes   feature macros, GnuTLS version gate, shims
- *   2. Small utilities            time, strings, buffers, base64, hashing
- *   3. Logging                    syslog + optional console, per-peer lines
- *   4. Config and durations       INI dialect, durations, options, mandos.conf
- *   5. Clients                    field table, struct client, index, timers,
- *                                 approval, reload, reading clients.conf
- *   6. Checkers                   runtime expansion, posix_spawn, reaping
- *   7. Persistence                state directory, state file, reconciliation
- *   8. Network and TLS            listening socket, struct conn state machine
- *   9. Zeroconf                   avahi / dns_sd / none back ends (zc_*)
- *  10. D-Bus                      the control API of mandos-ctl (bus_*)
+ *   1. Portability and includes   feature macros, platform shims
+ *   2. Small utilities            time, memory, buffers, strings, encodings
+ *   3. Logging                    syslog and console, config error reports
+ *   4. Config and durations       the INI dialect, value parsers, options
+ *   5. Clients                    the client table and life cycle
+ *   6. Checkers                   running and reaping checker commands
+ *   7. Persistence                the state file
+ *   8. Network and TLS            listening socket, connection state machine
+ *   9. Zeroconf                   Avahi / dns_sd / no back end
+ *  10. D-Bus                      the control API of mandos-ctl (sd-bus)
  *  11. Main and options           command line, start-up, the poll() loop
  *  12. Self-tests                 run by `mandos --check`
  *
- * The server is one process with one poll() loop (checkers are its child
- * processes).  Connections are non-blocking and the loop sleeps only until
- * the nearest deadline on the monotonic clock, so one slow or silent
- * client cannot stall the others.  A few calls block briefly: files are
- * read (config at start-up and reload) and written (the state) directly,
- * the D-Bus name is requested synchronously, and killed checkers are
- * reaped at shutdown.
- *
- * D-Bus uses sd-bus from libsystemd: it plugs into a foreign poll() loop
- * with one fd, an event mask and a deadline; its vtables declare objects,
- * properties and signals in a compact table with introspection generated
- * from it; ObjectManager, PropertiesChanged and name ownership are built
- * in.  libdbus would need hand-written introspection XML and property
- * plumbing, GDBus a GLib main loop.  Build with DBUS=0 to leave it out.
+ * One process (checkers are its children), one poll() loop: sockets are
+ * non-blocking and the loop sleeps until the nearest deadline on the
+ * monotonic clock, so one slow client cannot stall the others.
  */
 
 /* ===================================================================== */
 /* 1. Portability and includes                                           */
-/*    Feature macros come before any header; the only #if blocks outside  */
-/*    this section are the Zeroconf back ends in section 9 and the D-Bus  */
-/*    block in section 10.                                                */
+/*    The only #if blocks elsewhere: Zeroconf (section 9), D-Bus (10).    */
 /* ===================================================================== */
 
-/* POSIX.1-2008 with XSI, plus each system's extras where it has them
- * (setresuid, setgroups, SO_BINDTODEVICE or IP_BOUND_IF, close_range,
- * pledge): every libc hides those once a POSIX level is asked for. */
+/* POSIX.1-2008 with XSI, plus each system's extras, hidden by a POSIX level. */
 #define _POSIX_C_SOURCE 200809L
 #define _XOPEN_SOURCE 700
 #if defined(__linux__)
-#define _GNU_SOURCE 1          /* glibc, musl: setresuid, setgroups, close_range */
+#define _GNU_SOURCE 1          /* glibc, musl: setgroups, close_range */
 #elif defined(__APPLE__)
 #define _DARWIN_C_SOURCE 1     /* IP_BOUND_IF, setgroups */
 #elif defined(__sun)
 #define __EXTENSIONS__ 1       /* illumos: IP_BOUND_IF, setgroups */
 #elif defined(__OpenBSD__)
-#define _BSD_SOURCE 1          /* pledge, unveil, setresuid */
+#define _BSD_SOURCE 1          /* pledge, unveil, setgroups */
 #elif defined(__NetBSD__)
-#define _NETBSD_SOURCE 1       /* setresuid, setgroups */
+#define _NETBSD_SOURCE 1       /* setgroups */
 #elif defined(__FreeBSD__) || defined(__DragonFly__)
-#define __BSD_VISIBLE 1        /* setresuid, setgroups, close_range */
+#define __BSD_VISIBLE 1        /* setgroups, close_range */
 #endif
 
 #ifndef HAVE_AVAHI
@@ -74,9 +56,6 @@
 #endif
 #ifndef HAVE_DNS_SD
 #define HAVE_DNS_SD 0
-#endif
-#if HAVE_AVAHI && HAVE_DNS_SD
-#error "choose one Zeroconf back end: HAVE_AVAHI or HAVE_DNS_SD"
 #endif
 #ifndef HAVE_DBUS
 #define HAVE_DBUS 0                  /* 1: the D-Bus API through sd-bus */
@@ -100,13 +79,12 @@
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stddef.h>
-#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
-#include <sys/types.h>
 #include <sys/resource.h>
 #include <sys/un.h>
 #include <sys/wait.h>
@@ -118,25 +96,27 @@
 #include <gnutls/crypto.h>
 #include <gnutls/gnutls.h>
 
-/* The Zeroconf back end's headers; section 9 holds the matching code. */
-#if HAVE_AVAHI
+#if HAVE_AVAHI && HAVE_DNS_SD
+#error "choose one Zeroconf back end: HAVE_AVAHI or HAVE_DNS_SD"
+#elif HAVE_AVAHI
 #include <avahi-client/client.h>
 #include <avahi-client/publish.h>
 #include <avahi-common/alternative.h>
 #include <avahi-common/error.h>
 #include <avahi-common/malloc.h>
 #include <avahi-common/watch.h>
+#define ZEROCONF_NAME "avahi"
 #elif HAVE_DNS_SD
 #include <dns_sd.h>
+#define ZEROCONF_NAME "dnssd"
+#else
+#define ZEROCONF_NAME "none"
 #endif
-
-/* The D-Bus control interface's header; section 10 holds the code. */
+#define ZC_AVAILABLE (HAVE_AVAHI || HAVE_DNS_SD)  /* a plain expression, usable in C code */
 #if HAVE_DBUS
 #include <systemd/sd-bus.h>
 #endif
 
-/* Raw public keys (RFC 7250) arrived in GnuTLS 3.6.6; OpenPGP certificates
- * left in 3.6.0.  Without raw keys no current client can authenticate. */
 #if GNUTLS_VERSION_NUMBER < 0x030606
 #error "mandos.c needs GnuTLS 3.6.6 or later (raw public key support)"
 #endif
@@ -144,88 +124,31 @@
 #define MANDOS_VERSION "1.8.16"     /* the protocol/manual version we mirror */
 #define MANDOS_C_VERSION "0.1"
 
-#define ZC_AVAILABLE (HAVE_AVAHI || HAVE_DNS_SD)  /* a plain expression, usable in C code */
-#if HAVE_AVAHI
-#define ZEROCONF_NAME "avahi"
-#elif HAVE_DNS_SD
-#define ZEROCONF_NAME "dnssd"
-#else
-#define ZEROCONF_NAME "none"
-#endif
-
 #if defined(__GNUC__) || defined(__clang__)
 #define PRINTF_LIKE(f, a) __attribute__((format(printf, f, a)))
-#define UNUSED __attribute__((unused))   /* a parameter a stub ignores */
+#define UNUSED __attribute__((unused))   /* a parameter some builds ignore */
 #else
 #define PRINTF_LIKE(f, a)
 #define UNUSED
 #endif
 
-/* make mandos-portable: pretend the Linux extras are missing, so that
- * Debian compiles and tests the fallbacks below.  Read only here. */
-#ifndef MANDOS_PORTABLE
-#define MANDOS_PORTABLE 0
-#endif
-#if MANDOS_PORTABLE
+/* make mandos-portable: Debian compiles and tests the fallbacks below. */
+#if defined(MANDOS_PORTABLE) && MANDOS_PORTABLE
 #undef SO_BINDTODEVICE
-#undef SOCK_CLOEXEC
-#undef O_CLOEXEC
-#undef MSG_NOSIGNAL
 #undef CLOSE_RANGE_CLOEXEC
 #endif
 
-/* Without these flags a descriptor is born inheritable and cloexec()
- * marks it right after (one thread: no checker starts in between).
- * SIGPIPE is ignored process-wide (signals_install): MSG_NOSIGNAL is
- * a courtesy. */
-#ifndef SOCK_CLOEXEC
-#define SOCK_CLOEXEC 0
-#endif
-#ifndef O_CLOEXEC
-#define O_CLOEXEC 0
-#endif
-#ifndef MSG_NOSIGNAL
-#define MSG_NOSIGNAL 0
-#endif
-
-/* setresuid where the platform has it; elsewhere (macOS, illumos) the
- * plain calls, which as root set the real, effective and saved IDs. */
-static int shim_set_ids(uid_t uid, gid_t gid)
+/* No descriptor may reach a checker: files are opened with O_CLOEXEC, sockets
+ * and pipes marked here (SOCK_CLOEXEC is not everywhere).  -1: caller closes. */
+static int cloexec(int fd, bool nonblock)
 {
-#if (defined(__linux__) || defined(__FreeBSD__) || defined(__OpenBSD__) \
-     || defined(__NetBSD__) || defined(__DragonFly__)) && !MANDOS_PORTABLE
-    return setresgid(gid, gid, gid) == 0 ? setresuid(uid, uid, uid) : -1;
-#else
-    return setgid(gid) == 0 ? setuid(uid) : -1;
-#endif
-}
-
-/* Every descriptor this program opens is close-on-exec, so that none
- * reaches a checker: files and sockets are opened through these. */
-static int cloexec(int fd, int born_cloexec)
-{
-    if (fd >= 0 && !born_cloexec && fcntl(fd, F_SETFD, FD_CLOEXEC) < 0) {
-        close(fd);
+    if (fcntl(fd, F_SETFD, FD_CLOEXEC) < 0)
         return -1;
-    }
-    return fd;
+    return nonblock && fcntl(fd, F_SETFL, O_NONBLOCK) < 0 ? -1 : 0;
 }
 
-static int open_cloexec(int dirfd, const char *path, int flags, mode_t mode)
-{
-    return cloexec(openat(dirfd, path, flags | O_CLOEXEC, mode), O_CLOEXEC);
-}
-
-static int socket_cloexec(int domain, int type)
-{
-    return cloexec(socket(domain, type | SOCK_CLOEXEC, 0), SOCK_CLOEXEC);
-}
-
-/* Descriptors we inherited must not reach checkers either.  Marked, not
- * closed: syslog, GnuTLS and our directories already hold descriptors
- * that closefrom(3) would pull from under them.  close_range marks all
- * in one call (Linux 5.11, FreeBSD 13); else every number up to the
- * limit, as /dev/fd may list only 0-2 (FreeBSD without fdescfs). */
+/* Inherited ones are marked, not closed (syslog, GnuTLS hold some): every
+ * number up to the limit, as /dev/fd may list only 0-2 (FreeBSD). */
 static void cloexec_inherited(void)
 {
 #ifdef CLOSE_RANGE_CLOEXEC
@@ -239,33 +162,29 @@ static void cloexec_inherited(void)
         fcntl(fd, F_SETFD, FD_CLOEXEC);     /* EBADF for the unused ones */
 }
 
-/* Serve on one interface: SO_BINDTODEVICE (Linux), IP_BOUND_IF (macOS,
- * illumos).  -1 with ENODEV if there is no such interface, ENOPROTOOPT
- * if the system cannot bind to one. */
-static int shim_bind_to_device(int fd, int family, const char *ifname)
+/* SO_BINDTODEVICE (Linux) or IP_BOUND_IF (macOS, illumos).  -1 with ENODEV
+ * if there is no such interface, ENOPROTOOPT if the system cannot bind. */
+static int shim_bind_to_device(int fd UNUSED, int family UNUSED, const char *ifname)
 {
     unsigned int index = if_nametoindex(ifname);
     errno = ENODEV;
     if (index == 0)
         return -1;
 #if defined(SO_BINDTODEVICE)
-    (void)family;
     return setsockopt(fd, SOL_SOCKET, SO_BINDTODEVICE, ifname, (socklen_t)strlen(ifname) + 1);
 #elif defined(IP_BOUND_IF) && defined(IPV6_BOUND_IF)
     if (family == AF_INET6)
         return setsockopt(fd, IPPROTO_IPV6, IPV6_BOUND_IF, &index, sizeof index);
     return setsockopt(fd, IPPROTO_IP, IP_BOUND_IF, &index, sizeof index);
 #else
-    (void)fd; (void)family;
     errno = ENOPROTOOPT;
     return -1;
 #endif
 }
 
-/* OpenBSD: once Zeroconf and D-Bus are connected and the password file
- * read, keep only the paths and calls the running server needs (a lost
- * daemon is reconnected through its socket).  Elsewhere: nothing. */
-static int sandbox_enter(const char *configdir, const char *statedir)
+/* OpenBSD, once Zeroconf, D-Bus and the password file are open: keep only
+ * the paths and calls the running server needs.  Elsewhere: nothing. */
+static int sandbox_enter(const char *configdir UNUSED, const char *statedir UNUSED)
 {
 #ifdef __OpenBSD__
     unveil("/bin/sh", "x");
@@ -278,63 +197,35 @@ static int sandbox_enter(const char *configdir, const char *statedir)
         return -1;
     return pledge("stdio rpath wpath cpath inet unix dns proc exec", NULL);
 #else
-    (void)configdir; (void)statedir;
     return 0;
 #endif
 }
 
-/* A memset the optimiser may not drop: secrets must really go. */
-static void wipe(void *p, size_t n)
-{
-    volatile unsigned char *v = p;
-    while (n--)
-        *v++ = 0;
-}
-
-/* Free a string that may have held a secret. */
-static void free_wiped(char *s)
-{
-    if (s) {
-        wipe(s, strlen(s));
-        free(s);
-    }
-}
-
 /* ===================================================================== */
 /* 2. Small utilities                                                    */
-/*    Clocks, allocation, growable buffers, strings, hex, a name index,   */
-/*    base64, whole-file reads.                                           */
+/*    Clocks, memory, buffers, strings, hex, a name index, base64, files. */
 /* ===================================================================== */
 
-/* Monotonic milliseconds: every timer and deadline uses this clock. */
-static int64_t mono_ms(void)
+/* Every timer and deadline counts milliseconds on the monotonic clock;
+ * timestamps people read are wall-clock microseconds since the epoch. */
+static int64_t clock_us(clockid_t clock)
 {
     struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-/* Wall-clock microseconds since the epoch, for timestamps people read. */
-static int64_t wall_us(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
+    clock_gettime(clock, &ts);
     return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
+#define mono_ms() (clock_us(CLOCK_MONOTONIC) / 1000)
+#define wall_us() clock_us(CLOCK_REALTIME)
 
 /* Out of memory is not worth recovering from in a daemon this small. */
-static void *x_or_die(void *p)
+static void *xcalloc(size_t n, size_t size)
 {
+    void *p = calloc(n ? n : 1, size ? size : 1);
     if (!p) {
         fputs("mandos: out of memory\n", stderr);
         abort();
     }
     return p;
-}
-
-static void *xcalloc(size_t n, size_t size)
-{
-    return x_or_die(calloc(n ? n : 1, size ? size : 1));
 }
 
 static char *xstrndup(const char *s, size_t n)
@@ -349,7 +240,22 @@ static char *xstrdup(const char *s)
     return xstrndup(s, strlen(s));
 }
 
-/* Grow an array of `size`-byte items so that it holds at least `need`. */
+/* A memset the optimiser may not drop: secrets must really go. */
+static void wipe(void *p, size_t n)
+{
+    volatile unsigned char *v = p;
+    while (n--)
+        *v++ = 0;
+}
+
+static void free_wiped(char *s)
+{
+    wipe(s, s ? strlen(s) : 0);
+    free(s);
+}
+
+/* Grow an array of `size`-byte items to hold `need`.  Not realloc: the old
+ * block is wiped, as it may hold a secret. */
 static void grow(void **arr, size_t *cap, size_t need, size_t size)
 {
     if (need <= *cap)
@@ -357,7 +263,12 @@ static void grow(void **arr, size_t *cap, size_t need, size_t size)
     size_t ncap = *cap ? *cap * 2 : 8;
     while (ncap < need)
         ncap *= 2;
-    *arr = x_or_die(realloc(*arr, ncap * size));
+    void *fresh = xcalloc(ncap, size);
+    if (*cap)
+        memcpy(fresh, *arr, *cap * size);
+    wipe(*arr, *cap * size);
+    free(*arr);
+    *arr = fresh;
     *cap = ncap;
 }
 
@@ -367,29 +278,9 @@ struct buf {
     size_t len, cap;
 };
 
-/* Make room for `need` bytes in all.  Moved by hand rather than with
- * realloc: a buffer may hold a secret, and the old block must not keep a
- * copy of it. */
-static void buf_reserve(struct buf *b, size_t need)
-{
-    if (need <= b->cap)
-        return;
-    size_t ncap = b->cap ? b->cap : 64;
-    while (ncap < need)
-        ncap *= 2;
-    char *fresh = xcalloc(1, ncap);
-    if (b->data) {
-        memcpy(fresh, b->data, b->len);
-        wipe(b->data, b->cap);
-        free(b->data);
-    }
-    b->data = fresh;
-    b->cap = ncap;
-}
-
 static void buf_add(struct buf *b, const void *p, size_t n)
 {
-    buf_reserve(b, b->len + n + 1);
+    grow((void **)&b->data, &b->cap, b->len + n + 1, 1);
     memcpy(b->data + b->len, p, n);
     b->len += n;
     b->data[b->len] = '\0';
@@ -405,57 +296,42 @@ static void buf_addc(struct buf *b, char c)
     buf_add(b, &c, 1);
 }
 
+/* Formatted straight into the free space; a second pass if it was short. */
 PRINTF_LIKE(2, 3)
 static void buf_printf(struct buf *b, const char *fmt, ...)
 {
-    va_list ap;
-    char small[256];
-    va_start(ap, fmt);
-    int n = vsnprintf(small, sizeof small, fmt, ap);
-    va_end(ap);
-    if (n < 0)
-        return;
-    if ((size_t)n < sizeof small) {
-        buf_add(b, small, (size_t)n);
-        return;
-    }
-    buf_reserve(b, b->len + (size_t)n + 1);
-    va_start(ap, fmt);
-    vsnprintf(b->data + b->len, (size_t)n + 1, fmt, ap);
-    va_end(ap);
-    b->len += (size_t)n;
+    size_t room = 64;
+    int n;
+    do {
+        grow((void **)&b->data, &b->cap, b->len + room, 1);
+        va_list ap;
+        va_start(ap, fmt);
+        n = vsnprintf(b->data + b->len, b->cap - b->len, fmt, ap);
+        va_end(ap);
+        room = (size_t)n + 1;
+    } while (n >= 0 && (size_t)n >= b->cap - b->len);
+    b->len += n > 0 ? (size_t)n : 0;
+    b->data[b->len] = '\0';
 }
 
-/* Free a buffer that may have held a secret. */
-static void buf_wipe(struct buf *b)
-{
-    if (b->data)
-        wipe(b->data, b->cap);
-    free(b->data);
-    b->data = NULL;
-    b->len = b->cap = 0;
-}
-
+/* Wiped: any buffer may have held a secret. */
 static void buf_free(struct buf *b)
 {
+    wipe(b->data, b->cap);
     free(b->data);
-    b->data = NULL;
-    b->len = b->cap = 0;
+    memset(b, 0, sizeof *b);
 }
 
 /* Python's str.isspace() for ASCII: the INI dialect strips these. */
 static bool is_blank(int c)
 {
-    return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v'
-        || c == '\f' || (c >= 0x1c && c <= 0x1f);
+    return c && strchr(" \t\n\r\v\f\x1c\x1d\x1e\x1f", c);
 }
 
 static void trim_span(const char **s, size_t *n)
 {
-    while (*n && is_blank((unsigned char)**s)) {
+    for (; *n && is_blank((unsigned char)**s); (*n)--)
         (*s)++;
-        (*n)--;
-    }
     while (*n && is_blank((unsigned char)(*s)[*n - 1]))
         (*n)--;
 }
@@ -465,29 +341,17 @@ static bool streq(const char *a, const char *b)
     return strcmp(a, b) == 0;
 }
 
-static bool streq_nocase(const char *a, const char *b)
-{
-    for (; *a && *b; a++, b++)
-        if (tolower((unsigned char)*a) != tolower((unsigned char)*b))
-            return false;
-    return *a == *b;
-}
-
 static int hex_value(int c)
 {
-    if (c >= '0' && c <= '9') return c - '0';
-    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
-    return -1;
+    static const char digits[] = "0123456789abcdef";
+    const char *hit = c ? strchr(digits, tolower(c)) : NULL;
+    return hit ? (int)(hit - digits) : -1;
 }
 
 static void hex_encode_upper(const unsigned char *in, size_t n, char *out)
 {
-    static const char digits[] = "0123456789ABCDEF";
-    for (size_t i = 0; i < n; i++) {
-        out[2 * i] = digits[in[i] >> 4];
-        out[2 * i + 1] = digits[in[i] & 15];
-    }
+    for (size_t i = 0; i < 2 * n; i++)
+        out[i] = "0123456789ABCDEF"[i % 2 ? in[i / 2] & 15 : in[i / 2] >> 4];
     out[2 * n] = '\0';
 }
 
@@ -496,69 +360,60 @@ static int hex_decode(const char *s, unsigned char *out, size_t n)
 {
     if (strlen(s) != 2 * n)
         return -1;
-    for (size_t i = 0; i < n; i++) {
-        int hi = hex_value((unsigned char)s[2 * i]);
-        int lo = hex_value((unsigned char)s[2 * i + 1]);
-        if (hi < 0 || lo < 0)
+    for (size_t i = 0; i < 2 * n; i++) {
+        int v = hex_value((unsigned char)s[i]);
+        if (v < 0)
             return -1;
-        out[i] = (unsigned char)(hi << 4 | lo);
+        out[i / 2] = (unsigned char)(i % 2 ? out[i / 2] << 4 | v : v);
     }
     return 0;
 }
 
-/* An open-addressing index from names to array positions, so that
- * lookups stay O(1) with thousands of clients.  The caller says how to
- * read the name at a position (`name_at`), so the index stores only
- * positions and survives the array being reallocated. */
+/* Open addressing from names to array positions: O(1) with thousands of
+ * clients.  Positions only (`name_at` reads the name), so the array may move. */
 struct name_index {
     size_t *slot;                /* position + 1; 0 = empty */
-    size_t cap;                  /* a power of two, more than twice `used` */
-    size_t used;
+    size_t cap, used;            /* cap: a power of two, over twice `used` */
 };
 
-static size_t name_hash(const char *s)
+/* The slot holding `name`, or else the empty slot where it would go. */
+static size_t *name_index_slot(const struct name_index *ix, const char *name,
+                               const char *(*name_at)(const void *, size_t), const void *ctx)
 {
     uint64_t h = 14695981039346656037ULL;    /* FNV-1a */
-    for (; *s; s++)
+    for (const char *s = name; *s; s++)
         h = (h ^ (unsigned char)*s) * 1099511628211ULL;
-    return (size_t)h;
+    size_t i = (size_t)h & (ix->cap - 1);
+    while (ix->slot[i] && !streq(name_at(ctx, ix->slot[i] - 1), name))
+        i = (i + 1) & (ix->cap - 1);
+    return &ix->slot[i];
 }
 
 static size_t name_index_find(const struct name_index *ix, const char *name,
                               const char *(*name_at)(const void *, size_t), const void *ctx)
 {
-    for (size_t i = ix->cap ? name_hash(name) & (ix->cap - 1) : 0, n = 0; n < ix->cap;
-         i = (i + 1) & (ix->cap - 1), n++) {
-        if (!ix->slot[i])
-            break;
-        if (streq(name_at(ctx, ix->slot[i] - 1), name))
-            return ix->slot[i] - 1;
-    }
-    return SIZE_MAX;
+    size_t *slot = ix->cap ? name_index_slot(ix, name, name_at, ctx) : NULL;
+    return slot && *slot ? *slot - 1 : SIZE_MAX;
 }
 
-static void name_index_put(struct name_index *ix, const char *name, size_t pos)
-{
-    size_t i = name_hash(name) & (ix->cap - 1);
-    while (ix->slot[i])
-        i = (i + 1) & (ix->cap - 1);
-    ix->slot[i] = pos + 1;
-}
-
+/* A name already in the index keeps its first position. */
 static void name_index_add(struct name_index *ix, const char *name, size_t pos,
                            const char *(*name_at)(const void *, size_t), const void *ctx)
 {
     if ((ix->used + 1) * 2 > ix->cap) {
-        struct name_index bigger = { NULL, ix->cap ? ix->cap * 2 : 16, ix->used };
-        bigger.slot = xcalloc(bigger.cap, sizeof *bigger.slot);
-        for (size_t i = 0; i < ix->cap; i++)
-            if (ix->slot[i])
-                name_index_put(&bigger, name_at(ctx, ix->slot[i] - 1), ix->slot[i] - 1);
-        free(ix->slot);
-        *ix = bigger;
+        struct name_index old = *ix;
+        ix->cap = old.cap ? old.cap * 2 : 16;
+        ix->slot = xcalloc(ix->cap, sizeof *ix->slot);
+        for (size_t i = 0; i < old.cap; i++)
+            if (old.slot[i])
+                *name_index_slot(ix, name_at(ctx, old.slot[i] - 1), name_at, ctx) = old.slot[i];
+        free(old.slot);
     }
-    name_index_put(ix, name, pos);
-    ix->used++;
+    size_t *slot = name_index_slot(ix, name, name_at, ctx);
+    if (!*slot) {
+        *slot = pos + 1;
+        ix->used++;
+    }
 }
 
 static void name_index_free(struct name_index *ix)
@@ -577,7 +432,7 @@ static int base64_decode_lenient(const char *in, size_t n, struct buf *out,
         "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     unsigned bits = 0;           /* the group so far, six bits a character */
     int quad = 0, pads = 0;
-    buf_reserve(out, out->len + n / 4 * 3 + 4);
+    grow((void **)&out->data, &out->cap, out->len + n / 4 * 3 + 4, 1);
     for (size_t i = 0; i < n; i++) {
         unsigned char c = (unsigned char)in[i];
         const char *hit = c ? strchr(alphabet, c) : NULL;
@@ -595,37 +450,23 @@ static int base64_decode_lenient(const char *in, size_t n, struct buf *out,
             buf_addc(out, (char)(bits >> (6 - 2 * quad) & 0xff));
         quad = (quad + 1) % 4;
     }
-    if (quad == 1) {
+    if (quad == 1)
         *why = "bad base64: one character too many (length is 1 more than a multiple of 4)";
-        return -1;
-    }
-    if (quad != 0) {
+    else if (quad != 0)
         *why = "bad base64: incorrect padding";
-        return -1;
-    }
-    return 0;
+    return quad ? -1 : 0;
 }
 
-static void sha256(const void *data, size_t n, unsigned char out[32])
-{
-    gnutls_hash_fast(GNUTLS_DIG_SHA256, data, n, out);
-}
-
-/* Read a whole file into a buffer, NUL-terminated; -1 with errno on
- * failure.  A relative path is taken relative to the directory `dirfd`
- * (or AT_FDCWD).  Read straight into the buffer, which wipes what it
- * leaves behind: the file may hold secrets. */
+/* Append a file (relative to `dirfd`, or AT_FDCWD); -1 with errno on failure.
+ * Read straight into the buffer, which wipes what it leaves behind. */
 static int read_file_at(int dirfd, const char *path, struct buf *out)
 {
-    int fd = open_cloexec(dirfd, path, O_RDONLY, 0);
+    int fd = openat(dirfd, path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
         return -1;
-    struct stat st;
-    if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_size > 0)
-        buf_reserve(out, out->len + (size_t)st.st_size + 1);   /* one allocation */
     ssize_t r;
     do {
-        buf_reserve(out, out->len + 2);
+        grow((void **)&out->data, &out->cap, out->len + 4096, 1);
         r = read(fd, out->data + out->len, out->cap - out->len - 1);
         out->len += r > 0 ? (size_t)r : 0;
     } while (r > 0 || (r < 0 && errno == EINTR));
@@ -636,51 +477,26 @@ static int read_file_at(int dirfd, const char *path, struct buf *out)
     return r < 0 ? -1 : 0;
 }
 
-static int read_file(const char *path, struct buf *out)
-{
-    return read_file_at(AT_FDCWD, path, out);
-}
-
-static int set_nonblock_cloexec(int fd)
-{
-    int fl = fcntl(fd, F_GETFL);
-    if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0)
-        return -1;
-    int fdfl = fcntl(fd, F_GETFD);
-    if (fdfl < 0 || fcntl(fd, F_SETFD, fdfl | FD_CLOEXEC) < 0)
-        return -1;
-    return 0;
-}
-
 /* ===================================================================== */
 /* 3. Logging                                                            */
-/*    Like syslog(3) itself, the log settings are process-wide: one small */
-/*    struct, set at start-up (the ident follows a Zeroconf rename).      */
-/*    Config errors are counted through struct diag.  Secrets never pass  */
-/*    through here.                                                       */
+/*    Process-wide, like syslog(3).  Secrets never pass through here.     */
 /* ===================================================================== */
 
-struct log_settings {
+static struct {
     int threshold;        /* LOG_ERR .. LOG_DEBUG: lines above it are dropped */
     bool console;         /* --debug: also to stderr with a timestamp */
     bool syslog_open;     /* openlog() done */
     const char *progname; /* basename of argv[0], for console lines */
-};
-
-static struct log_settings log_cfg = { LOG_WARNING, false, false, "mandos" };
+} log_cfg = { LOG_WARNING, false, false, "mandos" };
 
 /* The reference's level names, by syslog level (LOG_EMERG 0 .. LOG_DEBUG 7). */
-static const char *log_level_name(int level)
-{
-    static const char *const names[] = { "CRITICAL", "CRITICAL", "CRITICAL", "ERROR",
-                                         "WARNING", "INFO", "INFO", "DEBUG" };
-    return level >= 0 && level < 8 ? names[level] : "DEBUG";
-}
+static const char *const log_level_names[8] = {
+    "CRITICAL", "CRITICAL", "CRITICAL", "ERROR", "WARNING", "INFO", "INFO", "DEBUG"
+};
 
 static void log_open_syslog(const char *servicename)
 {
-    /* The ident pointer must stay valid: keep our own copy. */
-    static char ident[128];
+    static char ident[128];      /* syslog keeps the pointer */
     if (!servicename || streq(servicename, "Mandos"))
         snprintf(ident, sizeof ident, "mandos");
     else
@@ -691,9 +507,23 @@ static void log_open_syslog(const char *servicename)
     log_cfg.syslog_open = true;
 }
 
-/* "2026-01-31 12:00:00,123 mandos [42]: INFO: msg", as the reference's --debug. */
-static void log_console_line(int level, const char *msg)
+/* To syslog; to stderr with --debug or before syslog is open, as the
+ * reference's --debug: "2026-01-31 12:00:00,123 mandos [42]: INFO: msg". */
+PRINTF_LIKE(2, 3)
+static void log_msg(int level, const char *fmt, ...)
 {
+    if (level > log_cfg.threshold)
+        return;
+    char msg[2048];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    const char *name = log_level_names[level & 7];
+    if (log_cfg.syslog_open)
+        syslog(level, "%s: %s", name, msg);
+    if (log_cfg.syslog_open && !log_cfg.console)
+        return;
     int64_t us = wall_us();
     time_t t = (time_t)(us / 1000000);
     struct tm tm;
@@ -701,28 +531,7 @@ static void log_console_line(int level, const char *msg)
     localtime_r(&t, &tm);
     strftime(when, sizeof when, "%Y-%m-%d %H:%M:%S", &tm);
     fprintf(stderr, "%s,%03d %s [%ld]: %s: %s\n", when, (int)(us / 1000 % 1000),
-            log_cfg.progname, (long)getpid(), log_level_name(level), msg);
-}
-
-static void log_vmsg(int level, const char *fmt, va_list ap)
-{
-    if (level > log_cfg.threshold)
-        return;
-    char msg[2048];
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    if (log_cfg.syslog_open)
-        syslog(level, "%s: %s", log_level_name(level), msg);
-    if (log_cfg.console || !log_cfg.syslog_open)
-        log_console_line(level, msg);
-}
-
-PRINTF_LIKE(2, 3)
-static void log_msg(int level, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    log_vmsg(level, fmt, ap);
-    va_end(ap);
+            log_cfg.progname, (long)getpid(), name, msg);
 }
 
 #define log_err(...) log_msg(LOG_ERR, __VA_ARGS__)
@@ -746,13 +555,10 @@ static void fatal(const char *fmt, ...)
 }
 
 /* GnuTLS debug lines, forwarded in --debug mode. */
-static void log_gnutls_line(int level, const char *text)
+static void log_gnutls_line(int level UNUSED, const char *text)
 {
-    (void)level;
     size_t n = strlen(text);
-    while (n && text[n - 1] == '\n')
-        n--;
-    log_debug("GnuTLS: %.*s", (int)n, text);
+    log_debug("GnuTLS: %.*s", (int)(n && text[n - 1] == '\n' ? n - 1 : n), text);
 }
 
 /* Where config errors go: stderr at start-up, the log on reload, a buffer
@@ -1128,7 +934,7 @@ static int parse_bool(const char *s, bool *out)
 {
     static const char *const words[] = { "0", "no", "false", "off", "1", "yes", "true", "on" };
     for (size_t i = 0; i < 8; i++)
-        if (streq_nocase(s, words[i])) {
+        if (strcasecmp(s, words[i]) == 0) {
             *out = i >= 4;
             return 0;
         }
@@ -1430,7 +1236,7 @@ static int parse_log_level(const char *s, int *level)
         { "INFO", LOG_INFO }, { "DEBUG", LOG_DEBUG }, { "NOTSET", LOG_DEBUG },
     };
     for (size_t i = 0; i < sizeof levels / sizeof levels[0]; i++)
-        if (streq_nocase(s, levels[i].name)) {
+        if (strcasecmp(s, levels[i].name) == 0) {
             *level = levels[i].level;
             return 0;
         }
@@ -1576,7 +1382,7 @@ static int settings_conf_load(struct settings *set, struct diag *diag)
     struct buf path = { 0 }, data = { 0 };
     buf_printf(&path, "%s/mandos.conf", set->configdir);
     diag->file = path.data;
-    if (read_file(path.data, &data) == 0)
+    if (read_file_at(AT_FDCWD, path.data, &data) == 0)
         settings_from_conf(set, data.data ? data.data : "", data.len, diag);
     else if (errno != ENOENT)
         diag_error(diag, 0, "cannot read: %s", strerror(errno));
@@ -2361,7 +2167,7 @@ static char *client_value(struct client_reader *r, const char *name, int *line)
     buf_adds(&out, "");
     if (ini_interpolate(r->ini, r->sec, raw, client_builtins(), 1, &out, why, sizeof why) < 0) {
         diag_error(r->diag, l, "[%s] %s: %s", r->sec->name, name, why);
-        buf_wipe(&out);
+        buf_free(&out);
         return NULL;
     }
     return out.data;
@@ -2488,8 +2294,8 @@ static void client_read_secret(struct client_reader *r, struct client *c)
     c->secret = xcalloc(1, secret.len + 1);
     if (secret.len)
         memcpy(c->secret, secret.data, secret.len);
-    sha256(c->secret, c->secret_len, c->secret_hash);
-    buf_wipe(&secret);
+    gnutls_hash_fast(GNUTLS_DIG_SHA256, c->secret, c->secret_len, c->secret_hash);
+    buf_free(&secret);
 }
 
 static void client_read_ids(struct client_reader *r, struct client *c)
@@ -2579,7 +2385,7 @@ static int clients_load(const char *configdir, int config_dirfd, struct diag *di
         clients_from_buffer(data.data ? data.data : "", data.len, configdir, config_dirfd,
                             diag, out);
     }
-    buf_wipe(&data);
+    buf_free(&data);
     int errors = diag->count;
     diag->file = NULL;
     buf_free(&path);
@@ -2874,7 +2680,7 @@ static int state_save(struct server *srv)
     char tmp[64];
     state_serialise(&srv->clients, mono_ms(), wall_us(), &data);
     snprintf(tmp, sizeof tmp, "%s.tmp-%ld", STATE_FILE, (long)getpid());
-    int fd = open_cloexec(srv->state_dirfd, tmp, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    int fd = openat(srv->state_dirfd, tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
     bool ok = fd >= 0 && write_all(fd, data.data, data.len) == 0 && fsync(fd) == 0;
     if (fd >= 0 && close(fd) < 0)
         ok = false;
@@ -3074,7 +2880,7 @@ static void statedir_open(struct server *srv)
         created = true;
     else if (errno != EEXIST)
         fatal("cannot create state directory %s: %s", srv->set.statedir, strerror(errno));
-    srv->state_dirfd = open_cloexec(AT_FDCWD, srv->set.statedir, O_RDONLY | O_DIRECTORY, 0);
+    srv->state_dirfd = openat(AT_FDCWD, srv->set.statedir, O_RDONLY | O_DIRECTORY | O_CLOEXEC, 0);
     if (srv->state_dirfd < 0)
         fatal("cannot open state directory %s: %s", srv->set.statedir, strerror(errno));
     if (created && geteuid() == 0 && fchown(srv->state_dirfd, srv->run_uid, srv->run_gid) != 0)
@@ -3087,7 +2893,7 @@ static void statedir_open(struct server *srv)
 static void statedir_check_writable(struct server *srv)
 {
     const char *probe = "clients.state.probe";
-    int fd = open_cloexec(srv->state_dirfd, probe, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    int fd = openat(srv->state_dirfd, probe, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
     if (fd < 0)
         fatal("state directory %s is not writable by uid %ld (%s); give it to that "
               "user, e.g. chown _mandos: %s", srv->set.statedir, (long)geteuid(),
@@ -3207,14 +3013,14 @@ static void listen_open(struct server *srv)
     int family = set->use_ipv6 ? AF_INET6 : AF_INET;
     /* an adopted socket moves clear of 0-2, which daemonizing replaces */
     int adopt = set->socket_fd;
-    int fd = adopt >= 0 ? fcntl(adopt, F_DUPFD_CLOEXEC, 3) : socket_cloexec(family, SOCK_STREAM);
+    int fd = adopt >= 0 ? fcntl(adopt, F_DUPFD_CLOEXEC, 3) : socket(family, SOCK_STREAM, 0);
     if (fd < 0 && adopt >= 0)
         fatal("--socket %d: %s", adopt, strerror(errno));
     if (fd < 0)
         fatal("cannot create a socket: %s", strerror(errno));
     if (adopt >= 0)
         close(adopt);
-    if (set_nonblock_cloexec(fd) < 0)
+    if (cloexec(fd, true) < 0)
         fatal("cannot set up the listening socket: %s", strerror(errno));
     /* as with the reference, a missing interface means every interface;
      * a system that cannot bind to an interface at all refuses to start */
@@ -3625,7 +3431,7 @@ static void conn_accept(struct server *srv, int64_t now)
             }
         struct conn *cn = xcalloc(1, sizeof *cn);
         format_peer(&ss, cn->peer, sizeof cn->peer);
-        if (srv->nconns >= (size_t)max || set_nonblock_cloexec(fd) < 0) {
+        if (srv->nconns >= (size_t)max || cloexec(fd, true) < 0) {
             log_warn("%s: refused: %zu connections open", cn->peer, srv->nconns);
             close(fd);
             free(cn);
@@ -5464,7 +5270,7 @@ static void privileges_drop(struct server *srv)
     }
     if (setgroups(0, NULL) != 0)
         fatal("cannot clear supplementary groups: %s", strerror(errno));
-    if (shim_set_ids(srv->run_uid, srv->run_gid) != 0)
+    if (setgid(srv->run_gid) != 0 || setuid(srv->run_uid) != 0)   /* as root: all three IDs */
         fatal("cannot switch to uid %ld gid %ld: %s", (long)srv->run_uid,
               (long)srv->run_gid, strerror(errno));
     if (srv->run_uid != 0 && (setuid(0) == 0 || seteuid(0) == 0))
@@ -5480,7 +5286,7 @@ static void daemonize(void)
     struct stat st;
     bool run = stat("/run/.", &st) == 0 && S_ISDIR(st.st_mode);
     const char *pidfile = run ? "/run/mandos.pid" : "/var/run/mandos.pid";
-    int pidfd = open_cloexec(AT_FDCWD, pidfile, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    int pidfd = openat(AT_FDCWD, pidfile, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (pidfd < 0)
         log_err("Could not open file '%s': %s", pidfile, strerror(errno));
     for (int i = 0; i < 2; i++) {       /* twice: no session leader, no terminal */
@@ -5518,8 +5324,8 @@ static void notify_open(struct server *srv)
     if (sun.sun_path[0] == '@')
         sun.sun_path[0] = '\0';            /* abstract namespace */
     socklen_t len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + n);
-    int fd = socket_cloexec(AF_UNIX, SOCK_DGRAM);
-    if (fd >= 0 && connect(fd, (struct sockaddr *)&sun, len) < 0) {
+    int fd = socket(AF_UNIX, SOCK_DGRAM, 0);
+    if (fd >= 0 && (cloexec(fd, false) < 0 || connect(fd, (struct sockaddr *)&sun, len) < 0)) {
         log_warn("cannot reach NOTIFY_SOCKET %s: %s", path, strerror(errno));
         close(fd);
         fd = -1;
@@ -5529,7 +5335,7 @@ static void notify_open(struct server *srv)
 
 static void notify_send(struct server *srv, const char *msg)
 {
-    if (srv->notify_fd >= 0 && send(srv->notify_fd, msg, strlen(msg), MSG_NOSIGNAL) < 0)
+    if (srv->notify_fd >= 0 && send(srv->notify_fd, msg, strlen(msg), 0) < 0)
         log_debug("could not notify systemd: %s", strerror(errno));
 }
 
@@ -5550,8 +5356,8 @@ static void signal_to_pipe(int sig)
 static void signals_install(struct server *srv)
 {
     static const int sigs[] = { SIGTERM, SIGHUP, SIGCHLD, SIGINT };
-    if (pipe(srv->signal_pipe) < 0 || set_nonblock_cloexec(srv->signal_pipe[0]) < 0
-        || set_nonblock_cloexec(srv->signal_pipe[1]) < 0)
+    if (pipe(srv->signal_pipe) < 0 || cloexec(srv->signal_pipe[0], true) < 0
+        || cloexec(srv->signal_pipe[1], true) < 0)
         fatal("pipe: %s", strerror(errno));
     signal_pipe_write = srv->signal_pipe[1];
     struct sigaction sa, old;
@@ -5749,7 +5555,7 @@ static void server_configure(struct server *srv, const struct cmdline *cl)
         gnutls_global_set_log_function(log_gnutls_line);
         gnutls_global_set_log_level(11);
     }
-    srv->config_dirfd = open_cloexec(AT_FDCWD, srv->set.configdir, O_RDONLY | O_DIRECTORY, 0);
+    srv->config_dirfd = openat(AT_FDCWD, srv->set.configdir, O_RDONLY | O_DIRECTORY | O_CLOEXEC, 0);
     if (srv->config_dirfd < 0)
         fatal("cannot open config directory %s: %s", srv->set.configdir, strerror(errno));
     static const char *const users[] = { "_mandos", "mandos", "nobody" };  /* to run as */
@@ -6105,7 +5911,7 @@ static void run_version_reader(const char *const *c, struct buf *out)
     char rest[4] = "";
     memset(&cn, 0, sizeof cn);
     CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0);
-    CHECK(set_nonblock_cloexec(sv[0]) == 0);
+    CHECK(cloexec(sv[0], true) == 0);
     CHECK(write(sv[1], c[0], strlen(c[0])) == (ssize_t)strlen(c[0]));
     cn.fd = sv[0];
     CHECK(conn_do_version(NULL, &cn) == STEP_CLOSE);

@@ -142,7 +142,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         fuzz_assert(out.len <= size / 4 * 3);    /* whole groups only */
     else
         fuzz_assert(why != NULL);
-    buf_wipe(&out);
+    buf_free(&out);
     return 0;
 }
 
@@ -158,7 +158,7 @@ static void fuzz_version_reader(const uint8_t *data, size_t size, size_t chunk)
     int sv[2];
     if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
         return;
-    if (set_nonblock_cloexec(sv[0]) < 0 || set_nonblock_cloexec(sv[1]) < 0) {
+    if (cloexec(sv[0], true) < 0 || cloexec(sv[1], true) < 0) {
         close(sv[0]);
         close(sv[1]);
         return;
