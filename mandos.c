@@ -24,9 +24,8 @@
  *  11. Main and options           command line, start-up, the poll() loop
  *  12. Self-tests                 run by `mandos --check`
  *
- * One process (checkers are its children), one poll() loop: sockets are
- * non-blocking and the loop sleeps until the nearest deadline on the
- * monotonic clock, so one slow client cannot stall the others.
+ * One process, one poll() loop sleeping until the nearest deadline; sockets
+ * are non-blocking, so one slow client cannot stall the others.
  */
 
 /* ===================================================================== */
@@ -336,10 +335,7 @@ static void trim_span(const char **s, size_t *n)
         (*n)--;
 }
 
-static bool streq(const char *a, const char *b)
-{
-    return strcmp(a, b) == 0;
-}
+#define streq(a, b) (strcmp(a, b) == 0)
 
 static int hex_value(int c)
 {
