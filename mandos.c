@@ -5917,20 +5917,23 @@ static void run_version_reader(const char *const *c, struct buf *out)
     close(sv[1]);
 }
 
-/* Start-up reads a command line c[0] and a mandos.conf c[2]: "errors=N",
- * each error, then every setting as key=value if there was no error. */
-static void test_options_text(const char *const *c, struct buf *out)
+/* Start-up reads a command line c[0] and a mandos.conf c[2], then says
+ * "errors=N" and each error, or every setting as key=value: the words of
+ * c[1] that it says. */
+static void run_options(const char *const *c, struct buf *out)
 {
-    char *copy = xstrdup(c[0]);
+    char *args = xstrdup(c[0]), *want = xstrdup(c[1]);
     char *argv[16] = { "mandos" };
     int argc = 1;
-    for (char *t = strtok(copy, " "); t && argc < 15; t = strtok(NULL, " "))
+    for (char *t = strtok(args, " "); t && argc < 15; t = strtok(NULL, " "))
         argv[argc++] = t;
     struct cmdline cl;
     struct settings set;
+    struct buf text = { 0 }, word = { 0 };
     char err[200] = "";
-    struct diag d = { "mandos.conf", 0, false, out };
+    struct diag d = { "mandos.conf", 0, false, &text };
     const char *conf = c[2] ? c[2] : "";
+    buf_adds(&text, " ");
     settings_defaults(&set);
     if (cmdline_parse(argc, argv, &cl, err, sizeof err) == 0) {
         settings_from_cmdline(&set, &cl, false, err, sizeof err);
@@ -5938,33 +5941,22 @@ static void test_options_text(const char *const *c, struct buf *out)
         if (settings_from_cmdline(&set, &cl, true, err, sizeof err) == 0)
             settings_finish(&set, err, sizeof err);
     }
-    buf_printf(out, " errors=%d %s", d.count + !!*err, err);
+    buf_printf(&text, " errors=%d %s", d.count + !!*err, err);
     for (size_t i = 0; i < N_OPTS && !d.count && !*err; i++) {
         const struct opt *o = &opts[i];
         const void *slot = (const char *)&set + o->offset;
         const char *name = o->key ? o->key : o->name;
         if (o->type == OPT_STRING)
-            buf_printf(out, " %s=%s", name, *(char *const *)slot);
+            buf_printf(&text, " %s=%s", name, *(char *const *)slot);
         else if (o->type == OPT_BOOL)
-            buf_printf(out, " %s=%s", name, *(const bool *)slot ? "True" : "False");
+            buf_printf(&text, " %s=%s", name, *(const bool *)slot ? "True" : "False");
         else if (o->type == OPT_PORT || o->type == OPT_FD || o->type == OPT_LEVEL)
-            buf_printf(out, " %s=%d", name, *(const int *)slot);
+            buf_printf(&text, " %s=%d", name, *(const int *)slot);
         else if (o->type == OPT_LIMIT)
-            buf_printf(out, " %s=%ld", name, *(const long *)slot);
+            buf_printf(&text, " %s=%ld", name, *(const long *)slot);
         else if (o->type == OPT_DURATION)
-            buf_printf(out, " %s=%" PRId64, name, *(const int64_t *)slot);
+            buf_printf(&text, " %s=%" PRId64, name, *(const int64_t *)slot);
     }
-    settings_clear(&set);
-    free(copy);
-}
-
-/* The words of c[1] that start-up's text holds between blanks. */
-static void run_options(const char *const *c, struct buf *out)
-{
-    struct buf text = { 0 }, word = { 0 };
-    char *want = xstrdup(c[1]);
-    buf_adds(&text, " ");
-    test_options_text(c, &text);
     buf_adds(&text, " ");
     for (char *p = text.data; *p; p++)
         *p = isspace((unsigned char)*p) ? ' ' : *p;
@@ -5974,8 +5966,8 @@ static void run_options(const char *const *c, struct buf *out)
         if (strstr(text.data, word.data))
             buf_printf(out, out->len ? " %s" : "%s", w);
     }
-    if (!streq(out->data, c[1]))
-        printf("    start-up said [%s]\n", text.data);
+    settings_clear(&set);
+    free(args);
     free(want);
     buf_free(&word);
     buf_free(&text);
