@@ -6040,7 +6040,7 @@ static void run_state_round_trip(const char *const *c, struct buf *out)
         check_str(out->data, fields[i][1], fields[i][0]);
     }
     out->len = 0;
-    if (back.n == 1)
+    if (back.n == 1 && back.v[0]->conf_text[1])
         buf_adds(out, back.v[0]->conf_text[1]);      /* the checker's text */
     state_serialise(&back, 1000, 2000000, &again);
     check_str(again.data, data.data, "written again");
