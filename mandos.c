@@ -1751,11 +1751,8 @@ static void client_table_index(struct client_table *t, struct diag *diag)
     }
 }
 
-static struct client *client_find_by_key_id(const struct client_table *t,
-                                            const unsigned char key[32])
+static struct client *client_find_by_key_id(const struct client_table *t, const char *hex)
 {
-    char hex[65];
-    hex_encode_upper(key, 32, hex);
     size_t pos = name_index_find(&t->keys, hex, client_key_at, t);
     return pos == SIZE_MAX ? NULL : t->v[pos];
 }
@@ -3143,7 +3140,7 @@ static enum step conn_do_handshake(struct server *srv, struct conn *cn, int64_t 
     }
     hex_encode_upper(key, 32, hex);
     conn_log(cn, LOG_DEBUG, "Key ID: %s", hex);
-    cn->client = client_find_by_key_id(&srv->clients, key);
+    cn->client = client_find_by_key_id(&srv->clients, hex);
     if (cn->client)
         return conn_enter(srv, cn, CONN_APPROVAL, now);
     conn_log(cn, LOG_INFO, "Client not found for key ID: %s", hex);
