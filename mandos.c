@@ -1921,16 +1921,16 @@ static void clients_run_timers(struct server *srv, int64_t now)
 /* ---- reload ---------------------------------------------------------------- */
 
 /* Make `n`, read from the edited clients.conf, the successor of the
- * running `old`: it takes over run-time state, checker and connections.
- * Returns what an edited `enabled` line asks for (+1, -1 or 0). */
-static int client_succeed(struct server *srv, struct client *n, struct client *old)
+ * running `old`: it takes over run-time state, checker and connections,
+ * and is enabled or disabled if its `enabled` line was edited. */
+static void client_succeed(struct server *srv, struct client *n, struct client *old,
+                           int64_t now)
 {
     /* a key replaced in clients.conf is a key revoked */
     bool same_key = n->indexed && old->indexed && streq(n->key_id, old->key_id);
-    if (!same_key)
-        conn_client_gone(srv, old, NULL);
+    conn_client_gone(srv, old, same_key ? n : NULL);
     client_reconcile(n, old);
-    int change = (int)n->cur.enabled - (int)old->cur.enabled;
+    bool enable = n->cur.enabled;
     n->cur.enabled = old->cur.enabled;
     n->checker_pid = old->checker_pid;
     old->checker_pid = 0;
@@ -1948,28 +1948,29 @@ static int client_succeed(struct server *srv, struct client *n, struct client *o
         old->secret = s;
         old->secret_len = sl;
     }
-    if (same_key)
-        conn_client_gone(srv, old, n);
-    return change;
+    if (enable)
+        client_enable(srv, n, now);
+    else
+        client_disable(srv, n, "disabled in clients.conf");
 }
 
-/* Put the clients of a reloaded clients.conf (`fresh`, taken over) in
- * place of the running ones: kept clients carry their state over, new ones
- * are scheduled, removed ones lose their checker and connections. */
+/* Put the clients of a reloaded clients.conf (`fresh`, indexed, taken
+ * over) in place of the running ones: kept clients carry their state over,
+ * new ones are scheduled, removed ones lose their checker and connections. */
 static void clients_replace(struct server *srv, struct client_table *fresh)
 {
     struct client_table *t = &srv->clients;
     int64_t now = mono_ms();
-    int *change = xcalloc(fresh->n + 1, sizeof *change);
     for (size_t i = 0; i < fresh->n; i++) {
         struct client *n = fresh->v[i];
         struct client *old = client_find_by_name(t, n->name);
-        if (old) {
-            change[i] = client_succeed(srv, n, old);
+        if (!old) {
+            log_info("Adding client %s", n->name);
+            client_schedule_first_checker(fresh, n, now);
             continue;
         }
-        log_info("Adding client %s", n->name);
-        client_schedule_first_checker(fresh, n, now);
+        client_succeed(srv, n, old, now);
+        client_reschedule(fresh, n);
     }
     for (size_t i = 0; i < t->n; i++) {
         if (client_find_by_name(fresh, t->v[i]->name))
@@ -1980,15 +1981,6 @@ static void clients_replace(struct server *srv, struct client_table *fresh)
     }
     client_table_clear(t);
     *t = *fresh;
-    client_table_index(t, NULL);
-    for (size_t i = 0; i < t->n; i++) {
-        client_reschedule(t, t->v[i]);
-        if (change[i] > 0)
-            client_enable(srv, t->v[i], now);
-        else if (change[i] < 0)
-            client_disable(srv, t->v[i], "disabled in clients.conf");
-    }
-    free(change);
 }
 
 /* ---- checker commands: the run-time %(name)s syntax ----------------------- */
