@@ -1481,18 +1481,14 @@ struct client {
 
 /* How a field is stored, and so how it is parsed, saved and shown. */
 enum cf_type {
-    CF_STR,                      /* char * */
+    CF_STR, CF_BOOL, CF_INT,     /* char *, bool, int */
     CF_MS,                       /* int64_t milliseconds (D-Bus: "t", in ms) */
-    CF_BOOL,                     /* bool */
     CF_TIME,                     /* int64_t wall-clock µs, 0 = never */
     CF_EXPIRES,                  /* int64_t monotonic ms, shown as wall-clock */
-    CF_INT,                      /* int */
-    CF_KEY_ID,                   /* char[65] */
-    CF_HASH,                     /* unsigned char[32], saved as hex */
+    CF_KEY_ID, CF_HASH,          /* char[65]; unsigned char[32], saved as hex */
     CF_SECRET,                   /* read by client_read_secret; never shown */
     CF_PATH,                     /* the D-Bus object path, computed */
-    CF_COUNT,                    /* int; D-Bus shows whether it is above 0 */
-    CF_PID,                      /* pid_t; D-Bus shows whether it is set */
+    CF_COUNT, CF_PID,            /* int, pid_t; D-Bus shows whether above 0, set */
 };
 
 /* Where a field appears (flags). */
@@ -2174,12 +2170,10 @@ static void client_read_secret(struct client_reader *r, struct client *c)
     free_wiped(b64);
     free(file);
     buf_free(&path);
+    buf_adds(&secret, "");
+    c->secret = (unsigned char *)secret.data;
     c->secret_len = secret.len;
-    c->secret = xcalloc(1, secret.len + 1);
-    if (secret.len)
-        memcpy(c->secret, secret.data, secret.len);
     gnutls_hash_fast(GNUTLS_DIG_SHA256, c->secret, c->secret_len, c->secret_hash);
-    buf_free(&secret);
 }
 
 static void client_read_ids(struct client_reader *r, struct client *c)
