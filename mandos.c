@@ -1883,7 +1883,6 @@ static void client_schedule_first_checker(struct client_table *t, struct client 
     client_reschedule(t, c);
 }
 
-/* Run whatever of this client's timers are due. */
 static void client_run_timers(struct server *srv, struct client *c, int64_t now)
 {
     if (c->approval_reset && c->approval_reset <= now) {
@@ -2066,18 +2065,16 @@ struct client_reader {
 /* An interpolated value of this client's section, or NULL if unset. */
 static char *client_value(struct client_reader *r, const char *name, int *line)
 {
-    int l = r->sec->line;
-    const char *raw = ini_lookup(r->ini, r->sec, name, client_builtins(), &l);
+    *line = r->sec->line;
+    const char *raw = ini_lookup(r->ini, r->sec, name, client_builtins(), line);
     struct buf out = { 0 };
     char why[200];
-    if (line)
-        *line = l;
     buf_adds(&out, "");
     if (raw && ini_interpolate(r->ini, r->sec, raw, client_builtins(), 1, &out, why,
                                sizeof why) >= 0)
         return out.data;
     if (raw)
-        diag_error(r->diag, l, "[%s] %s: %s", r->sec->name, name, why);
+        diag_error(r->diag, *line, "[%s] %s: %s", r->sec->name, name, why);
     buf_free(&out);
     return NULL;
 }
@@ -2195,7 +2192,7 @@ static void client_read_ids(struct client_reader *r, struct client *c)
         c->indexed = true;
     snprintf(c->key_id, sizeof c->key_id, "%s", strlen(id) <= 64 ? id : "");
     free(id);
-    v = client_value(r, "fingerprint", NULL);
+    v = client_value(r, "fingerprint", &line);
     c->fingerprint = key_id_normalise(v ? v : "");
     free(v);
 }
@@ -2204,6 +2201,7 @@ static void client_read_ids(struct client_reader *r, struct client *c)
 static struct client *client_from_section(struct client_reader *r)
 {
     struct client *c = xcalloc(1, sizeof *c);
+    int line;
     c->name = xstrdup(r->sec->name);
     c->config_line = r->sec->line;
     c->last_checker_status = -2;
@@ -2215,7 +2213,7 @@ static struct client *client_from_section(struct client_reader *r)
     for (size_t k = 0; k < r->sec->nkeys; k++) {
         const struct client_field *f = client_field(r->sec->keys[k].name);
         if (!f || !(f->flags & F_CONF))
-            free_wiped(client_value(r, r->sec->keys[k].name, NULL));
+            free_wiped(client_value(r, r->sec->keys[k].name, &line));
     }
     /* a client seen for the first time; saved state overrides both */
     c->created = wall_us();
