@@ -593,13 +593,13 @@ static void diag_error(struct diag *d, int line, const char *fmt, ...)
 /* ===================================================================== */
 
 struct ini_key {
-    char *name;          /* lower-cased */
-    char *value;         /* raw (not interpolated), continuation lines joined */
+    char *name;                  /* lower-cased */
+    struct buf value;            /* raw (not interpolated), continuations joined */
     int line;
 };
 
 struct ini_section {
-    char *name;          /* case kept, spaces kept */
+    char *name;                  /* case kept, spaces kept */
     int line;
     struct ini_key *keys;
     size_t nkeys, cap;
@@ -610,6 +610,7 @@ struct ini {
     struct ini_section *sections;
     size_t n, cap;
     struct name_index names;     /* section name -> position */
+    int refs_left;               /* of the %(name)s expansion under way */
 };
 
 static const char *ini_section_name_at(const void *ini, size_t pos)
@@ -617,29 +618,20 @@ static const char *ini_section_name_at(const void *ini, size_t pos)
     return ((const struct ini *)ini)->sections[pos].name;
 }
 
-static struct ini_section *ini_add_section(struct ini *ini, const char *name,
-                                           size_t len, int line)
+/* Add a section named `name` (which it takes over). */
+static struct ini_section *ini_add_section(struct ini *ini, char *name, int line)
 {
     grow((void **)&ini->sections, &ini->cap, ini->n + 1, sizeof *ini->sections);
-    struct ini_section *s = &ini->sections[ini->n++];
-    memset(s, 0, sizeof *s);
-    s->name = xstrndup(name, len);
-    s->line = line;
-    name_index_add(&ini->names, s->name, ini->n - 1, ini_section_name_at, ini);
-    return s;
-}
-
-static void ini_init(struct ini *ini)
-{
-    memset(ini, 0, sizeof *ini);
-    ini_add_section(ini, "DEFAULT", 7, 0);
+    ini->sections[ini->n] = (struct ini_section){ .name = name, .line = line };
+    name_index_add(&ini->names, name, ini->n, ini_section_name_at, ini);
+    return &ini->sections[ini->n++];
 }
 
 static void ini_section_free(struct ini_section *s)
 {
     for (size_t k = 0; k < s->nkeys; k++) {
         free(s->keys[k].name);
-        free_wiped(s->keys[k].value);     /* values may be secrets */
+        buf_free(&s->keys[k].value);     /* values may be secrets */
     }
     free(s->keys);
     free(s->name);
@@ -651,7 +643,6 @@ static void ini_free(struct ini *ini)
         ini_section_free(&ini->sections[i]);
     free(ini->sections);
     name_index_free(&ini->names);
-    memset(ini, 0, sizeof *ini);
 }
 
 static struct ini_section *ini_find_section(struct ini *ini, const char *name)
@@ -668,160 +659,118 @@ static struct ini_key *ini_find_key(struct ini_section *s, const char *name)
     return NULL;
 }
 
-/* Append text to the value of a key being continued. */
-static void ini_key_append(struct ini_key *k, const char *text, size_t n,
-                           int blank_lines)
+/* A header "[name]": a new section, [DEFAULT] again, or a duplicate,
+ * whose body goes to `discard` and is dropped. */
+static struct ini_section *ini_header(struct ini *ini, struct ini_section *discard,
+                                      const char *s, size_t n, int lineno, struct diag *diag)
 {
-    size_t old = strlen(k->value);
-    char *v = xcalloc(1, old + (size_t)blank_lines + 1 + n + 1);
-    memcpy(v, k->value, old);
-    memset(v + old, '\n', (size_t)blank_lines + 1);
-    memcpy(v + old + blank_lines + 1, text, n);
-    wipe(k->value, old);         /* the value may be a secret */
-    free(k->value);
-    k->value = v;
+    char *name = xstrndup(s, n);
+    struct ini_section *old = ini_find_section(ini, name);
+    if (!old)
+        return ini_add_section(ini, name, lineno);
+    if (old != ini->sections) {
+        diag_error(diag, lineno, "duplicate section [%s] (first at line %d)", name, old->line);
+        ini_section_free(discard);
+        *discard = (struct ini_section){ .name = name, .line = lineno };
+        return discard;
+    }
+    free(name);
+    return old;
 }
 
-/* Parser state while walking the lines of one file. */
-struct ini_parse {
-    struct ini *ini;
-    struct diag *diag;
-    struct ini_section *sec;     /* current section; NULL before any header */
-    struct ini_section discard;  /* swallows a duplicate section's body */
-    struct ini_key *key;         /* option that may continue, or NULL */
-    int indent;                  /* indentation of the last option/header */
-    int blanks;                  /* blank lines seen inside a value */
-};
-
-static void ini_header_line(struct ini_parse *p, const char *s, size_t close,
-                            int lineno)
-{
-    const char *name = s + 1;
-    size_t len = close - 1;
-    p->key = NULL;
-    if (len == 7 && memcmp(name, "DEFAULT", 7) == 0) {
-        p->sec = &p->ini->sections[0];
-        return;
-    }
-    char *tmp = xstrndup(name, len);
-    struct ini_section *old = ini_find_section(p->ini, tmp);
-    if (old) {
-        diag_error(p->diag, lineno, "duplicate section [%s] (first at line %d)",
-                   tmp, old->line);
-        ini_section_free(&p->discard);
-        memset(&p->discard, 0, sizeof p->discard);
-        p->discard.name = xstrdup(tmp);
-        p->sec = &p->discard;
-    } else {
-        p->sec = ini_add_section(p->ini, name, len, lineno);
-    }
-    free(tmp);
-}
-
-static void ini_option_line(struct ini_parse *p, const char *s, size_t n,
-                            int lineno)
+/* "key = value" or "key: value" into `sec`: the new key, NULL after a
+ * duplicate, or `prev` (which may still continue) after a bad line. */
+static struct ini_key *ini_option(struct ini_section *sec, struct ini_key *prev, const char *s,
+                                  size_t n, int lineno, struct diag *diag)
 {
     size_t d = 0;
     while (d < n && s[d] != '=' && s[d] != ':')
         d++;
     if (d == n) {
         /* the line itself is not shown: it may be part of a secret */
-        diag_error(p->diag, lineno, "not \"key = value\" (a value's continuation "
+        diag_error(diag, lineno, "not \"key = value\" (a value's continuation "
                    "lines must be indented more than its key)");
-        return;     /* like the reference, the previous option may continue */
+        return prev;     /* like the reference, the previous option may continue */
     }
-    const char *k = s, *v = s + d + 1;
+    if (d == 0) {
+        diag_error(diag, lineno, "empty key before '%c'", s[d]);
+        return prev;
+    }
+    const char *v = s + d + 1;
     size_t kn = d, vn = n - d - 1;
-    trim_span(&k, &kn);
+    trim_span(&s, &kn);
     trim_span(&v, &vn);
-    if (kn == 0) {
-        diag_error(p->diag, lineno, "empty key before '%c'", s[d]);
-        return;
-    }
-    char *name = xstrndup(k, kn);
+    char *name = xstrndup(s, kn);
     for (char *c = name; *c; c++)
         *c = (char)tolower((unsigned char)*c);
-    struct ini_key *dup = ini_find_key(p->sec, name);
+    struct ini_key *dup = ini_find_key(sec, name);
     if (dup) {
-        diag_error(p->diag, lineno, "duplicate key \"%s\" in [%s] (first at line %d)",
-                   name, p->sec->name, dup->line);
+        diag_error(diag, lineno, "duplicate key \"%s\" in [%s] (first at line %d)",
+                   name, sec->name, dup->line);
         free(name);
-        p->key = NULL;
-        return;
+        return NULL;
     }
-    grow((void **)&p->sec->keys, &p->sec->cap, p->sec->nkeys + 1,
-         sizeof *p->sec->keys);
-    struct ini_key *nk = &p->sec->keys[p->sec->nkeys++];
-    nk->name = name;
-    nk->value = xstrndup(v, vn);
-    nk->line = lineno;
-    p->key = nk;
+    grow((void **)&sec->keys, &sec->cap, sec->nkeys + 1, sizeof *sec->keys);
+    sec->keys[sec->nkeys] = (struct ini_key){ .name = name, .line = lineno };
+    buf_add(&sec->keys[sec->nkeys].value, v, vn);
+    return &sec->keys[sec->nkeys++];
 }
 
-/* Handle one physical line (without its line ending). */
-static void ini_line(struct ini_parse *p, const char *line, size_t n, int lineno)
+/* Parse a whole file's bytes into `ini` (free it with ini_free).  Line
+ * ends \n, \r\n and \r all count. */
+static void ini_parse_buffer(struct ini *ini, const char *data, size_t len, struct diag *diag)
 {
-    const char *s = line;
-    size_t sn = n;
-    trim_span(&s, &sn);
-    if (sn == 0 || s[0] == '#' || s[0] == ';') {
-        /* Blank lines inside a value are kept if more value follows;
-         * comment lines are dropped and do not end the value. */
-        if (sn == 0 && p->key)
-            p->blanks++;
-        return;
-    }
-    int indent = (int)(s - line);
-    if (p->sec && p->key && indent > p->indent) {
-        ini_key_append(p->key, s, sn, p->blanks);
-        p->blanks = 0;
-        return;
-    }
-    p->blanks = 0;
-    p->indent = indent;
-    /* A header is "[" + at least one character + the last "]" on the line;
-     * anything after that "]" is ignored, as the reference does. */
-    size_t close = sn;
-    while (close > 0 && s[close - 1] != ']')
-        close--;
-    if (s[0] == '[' && close >= 3) {
-        ini_header_line(p, s, close - 1, lineno);
-        return;
-    }
-    if (!p->sec) {
-        diag_error(p->diag, lineno, "a line before any [section] header");
-        return;
-    }
-    ini_option_line(p, s, sn, lineno);
-}
-
-/* Parse a whole file's bytes.  Line ends \n, \r\n and \r all count. */
-static void ini_parse_buffer(struct ini *ini, const char *data, size_t len,
-                             struct diag *diag)
-{
-    struct ini_parse p;
-    memset(&p, 0, sizeof p);
-    p.ini = ini;
-    p.diag = diag;
-    int lineno = 0;
-    size_t i = 0;
-    while (i < len) {
-        size_t start = i;
-        while (i < len && data[i] != '\n' && data[i] != '\r')
-            i++;
-        size_t end = i;
-        if (i < len && data[i] == '\r' && i + 1 < len && data[i + 1] == '\n')
-            i++;
-        if (i < len)
+    struct ini_section *sec = NULL, discard = { .name = NULL };
+    struct ini_key *key = NULL;  /* the option that may continue */
+    int lineno = 0, indent = 0;  /* indent: of the last option or header */
+    int blanks = 0;              /* blank lines inside a value, so far */
+    *ini = (struct ini){ .n = 0 };
+    ini_add_section(ini, xstrdup("DEFAULT"), 0);
+    for (size_t i = 0, start; i < len; i++) {
+        for (start = i; i < len && data[i] != '\n' && data[i] != '\r'; i++)
+            continue;
+        const char *s = data + start;
+        size_t n = i - start;
+        if (i + 1 < len && data[i] == '\r' && data[i + 1] == '\n')
             i++;
         lineno++;
-        if (memchr(data + start, '\0', end - start)) {
+        if (memchr(s, '\0', n)) {
             diag_error(diag, lineno, "line contains a NUL byte");
             continue;
         }
-        ini_line(&p, data + start, end - start, lineno);
+        trim_span(&s, &n);
+        int depth = (int)(s - data - start);
+        /* Blank lines inside a value are kept if more value follows;
+         * comment lines are dropped and do not end the value. */
+        if (n == 0 || s[0] == '#' || s[0] == ';') {
+            if (n == 0 && key)
+                blanks++;
+            continue;
+        }
+        if (key && depth > indent) {
+            for (; blanks >= 0; blanks--)
+                buf_addc(&key->value, '\n');
+            buf_add(&key->value, s, n);
+            blanks = 0;
+            continue;
+        }
+        blanks = 0;
+        indent = depth;
+        /* A header is "[" + at least one character + the last "]" on the
+         * line; anything after that "]" is ignored, as the reference does. */
+        size_t close = n;
+        while (close > 0 && s[close - 1] != ']')
+            close--;
+        if (s[0] == '[' && close >= 3) {
+            sec = ini_header(ini, &discard, s + 1, close - 2, lineno, diag);
+            key = NULL;
+        } else if (sec) {
+            key = ini_option(sec, key, s, n, lineno, diag);
+        } else {
+            diag_error(diag, lineno, "a line before any [section] header");
+        }
     }
-    ini_section_free(&p.discard);
+    ini_section_free(&discard);
 }
 
 /* Built-in defaults visible to interpolation, like the reference's. */
@@ -830,22 +779,19 @@ struct ini_default {
 };
 
 /* Look a name up: the section, then [DEFAULT], then the built-ins. */
-static const char *ini_lookup(struct ini *ini, struct ini_section *sec,
-                              const char *name, const struct ini_default *builtin,
-                              int *line)
+static const char *ini_lookup(struct ini *ini, struct ini_section *sec, const char *name,
+                              const struct ini_default *builtin, int *line)
 {
-    struct ini_key *k = sec ? ini_find_key(sec, name) : NULL;
+    struct ini_key *k = ini_find_key(sec, name);
     if (!k)
         k = ini_find_key(&ini->sections[0], name);
-    if (k) {
-        if (line)
-            *line = k->line;
-        return k->value;
-    }
-    for (; builtin && builtin->name; builtin++)
-        if (streq(builtin->name, name))
-            return builtin->value;
-    return NULL;
+    if (k && line)
+        *line = k->line;
+    if (k)
+        return k->value.data;
+    while (builtin && builtin->name && !streq(builtin->name, name))
+        builtin++;
+    return builtin && builtin->name ? builtin->value : NULL;
 }
 
 #define INI_MAX_DEPTH 10
@@ -854,73 +800,63 @@ static const char *ini_lookup(struct ini *ini, struct ini_section *sec,
 #define INI_MAX_REFS 1000
 #define INI_MAX_VALUE (1024 * 1024)
 
-static int ini_expand(struct ini *ini, struct ini_section *sec, const char *raw,
-                      const struct ini_default *builtin, int depth, int *refs_left,
-                      struct buf *out, char *why, size_t whylen)
+/* Expand %(name)s and %% in `raw` onto `out`; `depth` is 1 at the top.
+ * Returns 0, or -1 with a message in `why` (the caller adds file and line). */
+static int ini_interpolate(struct ini *ini, struct ini_section *sec, const char *raw,
+                           const struct ini_default *builtin, int depth, struct buf *out,
+                           char *why, size_t whylen)
 {
+    buf_add(out, "", 0);         /* a string even when nothing is added */
+    if (depth == 1)
+        ini->refs_left = INI_MAX_REFS;
     if (depth > INI_MAX_DEPTH) {
         snprintf(why, whylen, "%%(name)s references nest deeper than %d levels",
                  INI_MAX_DEPTH);
         return -1;
     }
-    const char *p = raw;
-    while (*p) {
+    for (const char *p = raw; *p;) {
         if (out->len > INI_MAX_VALUE) {
             snprintf(why, whylen, "value longer than %d bytes after %%(name)s expansion",
                      INI_MAX_VALUE);
             return -1;
         }
-        const char *pct = strchr(p, '%');
-        if (!pct) {
-            buf_adds(out, p);
-            return 0;
-        }
-        buf_add(out, p, (size_t)(pct - p));
-        if (pct[1] == '%') {
+        size_t plain = strcspn(p, "%");
+        buf_add(out, p, plain);
+        p += plain;
+        if (!*p)
+            break;
+        if (p[1] == '%') {
             buf_addc(out, '%');
-            p = pct + 2;
+            p += 2;
             continue;
         }
-        const char *close = pct[1] == '(' ? strchr(pct + 2, ')') : NULL;
-        if (pct[1] != '(') {
+        const char *close = p[1] == '(' ? strchr(p + 2, ')') : NULL;
+        if (p[1] != '(') {
             snprintf(why, whylen, "'%%' must be followed by '%%' or '(' "
                      "(write %%%% for a literal %%)");
             return -1;
         }
-        if (!close || close == pct + 2 || close[1] != 's') {
-            snprintf(why, whylen, "bad reference \"%.40s\" (expected %%(name)s)", pct);
+        if (!close || close == p + 2 || close[1] != 's') {
+            snprintf(why, whylen, "bad reference \"%.40s\" (expected %%(name)s)", p);
             return -1;
         }
-        if (--*refs_left < 0) {
+        if (--ini->refs_left < 0) {
             snprintf(why, whylen, "%%(name)s references expand more than %d times",
                      INI_MAX_REFS);
             return -1;
         }
-        char *name = xstrndup(pct + 2, (size_t)(close - pct - 2));
+        char *name = xstrndup(p + 2, (size_t)(close - p - 2));
         for (char *c = name; *c; c++)
             *c = (char)tolower((unsigned char)*c);
         const char *val = ini_lookup(ini, sec, name, builtin, NULL);
-        if (!val) {
+        if (!val)
             snprintf(why, whylen, "%%(%s)s refers to a key that is not set", name);
-            free(name);
-            return -1;
-        }
         free(name);
-        if (ini_expand(ini, sec, val, builtin, depth + 1, refs_left, out, why, whylen) < 0)
+        if (!val || ini_interpolate(ini, sec, val, builtin, depth + 1, out, why, whylen) < 0)
             return -1;
         p = close + 2;
     }
     return 0;
-}
-
-/* Expand %(name)s and %% in `raw` into `out`.  Returns 0 or -1 with a
- * message in `why` (the caller adds file and line). */
-static int ini_interpolate(struct ini *ini, struct ini_section *sec,
-                           const char *raw, const struct ini_default *builtin,
-                           int depth, struct buf *out, char *why, size_t whylen)
-{
-    int refs_left = INI_MAX_REFS;
-    return ini_expand(ini, sec, raw, builtin, depth, &refs_left, out, why, whylen);
 }
 
 /* ---- Value parsers ---------------------------------------------------- */
@@ -943,33 +879,26 @@ static int parse_bool(const char *s, bool *out)
 static int parse_pyint(const char *s, size_t n, long long *out, bool *overflow)
 {
     trim_span(&s, &n);
-    bool neg = false;
+    bool neg = n && *s == '-';
+    size_t i = n && (*s == '-' || *s == '+') ? 1 : 0;
+    long long v = 0;
     *overflow = false;
-    if (n && (*s == '+' || *s == '-')) {
-        neg = *s == '-';
-        s++;
-        n--;
-    }
-    if (n == 0 || !isdigit((unsigned char)s[0]) || s[n - 1] == '_')
+    if (i == n || !isdigit((unsigned char)s[i]) || s[n - 1] == '_')
         return -1;
-    unsigned long long v = 0;
-    for (size_t i = 0; i < n; i++) {
-        if (s[i] == '_') {
-            if (s[i + 1] == '_')
-                return -1;
+    for (; i < n; i++) {
+        int d = s[i] - '0';
+        if (s[i] == '_' && s[i + 1] != '_')
             continue;
-        }
         if (!isdigit((unsigned char)s[i]))
             return -1;
-        unsigned d = (unsigned)(s[i] - '0');
-        if (v > (ULLONG_MAX - d) / 10 || v * 10 + d > (unsigned long long)LLONG_MAX)
+        if (v > (LLONG_MAX - d) / 10)
             *overflow = true;
         else
             v = v * 10 + d;
     }
     if (*overflow)
-        v = (unsigned long long)LLONG_MAX;
-    *out = neg ? -(long long)v : (long long)v;
+        v = LLONG_MAX;
+    *out = neg ? -v : v;
     return 0;
 }
 
@@ -979,141 +908,81 @@ static int parse_pyint(const char *s, size_t n, long long *out, bool *overflow)
 #define MS_PER_DAY (24 * MS_PER_HOUR)
 #define MS_PER_WEEK (7 * MS_PER_DAY)
 #define DURATION_MAX_MS (1000LL * 365 * MS_PER_DAY)   /* sanity cap: 1000 years */
+#define NOT_A_DURATION LLONG_MIN
 
-/* Read one number; 0 on success.  Caps at a value no duration reaches. */
-static int dur_number(const char **p, long long *n)
+/* The RFC 3339 form, as the reference reads it: P, then nW alone, or units
+ * from YMD and then (after D, or at once) T and units from HMS, each run
+ * consecutive but starting at any unit.  Upper case, no blanks. */
+static long long duration_rfc3339(const char *p)
 {
-    if (!isdigit((unsigned char)**p))
-        return -1;
-    long long v = 0;
-    while (isdigit((unsigned char)**p)) {
-        if (v < 1000000000000LL)
-            v = v * 10 + (**p - '0');
-        (*p)++;
-    }
-    *n = v;
-    return 0;
-}
-
-/* Parse a run of (number, unit) pairs whose units must appear
- * consecutively in `order` (e.g. "YMD" or "HMS"), starting anywhere.
- * Returns the index of the last unit used, or -1 if none matched. */
-static int dur_units(const char **p, const char *order, const long long *unit_ms,
-                     long long *total, bool *bad)
-{
-    int last = -1;
-    while (isdigit((unsigned char)**p)) {
-        const char *save = *p;
-        long long n;
-        dur_number(p, &n);
-        const char *u = strchr(order, **p);
-        if (!**p || !u || (last >= 0 && u - order != last + 1)) {
-            *p = save;
-            if (last < 0 && **p)
-                *bad = !u;
-            break;
-        }
-        last = (int)(u - order);
-        /* a count too big for its unit saturates (no overflow);
-         * duration_parse then refuses it as too long */
-        *total += n > DURATION_MAX_MS / unit_ms[last] ? DURATION_MAX_MS + 1 : n * unit_ms[last];
-        (*p)++;
-    }
-    return last;
-}
-
-/* The RFC 3339 duration form, as the reference implements it:
- * PnYnMnDTnHnMnS with consecutive units, or PnW; a time part may only
- * follow D or P.  Upper case only, no blanks, no fractions. */
-static int duration_parse_rfc3339(const char *s, int64_t *ms)
-{
-    static const long long date_ms[] = { 364 * MS_PER_DAY, 28 * MS_PER_DAY, MS_PER_DAY };
-    static const long long time_ms[] = { MS_PER_HOUR, MS_PER_MINUTE, MS_PER_SECOND };
-    const char *p = s;
+    static const char units[] = "YMDTHMSW";
+    static const long long unit_ms[] = {   /* T has no number: its 1 adds 0 */
+        364 * MS_PER_DAY, 28 * MS_PER_DAY, MS_PER_DAY, 1,
+        MS_PER_HOUR, MS_PER_MINUTE, MS_PER_SECOND, MS_PER_WEEK
+    };
     long long total = 0;
-    bool bad = false;
+    int last = -1;               /* the unit before; 3 is T */
     if (*p++ != 'P')
-        return -1;
-    const char *after_p = p;
-    if (isdigit((unsigned char)*p)) {
-        const char *q = p;
-        long long n;
-        dur_number(&q, &n);
-        if (*q == 'W') {
-            if (q[1] != '\0')
-                return -1;
-            *ms = n > DURATION_MAX_MS / MS_PER_WEEK ? DURATION_MAX_MS + 1 : n * MS_PER_WEEK;
-            return 0;
-        }
+        return NOT_A_DURATION;
+    for (const char *digits = p; *p; digits = ++p) {
+        long long n = 0;
+        for (; isdigit((unsigned char)*p); p++)
+            n = n < DURATION_MAX_MS ? n * 10 + (*p - '0') : n;
+        const char *u = *p ? strchr(units + (last < 3 ? 0 : 4), *p) : NULL;
+        int i = u ? (int)(u - units) : -1;
+        bool next = i == 7 ? last == -1 && !p[1]
+            : last == -1 ? i >= 0 && i <= 3 : last == 3 || i == last + 1;
+        if (i < 0 || !next || (i == 3) != (p == digits))
+            return NOT_A_DURATION;
+        /* a count too big for its unit saturates; duration_parse refuses it */
+        total += n > DURATION_MAX_MS / unit_ms[i] ? DURATION_MAX_MS + 1 : n * unit_ms[i];
+        last = i;
     }
-    int last = dur_units(&p, "YMD", date_ms, &total, &bad);
-    if (*p == 'T' && (last == -1 || last == 2)) {
-        p++;
-        if (dur_units(&p, "HMS", time_ms, &total, &bad) < 0)
-            return -1;
-    } else if (p == after_p) {
-        return -1;                     /* "P" alone, or "PT" handled above */
-    }
-    if (*p != '\0' || bad)
-        return -1;
-    *ms = total;
-    return 0;
+    return last == -1 || last == 3 ? NOT_A_DURATION : total;
 }
 
-/* The old form: blank-separated tokens like "5m" or "1h", summed. */
-static int duration_parse_old(const char *s, int64_t *ms)
+/* The old form: blank-separated tokens like "5m" or "1_0h", summed. */
+static long long duration_old(const char *p)
 {
     static const char units[] = "smhdw";
     static const long long unit_ms[] = {
         MS_PER_SECOND, MS_PER_MINUTE, MS_PER_HOUR, MS_PER_DAY, MS_PER_WEEK
     };
     long long total = 0;
-    const char *p = s;
-    for (;;) {
-        while (*p && is_blank((unsigned char)*p))
+    for (size_t n; *p; p += n) {
+        while (is_blank((unsigned char)*p))
             p++;
-        if (!*p)
-            break;
-        const char *tok = p;
-        while (*p && !is_blank((unsigned char)*p))
-            p++;
-        size_t n = (size_t)(p - tok);
-        const char *u = strchr(units, tok[n - 1]);
-        if (!u)
-            return -1;
-        long long unit = unit_ms[u - units];
-        long long v;
-        bool overflow;
-        if (n < 2 || parse_pyint(tok, n - 1, &v, &overflow) < 0 || overflow
-            || v > DURATION_MAX_MS / unit || v < -DURATION_MAX_MS / unit)
-            return -1;
+        for (n = 0; p[n] && !is_blank((unsigned char)p[n]); n++)
+            continue;
+        const char *u = n ? strchr(units, p[n - 1]) : NULL;
+        long long v = 0, unit = u ? unit_ms[u - units] : 1;
+        bool overflow = false;
+        if (n && (!u || parse_pyint(p, n - 1, &v, &overflow) < 0 || overflow
+                  || llabs(v) > DURATION_MAX_MS / unit))
+            return NOT_A_DURATION;
         total += v * unit;
-        if (total > DURATION_MAX_MS || total < -DURATION_MAX_MS)
-            return -1;
+        if (llabs(total) > DURATION_MAX_MS)
+            return NOT_A_DURATION;
     }
-    *ms = total;
-    return 0;
+    return total;
 }
 
 /* A duration in milliseconds: RFC 3339 form first, then the old form.
  * Negative results are refused here (the reference accepts "-5m"). */
 static int duration_parse(const char *s, int64_t *ms, const char **why)
 {
-    int64_t v;
-    if (duration_parse_rfc3339(s, &v) < 0 && duration_parse_old(s, &v) < 0) {
+    long long v = duration_rfc3339(s);
+    if (v == NOT_A_DURATION)
+        v = duration_old(s);
+    if (v == NOT_A_DURATION)
         *why = "not a duration (examples: PT5M, P1DT2H, or 5m, 1h 30m)";
-        return -1;
-    }
-    if (v < 0) {
+    else if (v < 0)
         *why = "a duration cannot be negative";
-        return -1;
-    }
-    if (v > DURATION_MAX_MS) {
+    else if (v > DURATION_MAX_MS)
         *why = "duration too long";
-        return -1;
-    }
-    *ms = v;
-    return 0;
+    else
+        *ms = v;
+    return v >= 0 && v <= DURATION_MAX_MS ? 0 : -1;
 }
 
 /* Render like Python's timedelta: "0:05:00", "2 days, 1:02:03". */
@@ -1134,13 +1003,9 @@ static void timestamp_render(int64_t us, char sep, struct buf *out)
 {
     time_t t = (time_t)(us / 1000000);
     struct tm tm;
-    char text[40];
     gmtime_r(&t, &tm);
-    strftime(text, sizeof text, "%Y-%m-%d", &tm);
-    buf_adds(out, text);
-    buf_addc(out, sep);
-    strftime(text, sizeof text, "%H:%M:%S", &tm);
-    buf_adds(out, text);
+    buf_printf(out, "%04d-%02d-%02d%c%02d:%02d:%02d", tm.tm_year + 1900, tm.tm_mon + 1,
+               tm.tm_mday, sep, tm.tm_hour, tm.tm_min, tm.tm_sec);
     if (us % 1000000)
         buf_printf(out, ".%06d", (int)(us % 1000000));
 }
@@ -1224,6 +1089,12 @@ static const struct opt opts[] = {
 
 #define N_OPTS (sizeof opts / sizeof opts[0])
 
+static void set_string(char **slot, const char *value)
+{
+    free(*slot);
+    *slot = xstrdup(value);
+}
+
 static int parse_log_level(const char *s, int *level)
 {
     static const struct { const char *name; int level; } levels[] = {
@@ -1239,74 +1110,41 @@ static int parse_log_level(const char *s, int *level)
     return -1;
 }
 
-/* Python-style integers with a range. */
-static int parse_int_range(const char *s, long lo, long hi, long *out)
-{
-    long long v;
-    bool overflow;
-    if (parse_pyint(s, strlen(s), &v, &overflow) < 0 || overflow || v < lo || v > hi)
-        return -1;
-    *out = (long)v;
-    return 0;
-}
-
-static void set_string(char **slot, const char *value)
-{
-    free(*slot);
-    *slot = xstrdup(value);
-}
-
-/* A port or a descriptor: blank means unset (-1). */
-static const char *opt_set_number(int *slot, const char *text, long hi, const char *why)
-{
-    long n = -1;
-    if (*text && parse_int_range(text, 0, hi, &n) < 0)
-        return why;
-    *slot = (int)n;
-    return NULL;
-}
-
 /* Set one setting from its text.  Returns NULL or what is wrong with it. */
 static const char *opt_set(const struct opt *o, struct settings *set, const char *text)
 {
+    static const struct { long long lo, hi; const char *why; } number[] = {
+        [OPT_PORT] = { 0, 65535, "not a port number (0 to 65535)" },
+        [OPT_FD] = { 0, INT_MAX, "not a file descriptor number" },
+        [OPT_LIMIT] = { 1, 1000000, "not a number from 1 to 1000000" },
+    };
     void *slot = (char *)set + o->offset;
     const char *why = NULL;
-    long n;
-    int64_t ms;
-    switch (o->type) {
-    case OPT_STRING:
+    long long n = -1;
+    bool overflow = false;
+    int64_t ms = 0;
+    if (o->type == OPT_STRING)
         set_string(slot, text);
-        break;
-    case OPT_LEVEL:
-        if (parse_log_level(text, slot) < 0)
-            why = "not a log level (CRITICAL, ERROR, WARNING, INFO or DEBUG)";
-        break;
-    case OPT_BOOL:
-        if (parse_bool(text, slot) < 0)
-            why = "not a boolean (use true or false)";
-        break;
-    case OPT_PORT:
-        why = opt_set_number(slot, text, 65535, "not a port number (0 to 65535)");
-        break;
-    case OPT_FD:
-        why = opt_set_number(slot, text, INT_MAX, "not a file descriptor number");
-        break;
-    case OPT_LIMIT:
-        if (parse_int_range(text, 1, 1000000, &n) < 0)
-            why = "not a number from 1 to 1000000";
-        else
-            *(long *)slot = n;
-        break;
-    case OPT_DURATION:
-        if (duration_parse(text, &ms, &why) == 0 && ms <= 0)
-            why = "must be longer than zero";
-        else if (!why)
-            *(int64_t *)slot = ms;
-        break;
-    default:
-        break;
-    }
-    return why;
+    if (o->type == OPT_LEVEL && parse_log_level(text, slot) < 0)
+        why = "not a log level (CRITICAL, ERROR, WARNING, INFO or DEBUG)";
+    if (o->type == OPT_BOOL && parse_bool(text, slot) < 0)
+        why = "not a boolean (use true or false)";
+    if (o->type == OPT_DURATION && duration_parse(text, &ms, &why) == 0 && ms <= 0)
+        why = "must be longer than zero";
+    if (o->type == OPT_DURATION && !why)
+        *(int64_t *)slot = ms;
+    if (o->type < OPT_PORT || o->type > OPT_LIMIT)
+        return why;
+    /* a number; a blank port or descriptor is unset (-1) */
+    if ((*text || o->type == OPT_LIMIT)
+        && (parse_pyint(text, strlen(text), &n, &overflow) < 0 || overflow
+            || n < number[o->type].lo || n > number[o->type].hi))
+        return number[o->type].why;
+    if (o->type == OPT_LIMIT)
+        *(long *)slot = (long)n;
+    else
+        *(int *)slot = (int)n;
+    return NULL;
 }
 
 static void settings_defaults(struct settings *set)
@@ -1319,57 +1157,43 @@ static void settings_defaults(struct settings *set)
 
 static void settings_clear(struct settings *set)
 {
-    for (size_t i = 0; i < N_OPTS; i++) {
-        if (opts[i].type != OPT_STRING)
-            continue;
-        char **slot = (char **)(void *)((char *)set + opts[i].offset);
-        free(*slot);
-        *slot = NULL;
-    }
+    for (size_t i = 0; i < N_OPTS; i++)
+        if (opts[i].type == OPT_STRING)
+            free(*(char **)(void *)((char *)set + opts[i].offset));
 }
 
-/* Apply one line of mandos.conf's [DEFAULT] section.  Strings are taken
- * raw, everything else after %(name)s expansion, as the reference does. */
-static void settings_conf_key(struct settings *set, struct ini *ini, struct ini_key *key,
-                              const struct ini_default *builtins, struct diag *diag)
-{
-    const struct opt *o = NULL;
-    for (size_t i = 0; i < N_OPTS && !o; i++)
-        if (opts[i].key && streq(opts[i].key, key->name))
-            o = &opts[i];
-    bool raw = o && (o->type == OPT_STRING || o->type == OPT_LEVEL);
-    struct buf v = { 0 };
-    char why[200];
-    buf_adds(&v, "");
-    if (!raw && ini_interpolate(ini, &ini->sections[0], key->value, builtins, 1, &v, why,
-                                sizeof why) < 0) {
-        diag_error(diag, key->line, "%s: %s", key->name, why);
-    } else if (!o) {
-        log_warn("%s:%d: unknown key \"%s\" ignored", diag->file, key->line, key->name);
-    } else {
-        const char *problem = opt_set(o, set, raw ? key->value : v.data);
-        if (problem)
-            diag_error(diag, key->line, "%s = \"%s\": %s", key->name, key->value, problem);
-    }
-    buf_free(&v);
-}
-
-/* Apply mandos.conf from a buffer: only its [DEFAULT] section counts. */
+/* Apply mandos.conf from a buffer: only its [DEFAULT] section counts.
+ * Strings are taken raw, everything else after %(name)s expansion, as
+ * the reference does. */
 static void settings_from_conf(struct settings *set, const char *data, size_t len,
                                struct diag *diag)
 {
-    struct ini_default builtins[N_OPTS + 1];
-    size_t n = 0;
-    for (size_t i = 0; i < N_OPTS; i++)
+    struct ini_default builtins[N_OPTS + 1] = { { NULL, NULL } };
+    struct ini ini;
+    for (size_t i = 0, n = 0; i < N_OPTS; i++)
         if (opts[i].key)
             builtins[n++] = (struct ini_default){ opts[i].key, opts[i].builtin };
-    builtins[n] = (struct ini_default){ NULL, NULL };
-    struct ini ini;
-    ini_init(&ini);
     ini_parse_buffer(&ini, data, len, diag);
-    struct ini_section *def = &ini.sections[0];
-    for (size_t k = 0; k < def->nkeys; k++)
-        settings_conf_key(set, &ini, &def->keys[k], builtins, diag);
+    for (size_t k = 0; k < ini.sections[0].nkeys; k++) {
+        struct ini_key *key = &ini.sections[0].keys[k];
+        const struct opt *o = NULL;
+        for (size_t i = 0; i < N_OPTS && !o; i++)
+            if (opts[i].key && streq(opts[i].key, key->name))
+                o = &opts[i];
+        bool raw = o && (o->type == OPT_STRING || o->type == OPT_LEVEL);
+        struct buf v = { 0 };
+        char why[200];
+        const char *problem = NULL;
+        if (!raw && ini_interpolate(&ini, ini.sections, key->value.data, builtins, 1, &v, why,
+                                    sizeof why) < 0)
+            diag_error(diag, key->line, "%s: %s", key->name, why);
+        else if (!o)
+            log_warn("%s:%d: unknown key \"%s\" ignored", diag->file, key->line, key->name);
+        else if ((problem = opt_set(o, set, raw ? key->value.data : v.data)) != NULL)
+            diag_error(diag, key->line, "%s = \"%s\": %s", key->name, key->value.data,
+                       problem);
+        buf_free(&v);
+    }
     ini_free(&ini);
 }
 
@@ -2227,7 +2051,6 @@ static void clients_from_buffer(const char *data, size_t len, const char *config
                                 int config_dirfd, struct diag *diag, struct client_table *out)
 {
     struct ini ini;
-    ini_init(&ini);
     ini_parse_buffer(&ini, data, len, diag);
     struct client_reader r = { &ini, NULL, diag, configdir, config_dirfd };
     for (size_t i = 1; i < ini.n; i++) {
@@ -5615,7 +5438,6 @@ static void run_ini(const char *const *c, struct buf *out)
     struct diag d = { "x", 0, false, &errs };
     struct ini ini;
     char why[200];
-    ini_init(&ini);
     ini_parse_buffer(&ini, c[0], strlen(c[0]), &d);
     test_error_lines(errs.data, out);
     buf_adds(out, out->len ? " " : "");
