@@ -627,20 +627,16 @@ static struct ini_section *ini_add_section(struct ini *ini, char *name, int line
     return &ini->sections[ini->n++];
 }
 
-static void ini_section_free(struct ini_section *s)
-{
-    for (size_t k = 0; k < s->nkeys; k++) {
-        free(s->keys[k].name);
-        buf_free(&s->keys[k].value);     /* values may be secrets */
-    }
-    free(s->keys);
-    free(s->name);
-}
-
 static void ini_free(struct ini *ini)
 {
-    for (size_t i = 0; i < ini->n; i++)
-        ini_section_free(&ini->sections[i]);
+    for (struct ini_section *s = ini->sections; s < ini->sections + ini->n; s++) {
+        for (size_t k = 0; k < s->nkeys; k++) {
+            free(s->keys[k].name);
+            buf_free(&s->keys[k].value);     /* values may be secrets */
+        }
+        free(s->keys);
+        free(s->name);
+    }
     free(ini->sections);
     name_index_free(&ini->names);
 }
@@ -660,22 +656,19 @@ static struct ini_key *ini_find_key(struct ini_section *s, const char *name)
 }
 
 /* A header "[name]": a new section, [DEFAULT] again, or a duplicate,
- * whose body goes to `discard` and is dropped. */
-static struct ini_section *ini_header(struct ini *ini, struct ini_section *discard,
-                                      const char *s, size_t n, int lineno, struct diag *diag)
+ * which goes to `dropped` instead. */
+static struct ini_section *ini_header(struct ini *ini, struct ini *dropped, const char *s,
+                                      size_t n, int lineno, struct diag *diag)
 {
     char *name = xstrndup(s, n);
     struct ini_section *old = ini_find_section(ini, name);
-    if (!old)
-        return ini_add_section(ini, name, lineno);
-    if (old != ini->sections) {
-        diag_error(diag, lineno, "duplicate section [%s] (first at line %d)", name, old->line);
-        ini_section_free(discard);
-        *discard = (struct ini_section){ .name = name, .line = lineno };
-        return discard;
+    if (old == ini->sections) {
+        free(name);
+        return old;
     }
-    free(name);
-    return old;
+    if (old)
+        diag_error(diag, lineno, "duplicate section [%s] (first at line %d)", name, old->line);
+    return ini_add_section(old ? dropped : ini, name, lineno);
 }
 
 /* "key = value" or "key: value" into `sec`: the new key, NULL after a
@@ -720,7 +713,8 @@ static struct ini_key *ini_option(struct ini_section *sec, struct ini_key *prev,
  * ends \n, \r\n and \r all count. */
 static void ini_parse_buffer(struct ini *ini, const char *data, size_t len, struct diag *diag)
 {
-    struct ini_section *sec = NULL, discard = { .name = NULL };
+    struct ini dropped = { .n = 0 };
+    struct ini_section *sec = NULL;
     struct ini_key *key = NULL;  /* the option that may continue */
     int lineno = 0, indent = 0;  /* indent: of the last option or header */
     int blanks = 0;              /* blank lines inside a value, so far */
@@ -762,7 +756,7 @@ static void ini_parse_buffer(struct ini *ini, const char *data, size_t len, stru
         while (close > 0 && s[close - 1] != ']')
             close--;
         if (s[0] == '[' && close >= 3) {
-            sec = ini_header(ini, &discard, s + 1, close - 2, lineno, diag);
+            sec = ini_header(ini, &dropped, s + 1, close - 2, lineno, diag);
             key = NULL;
         } else if (sec) {
             key = ini_option(sec, key, s, n, lineno, diag);
@@ -770,7 +764,7 @@ static void ini_parse_buffer(struct ini *ini, const char *data, size_t len, stru
             diag_error(diag, lineno, "a line before any [section] header");
         }
     }
-    ini_section_free(&discard);
+    ini_free(&dropped);
 }
 
 /* Built-in defaults visible to interpolation, like the reference's. */
@@ -821,15 +815,11 @@ static int ini_interpolate(struct ini *ini, struct ini_section *sec, const char 
             return -1;
         }
         size_t plain = strcspn(p, "%");
-        buf_add(out, p, plain);
-        p += plain;
-        if (!*p)
-            break;
-        if (p[1] == '%') {
-            buf_addc(out, '%');
-            p += 2;
+        bool twice = p[plain] && p[plain + 1] == '%';     /* "%%" is one '%' */
+        buf_add(out, p, plain + twice);
+        p += plain + 2 * twice;
+        if (twice || !*p)
             continue;
-        }
         const char *close = p[1] == '(' ? strchr(p + 2, ')') : NULL;
         if (p[1] != '(') {
             snprintf(why, whylen, "'%%' must be followed by '%%' or '(' "
@@ -910,7 +900,7 @@ static int parse_pyint(const char *s, size_t n, long long *out, bool *overflow)
 #define DURATION_MAX_MS (1000LL * 365 * MS_PER_DAY)   /* sanity cap: 1000 years */
 #define NOT_A_DURATION LLONG_MIN
 
-/* The RFC 3339 form, as the reference reads it: P, then nW alone, or units
+/* The RFC 3339 form after its P, as the reference reads it: nW alone, or units
  * from YMD and then (after D, or at once) T and units from HMS, each run
  * consecutive but starting at any unit.  Upper case, no blanks. */
 static long long duration_rfc3339(const char *p)
@@ -922,8 +912,6 @@ static long long duration_rfc3339(const char *p)
     };
     long long total = 0;
     int last = -1;               /* the unit before; 3 is T */
-    if (*p++ != 'P')
-        return NOT_A_DURATION;
     for (const char *digits = p; *p; digits = ++p) {
         long long n = 0;
         for (; isdigit((unsigned char)*p); p++)
@@ -971,9 +959,7 @@ static long long duration_old(const char *p)
  * Negative results are refused here (the reference accepts "-5m"). */
 static int duration_parse(const char *s, int64_t *ms, const char **why)
 {
-    long long v = duration_rfc3339(s);
-    if (v == NOT_A_DURATION)
-        v = duration_old(s);
+    long long v = *s == 'P' ? duration_rfc3339(s + 1) : duration_old(s);
     if (v == NOT_A_DURATION)
         *why = "not a duration (examples: PT5M, P1DT2H, or 5m, 1h 30m)";
     else if (v < 0)
