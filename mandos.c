@@ -6072,7 +6072,8 @@ static const struct {
       { "checker = a", "b", "checker", "b", "checker = a" }) },
     { "reload: kept, added and removed clients", run_reload, ROWS(
       { "[a]\nsecret = YQ==\nhost = one\n[b]\nsecret = Yg==\nenabled = yes\n[gone]\nsecret=\n",
-        "", "[new]\nsecret=\n[b]\nsecret = Yw==\nenabled = no\n[a]\nsecret = YQ==\nhost = one\n" }) },
+        "", "[new]\nsecret=\n[b]\nsecret = Yw==\nenabled = no\n"
+        "[a]\nsecret = YQ==\nhost = one\n" }) },
     { "client timers: the bound and running what is due", run_timers,
       ROWS({ "[a]\nsecret=\n[b]\nsecret=\n[c]\nsecret=\n", "10 10 20 20 40" }) },
     { "Zeroconf back end (" ZEROCONF_NAME "): its part of the poll loop", run_zeroconf,
