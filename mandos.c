@@ -103,7 +103,7 @@
 #include <avahi-common/alternative.h>
 #include <avahi-common/error.h>
 #include <avahi-common/malloc.h>
-#include <avahi-common/watch.h>
+#include <avahi-common/simple-watch.h>
 #define ZEROCONF_NAME "avahi"
 #elif HAVE_DNS_SD
 #include <dns_sd.h>
@@ -3148,9 +3148,9 @@ static void conn_sweep(struct server *srv)
 
 /* ===================================================================== */
 /* 9. Zeroconf                                                           */
-/*    Announces _mandos._tcp on the bound port.  Every back end provides  */
-/*    the same zc_* functions; the loop sees only file descriptors and a  */
-/*    deadline.  Chosen at build time: avahi, dnssd, or none.             */
+/*    Announces _mandos._tcp on the bound port.  The loop sees only file  */
+/*    descriptors and a deadline (zc_pollfds, zc_process, zc_deadline).   */
+/*    Chosen at build time: avahi, dnssd, or none.                        */
 /* ===================================================================== */
 
 #define ZC_MAX_FDS 8             /* poll slots a back end may use */
@@ -3159,156 +3159,85 @@ static void conn_sweep(struct server *srv)
 
 #if ZC_AVAILABLE
 
-/* --interface as the index to announce on; `any` when unset or unknown. */
-static long zc_ifindex(const struct server *srv, long any)
-{
-    const char *name = srv->set.interface;
-    unsigned idx = *name ? if_nametoindex(name) : 0;
-    if (*name && !idx)
-        log_warn("Zeroconf: no interface '%s'; announcing on all interfaces", name);
-    return idx ? (long)idx : any;
-}
-
-/* A daemon away for an hour should not fill the log: after the first
- * report, the same complaint goes to DEBUG until something succeeds. */
-static int zc_retry_level(bool *said_so)
-{
-    int level = *said_so ? LOG_DEBUG : LOG_ERR;
-    *said_so = true;
-    return level;
-}
-
+/* The link to the daemon: an Avahi client, or a DNS-SD registration. */
+struct zc {
+    struct server *srv;
+    char *name;                  /* the service name, after any renames */
+    long ifindex;                /* where to announce, from --interface */
+    bool failed;                 /* drop the link once the library's callback is over */
+    bool said_so;                /* a retry was logged: the next at DEBUG, so that a
+                                  * daemon away for an hour does not fill the log */
+    int64_t retry_at;            /* monotonic ms to make a new link, 0 = none */
+    int64_t due;                 /* monotonic ms the library wants a turn, 0 = none */
+#if HAVE_AVAHI
+    AvahiSimplePoll *poll;       /* Avahi's main loop, stepped by ours */
+    struct pollfd *ufds;         /* its poll set, noted by zc_capture; NULL = none */
+    unsigned nfds;
+    AvahiClient *client;
+    AvahiEntryGroup *group;
+    long renames;
+    bool waiting;                /* the client waits for the daemon to appear */
+#else
+    DNSServiceRef ref;           /* NULL while not registered */
 #endif
+};
+
+/* The link failed: zc_process drops it after the callback, and makes a
+ * new one `delay` ms later. */
+static void zc_fail(struct zc *zc, int64_t delay)
+{
+    zc->failed = true;
+    zc->retry_at = mono_ms() + delay;
+}
 
 #if HAVE_AVAHI
 
 /* ---- avahi: the Avahi client library inside our own poll() loop ------------
- * Avahi talks to avahi-daemon over D-Bus and asks its caller for a main loop
- * through an AvahiPoll table: file descriptor watches and timeouts.  We
- * implement that table on two fixed arrays, so the D-Bus socket simply sits
- * in our poll set and Avahi's timers join our deadline.  The client is made
- * with AVAHI_CLIENT_NO_FAIL, so a daemon that is not (yet) running only
- * delays the announcement; when a running daemon goes away we make a new
- * client, which announces again once the daemon returns. */
+ * Avahi's own main loop, AvahiSimplePoll, goes in steps: prepare, run (which
+ * calls our zc_capture: it only notes the poll set and timeout, for our
+ * poll() and deadline), dispatch (which sees what our poll() saw).  With
+ * AVAHI_CLIENT_NO_FAIL a daemon not (yet) running only delays the
+ * announcement; when a running one goes away we make a new client, which
+ * announces again once it returns. */
 
-#define ZC_MAX_TIMEOUTS 16
+#define ZC_ANY_IF AVAHI_IF_UNSPEC
 #define ZC_MAX_RENAMES 32768     /* the reference gives up after this many */
 
-enum zc_slot_state {
-    ZC_FREE,                     /* unused */
-    ZC_LIVE,                     /* owned by Avahi */
-    ZC_DEAD                      /* freed by Avahi during this turn: not reusable
-                                  * until the turn ends, so revents polled for
-                                  * the old watch never reach a new one */
-};
-
-/* Avahi declares these two types; each main loop defines them.  Avahi's
- * AVAHI_WATCH_* flags are poll()'s own POLL* values. */
-struct AvahiWatch {
-    enum zc_slot_state state;
-    int fd;
-    AvahiWatchEvent events;      /* what Avahi waits for */
-    AvahiWatchEvent revents;     /* what poll() last reported, for get_events */
-    AvahiWatchCallback cb;
-    void *userdata;
-};
-
-struct AvahiTimeout {
-    enum zc_slot_state state;
-    bool armed;
-    int64_t due;                 /* monotonic ms, valid when armed */
-    AvahiTimeoutCallback cb;
-    void *userdata;
-};
-
-struct zc {
-    struct server *srv;
-    AvahiPoll api;               /* our main loop, as Avahi sees it */
-    struct AvahiWatch watch[ZC_MAX_FDS];
-    struct AvahiTimeout timeout[ZC_MAX_TIMEOUTS];
-    size_t slot[ZC_MAX_FDS];     /* poll slot -> watch index, from zc_pollfds */
-    AvahiClient *client;
-    AvahiEntryGroup *group;
-    AvahiIfIndex ifindex;
-    char *name;                  /* the service name, after any renames */
-    long renames;
-    bool client_failed;          /* free the client once its callback is over */
-    bool gave_up;                /* out of alternative names: announce nothing */
-    bool waiting;                /* the client waits for the daemon to appear */
-    bool said_so;                /* a retry was logged: repeat only at DEBUG */
-    int64_t retry_at;            /* monotonic ms to try again, 0 = nothing to do */
-};
-
-/* -- the AvahiPoll table -- */
-
-static AvahiWatch *zc_watch_new(const AvahiPoll *api, int fd, AvahiWatchEvent events,
-                                AvahiWatchCallback cb, void *userdata)
+static int zc_capture(struct pollfd *ufds, unsigned nfds, int timeout, void *userdata)
 {
-    struct zc *zc = api->userdata;
-    for (size_t i = 0; i < ZC_MAX_FDS; i++)
-        if (zc->watch[i].state == ZC_FREE) {
-            zc->watch[i] = (struct AvahiWatch){ ZC_LIVE, fd, events, 0, cb, userdata };
-            return &zc->watch[i];
-        }
-    log_err("Zeroconf: more than %d Avahi watches wanted", ZC_MAX_FDS);
-    return NULL;
+    struct zc *zc = userdata;
+    zc->ufds = ufds;
+    zc->nfds = nfds;
+    zc->due = timeout < 0 ? 0 : mono_ms() + timeout;
+    return 0;
 }
 
-static void zc_watch_update(AvahiWatch *w, AvahiWatchEvent events)
+/* Each call is followed by one zc_process, as prepare and run are by
+ * dispatch.  prepare fails only out of memory, a state run accepts. */
+static size_t zc_pollfds(struct server *srv, struct pollfd *fds, size_t max)
 {
-    w->events = events;
+    struct zc *zc = srv->zc;
+    size_t n = 0;
+    if (!zc)
+        return 0;
+    avahi_simple_poll_prepare(zc->poll, -1);
+    avahi_simple_poll_run(zc->poll);
+    for (; n < zc->nfds && n < max; n++)
+        fds[n] = (struct pollfd){ zc->ufds[n].fd, zc->ufds[n].events, 0 };
+    return n;
 }
 
-static AvahiWatchEvent zc_watch_get_events(AvahiWatch *w)
+/* What did not fit in our poll set saw nothing.  One callback per turn:
+ * prepare asks for a zero timeout while more are waiting. */
+static void zc_dispatch(struct zc *zc, const struct pollfd *fds, size_t n)
 {
-    return w->revents;
-}
-
-static void zc_watch_free(AvahiWatch *w)
-{
-    w->state = ZC_DEAD;
-}
-
-/* Avahi gives absolute times on the wall clock (gettimeofday); our loop runs
- * on the monotonic clock, which a clock step cannot disturb.  Convert the
- * distance from now, rounded up so a timer never fires early. */
-static void zc_timeout_update(AvahiTimeout *t, const struct timeval *tv)
-{
-    t->armed = tv != NULL;
-    if (!tv)
+    if (!zc->ufds)
         return;
-    int64_t until_us = ((int64_t)tv->tv_sec * 1000000 + tv->tv_usec) - wall_us();
-    int64_t now = mono_ms();
-    t->due = until_us <= 0 ? now : now + (until_us + 999) / 1000;
+    for (unsigned i = 0; i < zc->nfds; i++)
+        zc->ufds[i].revents = i < n ? fds[i].revents : 0;
+    avahi_simple_poll_dispatch(zc->poll);
+    zc->ufds = NULL;
 }
-
-static AvahiTimeout *zc_timeout_new(const AvahiPoll *api, const struct timeval *tv,
-                                    AvahiTimeoutCallback cb, void *userdata)
-{
-    struct zc *zc = api->userdata;
-    for (size_t i = 0; i < ZC_MAX_TIMEOUTS; i++)
-        if (zc->timeout[i].state == ZC_FREE) {
-            zc->timeout[i] = (struct AvahiTimeout){ ZC_LIVE, false, 0, cb, userdata };
-            zc_timeout_update(&zc->timeout[i], tv);
-            return &zc->timeout[i];
-        }
-    log_err("Zeroconf: more than %d Avahi timeouts wanted", ZC_MAX_TIMEOUTS);
-    return NULL;
-}
-
-static void zc_timeout_free(AvahiTimeout *t)
-{
-    t->state = ZC_DEAD;
-}
-
-static void zc_api_init(struct zc *zc)
-{
-    zc->api = (AvahiPoll){ zc, zc_watch_new, zc_watch_update, zc_watch_get_events,
-                           zc_watch_free, zc_timeout_new, zc_timeout_update,
-                           zc_timeout_free };
-}
-
-/* -- the announcement -- */
 
 /* Take the service off the network; keep the group for the next add. */
 static void zc_withdraw(struct zc *zc)
@@ -3320,16 +3249,11 @@ static void zc_withdraw(struct zc *zc)
 /* Someone else has our name: ask Avahi for the next one ("Mandos #2"). */
 static int zc_rename(struct zc *zc)
 {
-    if (zc->renames >= ZC_MAX_RENAMES) {
+    char *alt = zc->renames < ZC_MAX_RENAMES ? avahi_alternative_service_name(zc->name) : NULL;
+    if (!alt) {
         log_err("No suitable Zeroconf service name found after %ld retries; "
                 "not announcing the service", zc->renames);
-        zc->gave_up = true;
-        return -1;
-    }
-    char *alt = avahi_alternative_service_name(zc->name);
-    if (!alt) {
-        log_err("Zeroconf: no alternative to service name '%s'", zc->name);
-        zc->gave_up = true;
+        zc->renames = ZC_MAX_RENAMES;
         return -1;
     }
     free(zc->name);
@@ -3348,7 +3272,7 @@ static void zc_group_cb(AvahiEntryGroup *g, AvahiEntryGroupState state, void *us
  * the loop ends after at most ZC_MAX_RENAMES turns. */
 static void zc_publish(struct zc *zc)
 {
-    if (zc->gave_up)
+    if (zc->renames >= ZC_MAX_RENAMES)
         return;
     if (!zc->group)
         zc->group = avahi_entry_group_new(zc->client, zc_group_cb, zc);
@@ -3360,8 +3284,8 @@ static void zc_publish(struct zc *zc)
     AvahiProtocol proto = zc->srv->set.use_ipv6 ? AVAHI_PROTO_INET6 : AVAHI_PROTO_INET;
     int rc;
     log_debug("Adding Zeroconf service '%s' of type '%s' ...", zc->name, ZC_SERVICE_TYPE);
-    while ((rc = avahi_entry_group_add_service(zc->group, zc->ifindex, proto, 0, zc->name,
-                                               ZC_SERVICE_TYPE, NULL, NULL,
+    while ((rc = avahi_entry_group_add_service(zc->group, (AvahiIfIndex)zc->ifindex, proto, 0,
+                                               zc->name, ZC_SERVICE_TYPE, NULL, NULL,
                                                (uint16_t)zc->srv->port, NULL))
            == AVAHI_ERR_COLLISION) {
         log_info("Local Zeroconf service name collision.");
@@ -3378,46 +3302,21 @@ static void zc_publish(struct zc *zc)
 
 static void zc_group_cb(AvahiEntryGroup *g, AvahiEntryGroupState state, void *userdata)
 {
-    struct zc *zc = userdata;    /* zc->group is set: the early UNCOMMITED call is ignored */
-    switch (state) {
-    case AVAHI_ENTRY_GROUP_ESTABLISHED:
+    struct zc *zc = userdata;
+    if (state == AVAHI_ENTRY_GROUP_ESTABLISHED) {
         log_info("Zeroconf service '%s' successfully established on port %d",
                  zc->name, zc->srv->port);
-        break;
-    case AVAHI_ENTRY_GROUP_COLLISION:
+    } else if (state == AVAHI_ENTRY_GROUP_COLLISION) {
         log_info("Zeroconf service name collision.");
         zc_withdraw(zc);
         if (zc_rename(zc) == 0)
             zc_publish(zc);
-        break;
-    case AVAHI_ENTRY_GROUP_FAILURE:
-        /* zc_retry replaces the group: not freed here, inside its callback */
+    } else if (state == AVAHI_ENTRY_GROUP_FAILURE) {
         log_err("Avahi: error in entry group: %s; trying again in %d s",
                 avahi_strerror(avahi_client_errno(avahi_entry_group_get_client(g))),
                 ZC_RETRY_MS / 1000);
-        zc->retry_at = mono_ms() + ZC_RETRY_MS;
-        break;
-    case AVAHI_ENTRY_GROUP_UNCOMMITED:
-    case AVAHI_ENTRY_GROUP_REGISTERING:
-        break;
+        zc_fail(zc, ZC_RETRY_MS);    /* a new client, then a new group */
     }
-}
-
-/* -- the client: our link to avahi-daemon -- */
-
-/* Freeing the client inside its own callback would pull the ground from
- * under Avahi: zc_process does it after the dispatch. */
-static void zc_client_failed(struct zc *zc, int err)
-{
-    zc->client_failed = true;
-    if (err == AVAHI_ERR_DISCONNECTED) {
-        log_warn("Zeroconf: lost avahi-daemon; waiting for it to return");
-        zc->retry_at = mono_ms();
-        return;
-    }
-    log_err("Zeroconf server failure: %s; trying again in %d s", avahi_strerror(err),
-            ZC_RETRY_MS / 1000);
-    zc->retry_at = mono_ms() + ZC_RETRY_MS;
 }
 
 static void zc_client_cb(AvahiClient *c, AvahiClientState state, void *userdata)
@@ -3445,12 +3344,19 @@ static void zc_client_cb(AvahiClient *c, AvahiClientState state, void *userdata)
         zc->waiting = true;
         break;
     case AVAHI_CLIENT_FAILURE:
-        zc_client_failed(zc, avahi_client_errno(c));
+        if (avahi_client_errno(c) == AVAHI_ERR_DISCONNECTED) {
+            log_warn("Zeroconf: lost avahi-daemon; waiting for it to return");
+            zc_fail(zc, 0);
+            break;
+        }
+        log_err("Zeroconf server failure: %s; trying again in %d s",
+                avahi_strerror(avahi_client_errno(c)), ZC_RETRY_MS / 1000);
+        zc_fail(zc, ZC_RETRY_MS);
         break;
     }
 }
 
-static void zc_client_close(struct zc *zc)
+static void zc_close(struct zc *zc)
 {
     if (zc->group)
         avahi_entry_group_free(zc->group);
@@ -3458,192 +3364,37 @@ static void zc_client_close(struct zc *zc)
     if (zc->client)
         avahi_client_free(zc->client);
     zc->client = NULL;
-    zc->client_failed = false;
+    zc->failed = false;
 }
 
-static void zc_client_open(struct zc *zc)
+/* The first call also makes the main loop, whose wakeup pipe Avahi does
+ * not mark close-on-exec. */
+static void zc_open(struct zc *zc)
 {
     int err = 0;
+    if (!zc->poll) {
+        zc->poll = avahi_simple_poll_new();
+        if (!zc->poll)
+            fatal("Zeroconf: cannot make Avahi's main loop: %s", strerror(errno));
+        avahi_simple_poll_set_func(zc->poll, zc_capture, zc);
+        cloexec_inherited();
+    }
     zc->retry_at = 0;
-    zc->client = avahi_client_new(&zc->api, AVAHI_CLIENT_NO_FAIL, zc_client_cb, zc, &err);
-    zc->client_failed = false;   /* the client is NULL on failure, whatever the callback saw */
+    zc->client = avahi_client_new(avahi_simple_poll_get(zc->poll), AVAHI_CLIENT_NO_FAIL,
+                                  zc_client_cb, zc, &err);
+    zc->failed = false;          /* the client is NULL on failure, whatever the callback saw */
     if (zc->client) {
         zc->said_so = false;
         return;
     }
     /* even NO_FAIL needs the system bus itself */
-    log_msg(zc_retry_level(&zc->said_so), "Zeroconf: cannot reach Avahi: %s; "
+    log_msg(zc->said_so ? LOG_DEBUG : LOG_ERR, "Zeroconf: cannot reach Avahi: %s; "
             "trying again every %d s", avahi_strerror(err), ZC_RETRY_MS / 1000);
+    zc->said_so = true;
     zc->retry_at = mono_ms() + ZC_RETRY_MS;
 }
 
-/* The retry timer: a new client, or a new group for a failed one.  Runs
- * outside Avahi's callbacks, where freeing its objects is safe. */
-static void zc_retry(struct zc *zc)
-{
-    zc->retry_at = 0;
-    if (!zc->client) {
-        zc_client_open(zc);
-        return;
-    }
-    if (zc->group && avahi_entry_group_get_state(zc->group) == AVAHI_ENTRY_GROUP_FAILURE) {
-        avahi_entry_group_free(zc->group);
-        zc->group = NULL;
-    }
-    if (avahi_client_get_state(zc->client) == AVAHI_CLIENT_S_RUNNING)
-        zc_publish(zc);
-}
-
-/* End of a turn: slots Avahi gave back become reusable. */
-static void zc_reap(struct zc *zc)
-{
-    for (size_t i = 0; i < ZC_MAX_FDS; i++)
-        if (zc->watch[i].state == ZC_DEAD)
-            zc->watch[i].state = ZC_FREE;
-    for (size_t i = 0; i < ZC_MAX_TIMEOUTS; i++)
-        if (zc->timeout[i].state == ZC_DEAD)
-            zc->timeout[i].state = ZC_FREE;
-}
-
-/* -- the zc_* functions the loop calls -- */
-
-static void zc_start(struct server *srv)
-{
-    if (!srv->set.zeroconf)
-        return;
-    struct zc *zc = xcalloc(1, sizeof *zc);
-    srv->zc = zc;
-    zc->srv = srv;
-    zc->name = xstrdup(srv->set.servicename);
-    zc->ifindex = (AvahiIfIndex)zc_ifindex(srv, AVAHI_IF_UNSPEC);
-    zc_api_init(zc);
-    zc_client_open(zc);
-}
-
-static size_t zc_pollfds(struct server *srv, struct pollfd *fds, size_t max)
-{
-    struct zc *zc = srv->zc;
-    size_t n = 0;
-    for (size_t i = 0; zc && i < ZC_MAX_FDS && n < max; i++) {
-        struct AvahiWatch *w = &zc->watch[i];
-        if (w->state != ZC_LIVE || !w->events)
-            continue;
-        zc->slot[n] = i;
-        fds[n++] = (struct pollfd){ w->fd, (short)w->events, 0 };
-    }
-    return n;
-}
-
-/* Ready watches first (they queue D-Bus messages and ask for a dispatch by
- * a zero timeout), then due timeouts, each at most once per turn. */
-static void zc_process(struct server *srv, const struct pollfd *fds, size_t n, int64_t now)
-{
-    struct zc *zc = srv->zc;
-    if (!zc)
-        return;
-    for (size_t i = 0; i < n; i++) {
-        struct AvahiWatch *w = &zc->watch[zc->slot[i]];
-        short r = fds[i].revents;
-        if (!r || w->state != ZC_LIVE || w->fd != fds[i].fd)
-            continue;
-        w->revents = (AvahiWatchEvent)((r & ~POLLNVAL) | ((r & POLLNVAL) ? POLLERR : 0));
-        w->cb(w, w->fd, w->revents, w->userdata);
-        w->revents = 0;
-    }
-    for (size_t i = 0; i < ZC_MAX_TIMEOUTS; i++) {
-        struct AvahiTimeout *t = &zc->timeout[i];
-        if (t->state == ZC_LIVE && t->armed && t->due <= now) {
-            t->armed = false;    /* one shot; the callback may re-arm it */
-            t->cb(t, t->userdata);
-        }
-    }
-    zc_reap(zc);
-    if (zc->client_failed)
-        zc_client_close(zc);
-    if (zc->retry_at && zc->retry_at <= now)
-        zc_retry(zc);
-}
-
-static int64_t zc_deadline(const struct server *srv)
-{
-    const struct zc *zc = srv->zc;
-    int64_t next = zc ? zc->retry_at : 0;
-    for (size_t i = 0; zc && i < ZC_MAX_TIMEOUTS; i++) {
-        const struct AvahiTimeout *t = &zc->timeout[i];
-        if (t->state == ZC_LIVE && t->armed && (!next || t->due < next))
-            next = t->due;
-    }
-    return next;
-}
-
-static void zc_stop(struct server *srv)
-{
-    struct zc *zc = srv->zc;
-    if (!zc)
-        return;
-    zc_client_close(zc);         /* freeing the group withdraws the service */
-    free(zc->name);
-    free(zc);
-    srv->zc = NULL;
-}
-
-/* --check: drive the AvahiPoll table the way Avahi does, with no daemon.
- * Returns NULL, or what went wrong. */
-static void zc_test_watch_cb(AvahiWatch *w, int fd, AvahiWatchEvent ev, void *seen)
-{
-    (void)w;
-    (void)fd;
-    *(AvahiWatchEvent *)seen = ev;
-}
-
-static void zc_test_timeout_cb(AvahiTimeout *t, void *fired)
-{
-    (void)t;
-    ++*(int *)fired;
-}
-
-static const char *zc_self_test(void)
-{
-    static struct server srv;    /* static: struct server is large */
-    static struct zc zc;
-    struct pollfd fds[ZC_MAX_FDS];
-    AvahiWatchEvent seen = 0;
-    int fired = 0;
-    srv.zc = &zc;
-    zc.srv = &srv;
-    zc_api_init(&zc);
-    AvahiWatch *a = zc.api.watch_new(&zc.api, 5, AVAHI_WATCH_IN, zc_test_watch_cb, &seen);
-    AvahiWatch *b = zc.api.watch_new(&zc.api, 6, AVAHI_WATCH_OUT, zc_test_watch_cb, &seen);
-    zc.api.watch_update(b, 0);
-    if (zc_pollfds(&srv, fds, ZC_MAX_FDS) != 1 || fds[0].fd != 5 || fds[0].events != POLLIN)
-        return "a watch waiting for nothing took a poll slot, or the events are wrong";
-    zc.api.watch_free(a);        /* as if freed by an earlier callback this turn */
-    if (zc.api.watch_new(&zc.api, 7, AVAHI_WATCH_IN, zc_test_watch_cb, &seen) == a)
-        return "a watch freed this turn was handed out again";
-    fds[0].revents = POLLIN;
-    zc_process(&srv, fds, 1, mono_ms());
-    if (seen)
-        return "poll events reached a freed watch";
-    int64_t t0 = mono_ms();
-    int64_t at = wall_us() + 200000;
-    struct timeval tv = { (time_t)(at / 1000000), (suseconds_t)(at % 1000000) };
-    AvahiTimeout *t = zc.api.timeout_new(&zc.api, &tv, zc_test_timeout_cb, &fired);
-    zc.api.timeout_new(&zc.api, NULL, zc_test_timeout_cb, &fired);
-    int64_t due = zc_deadline(&srv);
-    if (!t || due < t0 + 199 || due > mono_ms() + 201)
-        return "a wall-clock time 200 ms ahead did not become a deadline 200 ms ahead";
-    zc_process(&srv, fds, 0, due - 1);
-    if (fired)
-        return "a timeout fired early";
-    zc_process(&srv, fds, 0, due);
-    zc_process(&srv, fds, 0, due + 1000);
-    if (fired != 1 || zc_deadline(&srv) != 0)
-        return "a timeout did not fire exactly once, or stayed armed";
-    srv.zc = NULL;
-    return NULL;
-}
-
-#elif HAVE_DNS_SD
+#else /* HAVE_DNS_SD */
 
 /* ---- dnssd: the DNS-SD API (dns_sd.h) -----------------------------------
  * One registration; its socket joins our poll set and DNSServiceProcessResult
@@ -3653,15 +3404,7 @@ static const char *zc_self_test(void)
  * ZC_RETRY_MS.  On Linux this is Avahi's compatibility library, which keeps
  * its own thread and talks to avahi-daemon over D-Bus. */
 
-struct zc {
-    struct server *srv;
-    DNSServiceRef ref;           /* NULL while not registered */
-    uint32_t ifindex;
-    char *name;                  /* the name the daemon last confirmed */
-    bool failed;                 /* drop ref once ProcessResult has returned */
-    bool said_so;                /* a retry was logged: repeat only at DEBUG */
-    int64_t retry_at;            /* monotonic ms to register again, 0 = none */
-};
+#define ZC_ANY_IF kDNSServiceInterfaceIndexAny
 
 /* Names for the errors we may meet; Avahi's older dns_sd.h lacks some. */
 static const char *zc_dnssd_strerror(DNSServiceErrorType err)
@@ -3670,27 +3413,22 @@ static const char *zc_dnssd_strerror(DNSServiceErrorType err)
     case kDNSServiceErr_Unknown: return "unknown error";
     case kDNSServiceErr_NoMemory: return "out of memory";
     case kDNSServiceErr_BadParam: return "bad parameter";
-    case kDNSServiceErr_BadReference: return "bad reference";
-    case kDNSServiceErr_BadState: return "bad state";
     case kDNSServiceErr_NameConflict: return "name conflict";
-    case kDNSServiceErr_Incompatible: return "library and daemon do not match";
     case -65563: return "daemon not running";   /* kDNSServiceErr_ServiceNotRunning */
     default: return "error";
     }
 }
 
-static void zc_register_cb(DNSServiceRef ref, DNSServiceFlags flags, DNSServiceErrorType err,
-                           const char *name, const char *type, const char *domain,
-                           void *context)
+static void zc_register_cb(DNSServiceRef ref UNUSED, DNSServiceFlags flags UNUSED,
+                           DNSServiceErrorType err, const char *name, const char *type UNUSED,
+                           const char *domain, void *context)
 {
     struct zc *zc = context;
-    (void)ref;
-    (void)flags;
-    (void)type;
     if (err != kDNSServiceErr_NoError) {
         log_err("Zeroconf: registration of '%s' failed: %s (%d); trying again every %d s",
                 zc->name, zc_dnssd_strerror(err), (int)err, ZC_RETRY_MS / 1000);
-        zc->failed = zc->said_so = true;
+        zc->said_so = true;
+        zc_fail(zc, ZC_RETRY_MS);
         return;
     }
     zc->said_so = false;
@@ -3704,48 +3442,38 @@ static void zc_register_cb(DNSServiceRef ref, DNSServiceFlags flags, DNSServiceE
              zc->name, domain ? domain : "?", zc->srv->port);
 }
 
-static void zc_register(struct zc *zc, int64_t now)
+/* Our own name again: the daemon renames afresh if it still clashes.  The
+ * library's socket and pipe are not close-on-exec. */
+static void zc_open(struct zc *zc)
 {
-    /* Our own name again: the daemon renames afresh if it still clashes. */
     const char *want = zc->srv->set.servicename;
     uint16_t port = htons((uint16_t)zc->srv->port);
+    setenv("AVAHI_COMPAT_NOWARN", "1", 0);   /* its warning names nothing to act on */
     zc->retry_at = 0;
-    zc->failed = false;
-    DNSServiceErrorType err = DNSServiceRegister(&zc->ref, 0, zc->ifindex, want,
+    DNSServiceErrorType err = DNSServiceRegister(&zc->ref, 0, (uint32_t)zc->ifindex, want,
                                                  ZC_SERVICE_TYPE, NULL, NULL, port, 0, NULL,
                                                  zc_register_cb, zc);
     if (err != kDNSServiceErr_NoError) {
-        log_msg(zc_retry_level(&zc->said_so),
+        log_msg(zc->said_so ? LOG_DEBUG : LOG_ERR,
                 "Zeroconf: cannot register '%s': %s (%d); trying again every %d s",
                 want, zc_dnssd_strerror(err), (int)err, ZC_RETRY_MS / 1000);
+        zc->said_so = true;
         zc->ref = NULL;
-        zc->retry_at = now + ZC_RETRY_MS;
+        zc->retry_at = mono_ms() + ZC_RETRY_MS;
         return;
     }
+    cloexec_inherited();
     free(zc->name);
     zc->name = xstrdup(want);
     log_debug("Registering Zeroconf service '%s' of type '%s' ...", want, ZC_SERVICE_TYPE);
 }
 
-static void zc_unregister(struct zc *zc)
+static void zc_close(struct zc *zc)
 {
     if (zc->ref)
         DNSServiceRefDeallocate(zc->ref);
     zc->ref = NULL;
-}
-
-static void zc_start(struct server *srv)
-{
-    if (!srv->set.zeroconf)
-        return;
-    /* Avahi's compatibility library warns on stderr at its first call
-     * unless told not to; the warning says nothing the user can act on. */
-    setenv("AVAHI_COMPAT_NOWARN", "1", 0);
-    struct zc *zc = xcalloc(1, sizeof *zc);
-    srv->zc = zc;
-    zc->srv = srv;
-    zc->ifindex = (uint32_t)zc_ifindex(srv, kDNSServiceInterfaceIndexAny);
-    zc_register(zc, mono_ms());
+    zc->failed = false;
 }
 
 static size_t zc_pollfds(struct server *srv, struct pollfd *fds, size_t max)
@@ -3757,37 +3485,65 @@ static size_t zc_pollfds(struct server *srv, struct pollfd *fds, size_t max)
     return 1;
 }
 
-/* Readable means one reply waits, so ProcessResult does not block. */
-static void zc_process(struct server *srv, const struct pollfd *fds, size_t n, int64_t now)
+/* Readable means one reply waits, so ProcessResult does not block; an
+ * error or hang-up without data means the daemon is gone. */
+static void zc_dispatch(struct zc *zc, const struct pollfd *fds, size_t n)
 {
-    struct zc *zc = srv->zc;
-    if (!zc)
-        return;
     short r = n >= 1 && zc->ref ? fds[0].revents : 0;
-    DNSServiceErrorType err = kDNSServiceErr_NoError;
+    if (!r)
+        return;
+    DNSServiceErrorType err = kDNSServiceErr_Unknown;
     if (r & POLLIN)
         err = DNSServiceProcessResult(zc->ref);
     if (err != kDNSServiceErr_NoError) {
         log_err("Zeroconf: lost the DNS-SD daemon: %s (%d); trying again every %d s",
                 zc_dnssd_strerror(err), (int)err, ZC_RETRY_MS / 1000);
-        zc->failed = zc->said_so = true;
-    } else if (r && !(r & POLLIN)) {
-        log_err("Zeroconf: the DNS-SD connection broke; trying again every %d s",
-                ZC_RETRY_MS / 1000);
-        zc->failed = zc->said_so = true;
+        zc->said_so = true;
+        zc_fail(zc, ZC_RETRY_MS);
     }
-    if (zc->failed) {
-        zc_unregister(zc);
-        zc->failed = false;
-        zc->retry_at = now + ZC_RETRY_MS;
-    }
-    if (!zc->ref && zc->retry_at && zc->retry_at <= now)
-        zc_register(zc, now);
+}
+
+#endif /* the avahi and dnssd back ends */
+
+/* -- the zc_* functions the loop calls, the same for both back ends -- */
+
+static void zc_start(struct server *srv)
+{
+    if (!srv->set.zeroconf)
+        return;
+    const char *ifname = srv->set.interface;
+    unsigned idx = *ifname ? if_nametoindex(ifname) : 0;
+    if (*ifname && !idx)
+        log_warn("Zeroconf: no interface '%s'; announcing on all interfaces", ifname);
+    struct zc *zc = xcalloc(1, sizeof *zc);
+    srv->zc = zc;
+    zc->srv = srv;
+    zc->name = xstrdup(srv->set.servicename);
+    zc->ifindex = idx ? (long)idx : ZC_ANY_IF;
+    zc_open(zc);
+}
+
+/* A failed link is freed here, outside the library's callbacks: freeing
+ * it inside one would pull the ground from under the library. */
+static void zc_process(struct server *srv, const struct pollfd *fds, size_t n, int64_t now)
+{
+    struct zc *zc = srv->zc;
+    if (!zc)
+        return;
+    zc_dispatch(zc, fds, n);
+    if (zc->failed)
+        zc_close(zc);
+    if (zc->retry_at && zc->retry_at <= now)
+        zc_open(zc);
 }
 
 static int64_t zc_deadline(const struct server *srv)
 {
-    return srv->zc && !srv->zc->ref ? srv->zc->retry_at : 0;
+    const struct zc *zc = srv->zc;
+    int64_t next = zc ? zc->due : 0;
+    if (zc && zc->retry_at && (!next || zc->retry_at < next))
+        next = zc->retry_at;
+    return next;
 }
 
 static void zc_stop(struct server *srv)
@@ -3795,7 +3551,10 @@ static void zc_stop(struct server *srv)
     struct zc *zc = srv->zc;
     if (!zc)
         return;
-    zc_unregister(zc);           /* closing the connection withdraws the service */
+    zc_close(zc);                /* closing the link withdraws the service */
+#if HAVE_AVAHI
+    avahi_simple_poll_free(zc->poll);
+#endif
     free(zc->name);
     free(zc);
     srv->zc = NULL;
@@ -3806,26 +3565,25 @@ static const char *zc_self_test(void)
 {
     static struct server srv;    /* static: struct server is large */
     static struct zc zc;
+    const char *why = NULL;
     srv.zc = &zc;
     zc.srv = &srv;
     zc.retry_at = 5000;
-    const char *why = NULL;
-    if (zc_deadline(&srv) != 5000 || zc_pollfds(&srv, NULL, 0) != 0)
-        why = "an unregistered service must wait for its retry time, with no poll slot";
-    zc_process(&srv, NULL, 0, 4999);  /* not due: must not register */
-    if (!why && (zc.ref || zc.retry_at != 5000))
-        why = "registered before the retry time";
-    if (!why && strcmp(zc_dnssd_strerror(kDNSServiceErr_NameConflict), "name conflict") != 0)
-        why = "DNS-SD error names";
+    if (zc_deadline(&srv) != 5000)
+        why = "a link that is down must wait for its retry time";
+    zc_process(&srv, NULL, 0, 4999);
+    if (!why && zc.retry_at != 5000)
+        why = "tried to make a link before the retry time";
+    zc.due = 4000;
+    if (!why && zc_deadline(&srv) != 4000)
+        why = "the deadline is not the nearer of the library's and the retry time";
     srv.zc = NULL;
     return why;
 }
 
-#else /* neither: no Zeroconf */
-
-/* ---- none: no Zeroconf --------------------------------------------------
- * Nothing is announced; clients must be given the address (--connect), and
- * start-up insists on a port or --socket (settings_finish). */
+#else /* ---- none: no Zeroconf --------------------------------------------
+       * Nothing is announced; clients must be given the address (--connect),
+       * and start-up insists on a port or --socket (settings_finish). */
 
 static void zc_start(struct server *srv)
 {
@@ -3833,37 +3591,23 @@ static void zc_start(struct server *srv)
         log_info("built without Zeroconf support: not announcing the service");
 }
 
-static size_t zc_pollfds(struct server *srv, struct pollfd *fds, size_t max)
+static size_t zc_pollfds(struct server *srv UNUSED, struct pollfd *fds UNUSED, size_t max UNUSED)
 {
-    (void)srv;
-    (void)fds;
-    (void)max;
     return 0;
 }
 
-static void zc_process(struct server *srv, const struct pollfd *fds, size_t n, int64_t now)
+static int64_t zc_deadline(const struct server *srv UNUSED)
 {
-    (void)srv;
-    (void)fds;
-    (void)n;
-    (void)now;
-}
-
-static int64_t zc_deadline(const struct server *srv)
-{
-    (void)srv;
     return 0;
 }
 
-static void zc_stop(struct server *srv)
-{
-    (void)srv;
-}
+static void zc_process(struct server *srv UNUSED, const struct pollfd *fds UNUSED,
+                       size_t n UNUSED, int64_t now UNUSED) {}
+static void zc_stop(struct server *srv UNUSED) {}
 
-/* --check: nothing to drive. */
 static const char *zc_self_test(void)
 {
-    return NULL;
+    return NULL;                 /* nothing to drive */
 }
 
 #endif /* Zeroconf back ends */
