@@ -45,8 +45,12 @@ zc_world() {
 	ZC_CONF=$NSW_DIR/conf
 	mkdir -p "$ZC_CONF" "$NSW_DIR/no-hooks" || return 1
 	chmod 755 "$ZC_CONF"
-	# checker "true": no fping at a made-up host name from inside the world
-	client_section zcalpha "$PW_ZC" 'checker = true' >"$ZC_CONF/clients.conf" || return 1
+	# the checker lists its descriptors (no fping at a made-up host name
+	# from inside the world); it runs as the unprivileged user
+	mkdir -p "$NSW_DIR/checker" && chmod 1777 "$NSW_DIR/checker" && chmod o+x "$NSW_DIR" ||
+		return 1
+	client_section zcalpha "$PW_ZC" "checker = ls -l /proc/self/fd/ > $NSW_DIR/checker/fds" \
+		'interval = 1s' >"$ZC_CONF/clients.conf" || return 1
 }
 
 # zc_start_server BIN LABEL [ARG...]: start a server in the server
@@ -306,6 +310,12 @@ zc_discovery() {
 	zc_expect_password "$NSW_DIR/got" "$rc" || return 1
 	zc_timing "zeroconf discovery ($label: $(basename "$bin")): server start -> password $((t1 - t0)) ms"
 	zc_assert_alive "$ZC_PID" "$label" || return 1
+	# the Zeroconf library's sockets and pipes do not reach the checker
+	nsw_wait 10 test -s "$NSW_DIR/checker/fds" || { echo "the checker never ran" >&2; return 1; }
+	if grep -E ' ([3-9]|[1-9][0-9]+) -> (pipe|socket):' "$NSW_DIR/checker/fds" >&2; then
+		echo "the checker inherited the descriptors above" >&2
+		return 1
+	fi
 	# What avahi publishes: name Mandos, the port the server listens on,
 	# and no TXT record.
 	port=$(zc_port_of "$ZC_PID")
