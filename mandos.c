@@ -2790,9 +2790,7 @@ static void conn_close(struct server *srv, struct conn *cn)
     conn_forget_secret(cn);
     if (cn->tls)
         gnutls_deinit(cn->tls);
-    cn->tls = NULL;
     close(cn->fd);
-    cn->fd = -1;
     cn->state = CONN_CLOSED;
 }
 
@@ -4737,12 +4735,10 @@ static void daemonize(void)
 static void notify_open(struct server *srv)
 {
     const char *path = getenv("NOTIFY_SOCKET");
-    struct sockaddr_un sun;
+    struct sockaddr_un sun = { .sun_family = AF_UNIX };
     size_t n = path ? strlen(path) : 0;
     if (!path || (path[0] != '/' && path[0] != '@') || n >= sizeof sun.sun_path)
         return;
-    memset(&sun, 0, sizeof sun);
-    sun.sun_family = AF_UNIX;
     memcpy(sun.sun_path, path, n);
     if (sun.sun_path[0] == '@')
         sun.sun_path[0] = '\0';            /* abstract namespace */
@@ -4783,10 +4779,7 @@ static void signals_install(struct server *srv)
         || cloexec(srv->signal_pipe[1], true) < 0)
         fatal("pipe: %s", strerror(errno));
     signal_pipe_write = srv->signal_pipe[1];
-    struct sigaction sa, old;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = signal_to_pipe;
-    sa.sa_flags = SA_RESTART;
+    struct sigaction sa = { .sa_handler = signal_to_pipe, .sa_flags = SA_RESTART }, old;
     sigemptyset(&sa.sa_mask);
     for (size_t i = 0; i < sizeof sigs / sizeof sigs[0]; i++) {
         /* an inherited "ignore SIGINT" (e.g. from nohup) is kept */
