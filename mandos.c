@@ -146,8 +146,8 @@ static int cloexec(int fd, bool nonblock)
     return nonblock && fcntl(fd, F_SETFL, O_NONBLOCK) < 0 ? -1 : 0;
 }
 
-/* Inherited ones are marked, not closed (syslog, GnuTLS hold some): every
- * number up to the limit, as /dev/fd may list only 0-2 (FreeBSD). */
+/* Inherited descriptors are marked, not closed (syslog, GnuTLS hold some): by
+ * close_range, or each number up to the limit (/dev/fd may list only 0-2). */
 static void cloexec_inherited(void)
 {
 #ifdef CLOSE_RANGE_CLOEXEC
