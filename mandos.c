@@ -2092,8 +2092,7 @@ static void clients_conf_check_mode(const struct server *srv)
 /* ===================================================================== */
 
 /* What section 10 publishes on D-Bus; no-ops without it. */
-static void bus_checker_started(struct server *srv, const struct client *c,
-                                const char *command);
+static void bus_checker_started(struct server *srv, const struct client *c, const char *command);
 static void bus_checker_completed(struct server *srv, const struct client *c, int status);
 
 /* POSIX shell quoting: bare if only safe characters, else '...'. */
@@ -2102,18 +2101,14 @@ static void shell_quote(const char *s, size_t n, struct buf *out)
     bool safe = n > 0;
     for (size_t i = 0; i < n && safe; i++)
         safe = isalnum((unsigned char)s[i]) || strchr("_@%+=:,./-", s[i]);
-    if (safe) {
-        buf_add(out, s, n);
-        return;
-    }
-    buf_addc(out, '\'');
+    buf_adds(out, safe ? "" : "'");
     for (size_t i = 0; i < n; i++) {
         if (s[i] == '\'')
             buf_adds(out, "'\"'\"'");
         else
             buf_addc(out, s[i]);
     }
-    buf_addc(out, '\'');
+    buf_adds(out, safe ? "" : "'");
 }
 
 struct expand_ctx {
@@ -2124,14 +2119,13 @@ struct expand_ctx {
 static void checker_emit(void *ctx, const char *text, size_t n, bool is_name)
 {
     struct expand_ctx *e = ctx;
+    char name[64];
+    struct buf value = { 0 };
     if (!is_name) {
         buf_add(e->out, text, n);
         return;
     }
-    char name[64];
-    struct buf value = { 0 };
     snprintf(name, sizeof name, "%.*s", (int)n, text);
-    buf_adds(&value, "");
     client_render(e->client, client_field(name), &value);
     shell_quote(value.data, value.len, e->out);
     buf_free(&value);
@@ -2141,34 +2135,31 @@ static void checker_emit(void *ctx, const char *text, size_t n, bool is_name)
 static int checker_expand(const struct client *c, struct buf *out)
 {
     char why[300];
-    struct expand_ctx e = { c, out };
     buf_adds(out, "");
-    return checker_walk(c->cur.checker, why, sizeof why, checker_emit, &e);
+    return checker_walk(c->cur.checker, why, sizeof why, checker_emit,
+                        &(struct expand_ctx){ c, out });
 }
 
+/* Into a new process group (spawn-pgroup 0), so that stopping it kills
+ * the shell's children too; with default signal handling. */
 static void checker_start(struct server *srv, struct client *c)
 {
     struct buf cmd = { 0 };
+    posix_spawnattr_t attr;
+    posix_spawn_file_actions_t fa;
+    sigset_t all;
+    extern char **environ;
     if (checker_expand(c, &cmd) < 0) {
-        /* only reachable when a control interface set a bad command */
+        /* a command from a hand-edited state file; the others are checked */
         log_err("Could not expand checker \"%s\" for %s", c->cur.checker, c->name);
         buf_free(&cmd);
         return;
     }
     log_info("Starting checker '%s' for %s", cmd.data, c->name);
-    posix_spawnattr_t attr;
-    posix_spawn_file_actions_t fa;
-    sigset_t all, none;
     sigfillset(&all);
-    sigemptyset(&none);
     posix_spawnattr_init(&attr);
-    /* own process group (so stopping it kills the shell's children too),
-     * default signal dispositions, nothing blocked */
-    posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGDEF
-                             | POSIX_SPAWN_SETSIGMASK);
-    posix_spawnattr_setpgroup(&attr, 0);
+    posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGDEF);
     posix_spawnattr_setsigdefault(&attr, &all);
-    posix_spawnattr_setsigmask(&attr, &none);
     posix_spawn_file_actions_init(&fa);
     posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
     if (!srv->debug_checkers) {
@@ -2176,24 +2167,21 @@ static void checker_start(struct server *srv, struct client *c)
         posix_spawn_file_actions_adddup2(&fa, 1, 2);
     }
     char *argv[] = { "sh", "-c", cmd.data, NULL };
-    extern char **environ;
-    pid_t pid;
-    int rc = posix_spawn(&pid, "/bin/sh", &fa, &attr, argv, environ);
+    int rc = posix_spawn(&c->checker_pid, "/bin/sh", &fa, &attr, argv, environ);
     posix_spawn_file_actions_destroy(&fa);
     posix_spawnattr_destroy(&attr);
     if (rc != 0) {
+        c->checker_pid = 0;
         log_err("Could not start checker for %s: %s", c->name, strerror(rc));
     } else {
-        c->checker_pid = pid;
         bus_checker_started(srv, c, cmd.data);
     }
     buf_free(&cmd);
 }
 
 /* Kill the checker's whole process group; the loop reaps the shell. */
-static void checker_stop(struct server *srv, struct client *c)
+static void checker_stop(struct server *srv UNUSED, struct client *c)
 {
-    (void)srv;
     if (!c->checker_pid)
         return;
     log_debug("Stopping checker for %s", c->name);
@@ -2206,18 +2194,15 @@ static void checker_finished(struct server *srv, struct client *c, int status)
 {
     c->checker_pid = 0;
     state_changed(srv, false);   /* a failure matters after a restart too */
-    if (WIFEXITED(status)) {
-        c->last_checker_status = WEXITSTATUS(status);
-        if (c->last_checker_status == 0) {
-            log_info("Checker for %s succeeded", c->name);
-            client_checked_ok(srv, c, mono_ms());
-        } else {
-            log_info("Checker for %s failed", c->name);
-        }
-    } else if (WIFSIGNALED(status)) {
-        c->last_checker_status = -1;
+    c->last_checker_status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    if (WIFSIGNALED(status)) {
         c->last_checker_signal = WTERMSIG(status);
         log_warn("Checker for %s crashed? (signal %d)", c->name, WTERMSIG(status));
+    } else if (c->last_checker_status == 0) {
+        log_info("Checker for %s succeeded", c->name);
+        client_checked_ok(srv, c, mono_ms());
+    } else {
+        log_info("Checker for %s failed", c->name);
     }
     bus_checker_completed(srv, c, status);
 }
@@ -2225,18 +2210,12 @@ static void checker_finished(struct server *srv, struct client *c, int status)
 /* Collect every finished child; called when SIGCHLD arrived. */
 static void checker_reap(struct server *srv)
 {
-    for (int rounds = 0; rounds < 100000; rounds++) {
-        int status;
-        pid_t pid = waitpid(-1, &status, WNOHANG);
-        if (pid <= 0)
-            break;
-        for (size_t i = 0; i < srv->clients.n; i++) {
-            struct client *c = srv->clients.v[i];
-            if (c->checker_pid == pid) {
-                checker_finished(srv, c, status);
-                break;
-            }
-        }
+    int status;
+    pid_t pid;
+    while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
+        for (size_t i = 0; i < srv->clients.n; i++)
+            if (srv->clients.v[i]->checker_pid == pid)
+                checker_finished(srv, srv->clients.v[i], status);
     }
 }
 
@@ -2251,17 +2230,17 @@ static void checker_reap(struct server *srv)
 #define STATE_FILE "clients.state"
 #define STATE_MAGIC "mandos-c-state 1"
 
-/* Escape a value onto one line: \\, \n, \t and \xHH for other controls. */
+/* A value stays on one line: these characters as \\, \n and \t, other
+ * control characters as \xHH. */
+static const char state_raw[] = "\\\n\t", state_esc[] = "\\nt";
+
 static void state_escape(const char *s, struct buf *out)
 {
     for (; *s; s++) {
         unsigned char ch = (unsigned char)*s;
-        if (ch == '\\')
-            buf_adds(out, "\\\\");
-        else if (ch == '\n')
-            buf_adds(out, "\\n");
-        else if (ch == '\t')
-            buf_adds(out, "\\t");
+        const char *r = strchr(state_raw, ch);
+        if (r)
+            buf_printf(out, "\\%c", state_esc[r - state_raw]);
         else if (ch < 0x20 || ch == 0x7f)
             buf_printf(out, "\\x%02X", ch);
         else
@@ -2269,70 +2248,61 @@ static void state_escape(const char *s, struct buf *out)
     }
 }
 
+/* Undo state_escape; an unknown escape, or \x00, is an error. */
 static int state_unescape(const char *s, struct buf *out)
 {
     out->len = 0;
     buf_adds(out, "");
     for (; *s; s++) {
+        const char *e = *s == '\\' && s[1] ? strchr(state_esc, s[1]) : NULL;
+        int hi = *s == '\\' && s[1] == 'x' ? hex_value((unsigned char)s[2]) : -1;
+        int lo = hi >= 0 ? hex_value((unsigned char)s[3]) : -1;
         if (*s != '\\') {
             buf_addc(out, *s);
-            continue;
-        }
-        s++;
-        int hi = *s == 'x' ? hex_value((unsigned char)s[1]) : -1;
-        int lo = hi >= 0 ? hex_value((unsigned char)s[2]) : -1;
-        if (*s == '\\' || *s == 'n' || *s == 't') {
-            buf_addc(out, *s == 'n' ? '\n' : *s == 't' ? '\t' : '\\');
+        } else if (e) {
+            buf_addc(out, state_raw[e - state_esc]);
+            s++;
         } else if (lo >= 0 && (hi | lo) != 0) {
             buf_addc(out, (char)(hi << 4 | lo));
-            s += 2;
+            s += 3;
         } else {
-            return -1;           /* an unknown escape, or \x00 */
+            return -1;
         }
     }
     return 0;
 }
 
-/* One field's line(s) of a client's record: run-time settings as their
- * clients.conf text ("text.") and their value ("cur."). */
-static void state_put_field(const struct client *c, size_t i, int64_t now_mono,
-                            int64_t now_wall, struct buf *out)
-{
-    const struct client_field *f = &client_fields[i];
-    char hash[65];
-    if (f->flags & F_RUN) {
-        buf_printf(out, "text.%s ", f->name);
-        state_escape(c->conf_text[i], out);
-        buf_printf(out, "\ncur.%s ", f->name);
-    } else if (f->flags & (F_SAVE | F_HIST)) {
-        buf_printf(out, "%s ", f->name);
-    } else {
-        return;
-    }
-    if (f->type == CF_STR) {
-        state_escape(*CF_AT(c, f, char *), out);
-    } else if (f->type == CF_HASH) {
-        hex_encode_upper(CF_AT(c, f, unsigned char), 32, hash);
-        buf_adds(out, hash);
-    } else {
-        buf_printf(out, "%" PRId64, client_number(c, f, now_mono, now_wall));
-    }
-    buf_addc(out, '\n');
-}
-
-/* Serialise every client's state (no secrets). */
+/* Each client's record: a run-time setting as its clients.conf text
+ * ("text.") and its value ("cur."), then the other saved fields. */
 static void state_serialise(const struct client_table *t, int64_t now_mono,
                             int64_t now_wall, struct buf *out)
 {
+    char hash[65];
     buf_adds(out, STATE_MAGIC "\n# Written by mandos.c, which rewrites it as its clients "
              "change.  No secrets here.\n");
-    for (size_t i = 0; i < t->n; i++) {
+    for (size_t k = 0; k < t->n; k++) {
+        const struct client *c = t->v[k];
         buf_adds(out, "client ");
-        state_escape(t->v[i]->name, out);
-        buf_addc(out, '\n');
-        for (size_t f = 0; f < N_FIELDS; f++)
-            state_put_field(t->v[i], f, now_mono, now_wall, out);
-        buf_adds(out, "end\n");
+        state_escape(c->name, out);
+        for (size_t i = 0; i < N_FIELDS; i++) {
+            const struct client_field *f = &client_fields[i];
+            if (!(f->flags & (F_RUN | F_SAVE | F_HIST)))
+                continue;
+            if (f->flags & F_RUN) {
+                buf_printf(out, "\ntext.%s ", f->name);
+                state_escape(c->conf_text[i], out);
+            }
+            buf_printf(out, "\n%s%s ", f->flags & F_RUN ? "cur." : "", f->name);
+            if (f->type == CF_STR) {
+                state_escape(*CF_AT(c, f, char *), out);
+            } else if (f->type == CF_HASH) {
+                hex_encode_upper(CF_AT(c, f, unsigned char), 32, hash);
+                buf_adds(out, hash);
+            } else {
+                buf_printf(out, "%" PRId64, client_number(c, f, now_mono, now_wall));
+            }
+        }
+        buf_adds(out, "\nend\n");
     }
 }
 
@@ -2350,48 +2320,71 @@ static int write_all(int fd, const char *p, size_t n)
     return 0;
 }
 
-/* Write the state file atomically: temp file, fsync, rename, fsync dir. */
-static int state_save(struct server *srv)
+/* Write the state file atomically: temp file, fsync, rename, fsync dir.
+ * After a failure, as after a success, the next save waits its turn;
+ * but the first one, at start-up, must work: better to refuse to start
+ * than to lose state later. */
+static void state_save(struct server *srv)
 {
-    if (srv->state_dirfd < 0)
-        return 0;
     struct buf data = { 0 };
     char tmp[64];
     state_serialise(&srv->clients, mono_ms(), wall_us(), &data);
     snprintf(tmp, sizeof tmp, "%s.tmp-%ld", STATE_FILE, (long)getpid());
     int fd = openat(srv->state_dirfd, tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
     bool ok = fd >= 0 && write_all(fd, data.data, data.len) == 0 && fsync(fd) == 0;
-    if (fd >= 0 && close(fd) < 0)
-        ok = false;
-    ok = ok && renameat(srv->state_dirfd, tmp, srv->state_dirfd, STATE_FILE) == 0;
-    int e = errno;
-    if (fd >= 0 && !ok)
-        unlinkat(srv->state_dirfd, tmp, 0);
-    buf_free(&data);
-    /* after a failure too: try again later rather than in a tight loop */
-    srv->state_saved_at = mono_ms();
-    srv->state_urgent = false;
+    ok = fd >= 0 && close(fd) == 0 && ok
+         && renameat(srv->state_dirfd, tmp, srv->state_dirfd, STATE_FILE) == 0;
     if (!ok) {
         log_err("Could not save state to %s/%s: %s", srv->set.statedir, STATE_FILE,
-                strerror(e));
-        return -1;
+                strerror(errno));
+        unlinkat(srv->state_dirfd, tmp, 0);
     }
-    fsync(srv->state_dirfd);
-    srv->state_dirty = false;
-    return 0;
+    if (!ok && !srv->state_saved_at)        /* the first save, at start-up */
+        fatal("state directory %s is not writable by uid %ld; give it to that user, e.g. "
+              "chown _mandos: %s", srv->set.statedir, (long)geteuid(), srv->set.statedir);
+    if (ok)
+        fsync(srv->state_dirfd);
+    buf_free(&data);
+    srv->state_saved_at = mono_ms();
+    srv->state_urgent = false;
+    srv->state_dirty = !ok;
 }
 
-/* Parse one "key value" line into the client being read. */
-static int state_read_field(struct client *c, const char *key, const char *val,
-                            struct buf *scratch)
+/* One line of a state file: "client NAME" adds a record to `out`, which
+ * `*cur` stands for until its "end" line; the "key value" lines between
+ * set its fields (`expires` in wall-clock µs, until applied). */
+static int state_line(char *key, struct client **cur, struct client_table *out,
+                      struct buf *scratch)
 {
+    char *sp = strchr(key, ' ');
+    const char *val = sp ? sp + 1 : "";
+    struct client *c = *cur;
+    if (sp)
+        *sp = '\0';
+    if (!c && (!streq(key, "client") || state_unescape(val, scratch) < 0 || !*scratch->data))
+        return -1;
+    if (!c) {
+        c = *cur = xcalloc(1, sizeof *c);
+        c->name = xstrdup(scratch->data);
+        for (size_t i = 0; i < N_RUN; i++) {
+            c->conf_text[i] = xstrdup("");
+            if (client_fields[i].type == CF_STR)
+                *CF_AT(c, &client_fields[i], char *) = xstrdup("");
+        }
+        grow((void **)&out->v, &out->cap, out->n + 1, sizeof *out->v);
+        out->v[out->n++] = c;
+        return 0;
+    }
+    if (streq(key, "end")) {
+        *cur = NULL;
+        return 0;
+    }
     bool text = strncmp(key, "text.", 5) == 0;
-    bool cur = strncmp(key, "cur.", 4) == 0;
-    const struct client_field *f = client_field(key + (text ? 5 : cur ? 4 : 0));
-    bool run = f && (f->flags & F_RUN);
+    bool run = text || strncmp(key, "cur.", 4) == 0;
+    const struct client_field *f = client_field(key + (text ? 5 : run ? 4 : 0));
     long long n;
     bool overflow;
-    if (!f || run != (text || cur) || !(f->flags & (F_RUN | F_SAVE | F_HIST)))
+    if (!f || run != ((f->flags & F_RUN) != 0) || !(f->flags & (F_RUN | F_SAVE | F_HIST)))
         return -1;
     if (text || f->type == CF_STR) {
         if (state_unescape(val, scratch) < 0)
@@ -2403,48 +2396,10 @@ static int state_read_field(struct client *c, const char *key, const char *val,
     }
     if (f->type == CF_HASH)
         return hex_decode(val, CF_AT(c, f, unsigned char), 32);
-    if (parse_pyint(val, strlen(val), &n, &overflow) < 0 || overflow)
+    if (parse_pyint(val, strlen(val), &n, &overflow) < 0 || overflow || (run && n < 0)
+        || (f->type == CF_BOOL && n != 0 && n != 1))
         return -1;
-    if ((run && n < 0) || (f->type == CF_BOOL && n != 0 && n != 1))
-        return -1;
-    client_set_number(c, f, n);  /* `expires` in wall-clock µs, until applied */
-    return 0;
-}
-
-static struct client *state_new_record(const char *name)
-{
-    struct client *c = xcalloc(1, sizeof *c);
-    for (size_t i = 0; i < N_RUN; i++) {
-        c->conf_text[i] = xstrdup("");
-        if (client_fields[i].type == CF_STR)
-            *CF_AT(c, &client_fields[i], char *) = xstrdup("");
-    }
-    c->name = xstrdup(name);
-    return c;
-}
-
-/* One line of a state file into `*cur`, the client being read, which
- * its "end" line adds to `out`. */
-static int state_line(char *line, struct client **cur, struct client_table *out,
-                      struct buf *scratch)
-{
-    char *sp = strchr(line, ' ');
-    const char *val = sp ? sp + 1 : "";
-    if (sp)
-        *sp = '\0';
-    if (streq(line, "client")) {
-        if (*cur || state_unescape(val, scratch) < 0 || !*scratch->data)
-            return -1;
-        *cur = state_new_record(scratch->data);
-        return 0;
-    }
-    if (!*cur)
-        return -1;
-    if (!streq(line, "end"))
-        return state_read_field(*cur, line, val, scratch);
-    grow((void **)&out->v, &out->cap, out->n + 1, sizeof *out->v);
-    out->v[out->n++] = *cur;
-    *cur = NULL;
+    client_set_number(c, f, n);
     return 0;
 }
 
@@ -2474,111 +2429,80 @@ static int state_parse(const char *data, size_t len, struct diag *diag,
     }
     if (diag->count == 0 && cur)
         diag_error(diag, lineno, "incomplete: the last client has no \"end\" line");
-    client_free(cur);
     client_table_index(out, NULL);
     buf_free(&line);
     buf_free(&scratch);
     return diag->count;
 }
 
-/* After restoring: an enabled client whose expiry passed while we were
- * down stays enabled only if its last checker succeeded. */
-static void client_check_restored_expiry(struct client *c, int64_t saved_expires_wall,
-                                         int64_t now_wall)
-{
-    if (!c->cur.enabled || !saved_expires_wall || saved_expires_wall > now_wall)
-        return;
-    if (!c->last_checked_ok) {
-        log_warn("disabling client %s - Client never performed a successful checker", c->name);
-        c->cur.enabled = false;
-    } else if (c->last_checker_status != 0) {
-        log_warn("disabling client %s - Client last checker failed with error code %d",
-                 c->name, c->last_checker_status);
-        c->cur.enabled = false;
-    } else {
-        log_debug("Last checker succeeded, keeping %s enabled", c->name);
-    }
-}
-
-/* Apply saved state to freshly read clients.  `saved` is consumed. */
+/* Apply saved state to freshly read clients; `saved` is consumed.  An
+ * enabled client whose time ran out while we were down stays enabled
+ * only if its last checker succeeded. */
 static void state_apply(struct client_table *clients, struct client_table *saved)
 {
-    int64_t now_wall = wall_us();
+    int64_t now = wall_us();
     for (size_t i = 0; i < clients->n; i++) {
         struct client *c = clients->v[i];
         struct client *s = client_find_by_name(saved, c->name);
         if (!s)
             continue;
-        bool was_enabled = s->cur.enabled;
         if (memcmp(c->secret_hash, s->secret_hash, 32) != 0)
             log_info("The secret of %s changed in clients.conf since the last run", c->name);
         client_reconcile(c, s);
-        if (c->cur.enabled && !was_enabled)
-            c->last_enabled = now_wall;      /* re-enabled by an edit */
+        if (c->cur.enabled && !s->cur.enabled)
+            c->last_enabled = now;      /* re-enabled by an edit */
+        if (!c->cur.enabled || !s->cur.enabled || !s->expires || s->expires > now)
+            continue;
+        if (!c->last_checked_ok)
+            log_warn("disabling client %s - Client never performed a successful checker",
+                     c->name);
+        else if (c->last_checker_status != 0)
+            log_warn("disabling client %s - Client last checker failed with error code %d",
+                     c->name, c->last_checker_status);
         else
-            client_check_restored_expiry(c, s->expires, now_wall);
+            log_debug("Last checker succeeded, keeping %s enabled", c->name);
+        c->cur.enabled = c->last_checked_ok && c->last_checker_status == 0;
     }
     client_table_clear(saved);
 }
 
-/* Load the state file into `clients`.  A missing file is fine; a broken
- * one is fatal, because silently re-enabling every client would undo
- * exactly what the state protects. */
-static void state_restore(struct server *srv)
+/* Open (creating if needed) the state directory as root, so that later
+ * saves work through the descriptor whatever the path's parents allow;
+ * then load the saved state, unless told not to.  A missing file is
+ * fine; a broken one is fatal, because silently re-enabling every
+ * client would undo exactly what the state protects. */
+static void state_open(struct server *srv)
 {
+    const char *dir = srv->set.statedir;
     struct buf data = { 0 };
+    struct client_table saved = { 0 };
     char path[PATH_MAX];
-    snprintf(path, sizeof path, "%s/%s", srv->set.statedir, STATE_FILE);
-    if (read_file_at(srv->state_dirfd, STATE_FILE, &data) < 0) {
-        if (errno == ENOENT) {
-            log_info("No saved state in %s; starting fresh", path);
-            return;
-        }
+    bool created = mkdir(dir, 0700) == 0;
+    srv->state_dirfd = openat(AT_FDCWD, dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC, 0);
+    if (srv->state_dirfd < 0)
+        fatal("cannot open state directory %s: %s", dir, strerror(errno));
+    if (created && geteuid() == 0 && fchown(srv->state_dirfd, srv->run_uid, srv->run_gid) != 0)
+        fatal("cannot hand state directory %s to uid %ld: %s", dir, (long)srv->run_uid,
+              strerror(errno));
+    if (!srv->set.restore)
+        return;
+    snprintf(path, sizeof path, "%s/%s", dir, STATE_FILE);
+    struct diag diag = { path, 0, false, NULL };
+    int rc = read_file_at(srv->state_dirfd, STATE_FILE, &data);
+    if (rc < 0 && errno == ENOENT) {
+        log_info("No saved state in %s; starting fresh", path);
+        return;
+    }
+    if (rc < 0)
         fatal("%s: cannot read saved state: %s (start with --no-restore to ignore it)",
               path, strerror(errno));
-    }
-    struct client_table saved = { 0 };
-    struct diag diag = { path, 0, false, NULL };
-    if (state_parse(data.data ? data.data : "", data.len, &diag, &saved) > 0) {
-        client_table_clear(&saved);
+    if (state_parse(data.data, data.len, &diag, &saved) > 0)
         fatal("%s: the saved state is corrupt (see above); refusing to start, since "
               "disabled clients would come back enabled.  Move the file away or start "
               "with --no-restore to ignore it", path);
-    }
     buf_free(&data);
     log_debug("Restoring state of %zu clients from %s", saved.n, path);
     state_apply(&srv->clients, &saved);
-}
-
-/* Open (creating if needed) the state directory as root, so that later
- * saves work through the descriptor whatever the path's parents allow. */
-static void statedir_open(struct server *srv)
-{
-    bool created = false;
-    if (mkdir(srv->set.statedir, 0700) == 0)
-        created = true;
-    else if (errno != EEXIST)
-        fatal("cannot create state directory %s: %s", srv->set.statedir, strerror(errno));
-    srv->state_dirfd = openat(AT_FDCWD, srv->set.statedir, O_RDONLY | O_DIRECTORY | O_CLOEXEC, 0);
-    if (srv->state_dirfd < 0)
-        fatal("cannot open state directory %s: %s", srv->set.statedir, strerror(errno));
-    if (created && geteuid() == 0 && fchown(srv->state_dirfd, srv->run_uid, srv->run_gid) != 0)
-        fatal("cannot hand state directory %s to uid %ld: %s", srv->set.statedir,
-              (long)srv->run_uid, strerror(errno));
-}
-
-/* After dropping privileges: can we still save?  Better to say so now
- * than to lose state later. */
-static void statedir_check_writable(struct server *srv)
-{
-    const char *probe = "clients.state.probe";
-    int fd = openat(srv->state_dirfd, probe, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-    if (fd < 0)
-        fatal("state directory %s is not writable by uid %ld (%s); give it to that "
-              "user, e.g. chown _mandos: %s", srv->set.statedir, (long)geteuid(),
-              strerror(errno), srv->set.statedir);
-    close(fd);
-    unlinkat(srv->state_dirfd, probe, 0);
 }
 
 
@@ -4996,16 +4920,13 @@ static void server_start(struct server *srv)
     signals_install(srv);
     cloexec_inherited();
     raise_fd_limit(srv);
-    statedir_open(srv);
-    if (srv->set.restore)
-        state_restore(srv);
+    state_open(srv);
     listen_open(srv);
     notify_open(srv);
     if (!srv->set.foreground)
         daemonize();
     privileges_drop(srv);
     srv->debug_checkers = srv->set.debug;
-    statedir_check_writable(srv);
     if (chdir("/") != 0)
         log_warn("chdir /: %s", strerror(errno));
     int64_t now = mono_ms();
@@ -5120,12 +5041,12 @@ static void test_error_lines(const char *errs, struct buf *out)
 /* Set a field from its state-file text, as a saved value would be. */
 static void test_set(struct client *c, const char *name, const char *value)
 {
-    struct buf scratch = { 0 };
-    char key[64];
+    struct buf scratch = { 0 }, line = { 0 };
     const struct client_field *f = client_field(name);
-    snprintf(key, sizeof key, "%s%s", f && (f->flags & F_RUN) ? "cur." : "", name);
-    CHECK(state_read_field(c, key, value, &scratch) == 0);
+    buf_printf(&line, "%s%s %s", f && (f->flags & F_RUN) ? "cur." : "", name, value);
+    CHECK(state_line(line.data, &c, NULL, &scratch) == 0);
     buf_free(&scratch);
+    buf_free(&line);
 }
 
 /* A field's value as text: strings as they are, the rest as numbers. */
