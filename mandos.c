@@ -1331,19 +1331,19 @@ struct client_field {
 #define CL(member) offsetof(struct client, member)
 /* A run-time setting, and a field kept in the struct member of its name. */
 #define SETTING(m, type, flags, dflt, bus, sig) \
-    { #m, type, F_CONF | F_RUN | (flags), dflt, CL(cur.m), bus, sig, PROP_WRITE }
+    { #m, type, flags, dflt, CL(cur.m), bus, sig, PROP_WRITE }
 #define FIELD(m, type, flags, bus, sig, access) { #m, type, flags, NULL, CL(m), bus, sig, access }
 
 static const struct client_field client_fields[] = {
-    SETTING(host, CF_STR, F_ATTR, "", "Host", "s"),
-    SETTING(checker, CF_STR, F_COMMAND, "fping -q -- %%(host)s", "Checker", "s"),
-    SETTING(timeout, CF_MS, F_ATTR, "PT5M", "Timeout", "t"),
-    SETTING(extended_timeout, CF_MS, 0, "PT15M", "ExtendedTimeout", "t"),
-    SETTING(interval, CF_MS, F_ATTR | F_POSITIVE, "PT2M", "Interval", "t"),
-    SETTING(approval_delay, CF_MS, F_ATTR, "PT0S", "ApprovalDelay", "t"),
-    SETTING(approval_duration, CF_MS, F_ATTR, "PT1S", "ApprovalDuration", "t"),
-    SETTING(approved_by_default, CF_BOOL, 0, "True", "ApprovedByDefault", "b"),
-    SETTING(enabled, CF_BOOL, F_ATTR, "True", "Enabled", "b"),
+    SETTING(host, CF_STR, F_CONF | F_RUN | F_ATTR, "", "Host", "s"),
+    SETTING(checker, CF_STR, F_CONF | F_RUN | F_COMMAND, "fping -q -- %%(host)s", "Checker", "s"),
+    SETTING(timeout, CF_MS, F_CONF | F_RUN | F_ATTR, "PT5M", "Timeout", "t"),
+    SETTING(extended_timeout, CF_MS, F_CONF | F_RUN, "PT15M", "ExtendedTimeout", "t"),
+    SETTING(interval, CF_MS, F_CONF | F_RUN | F_ATTR | F_POSITIVE, "PT2M", "Interval", "t"),
+    SETTING(approval_delay, CF_MS, F_CONF | F_RUN | F_ATTR, "PT0S", "ApprovalDelay", "t"),
+    SETTING(approval_duration, CF_MS, F_CONF | F_RUN | F_ATTR, "PT1S", "ApprovalDuration", "t"),
+    SETTING(approved_by_default, CF_BOOL, F_CONF | F_RUN, "True", "ApprovedByDefault", "b"),
+    SETTING(enabled, CF_BOOL, F_CONF | F_RUN | F_ATTR, "True", "Enabled", "b"),
     { "key_id", CF_KEY_ID, F_CONF | F_ATTR, "", CL(key_id), "KeyID", "s", PROP_CONST },
     FIELD(fingerprint, CF_STR, F_CONF | F_ATTR, "Fingerprint", "s", PROP_CONST),
     FIELD(secret, CF_SECRET, F_CONF, "Secret", "ay", PROP_WRITE_ONLY),

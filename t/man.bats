@@ -13,8 +13,9 @@
 #   clients.conf.5.xml the same.
 # mandos.conf keys are those --help lists as "  KEY = DEFAULT" after its
 # line "Settings also come from"; clients.conf keys are the lines
-# `{ "KEY",` of `static const struct client_field client_fields[] = {`
-# whose first line has the flag F_CONF.
+# `{ "KEY",`, `SETTING(KEY,` or `FIELD(KEY,` of
+# `static const struct client_field client_fields[] = {` whose first line
+# has the flag F_CONF.
 #
 # Environment: MANDOS_BIN (default ../mandos), MANDOS_SRC (../mandos.c),
 # DOCBOOK_XSL (the manpages stylesheet of docbook-xsl).
@@ -137,7 +138,9 @@ src_keys() {
         index($0, head) { inside = 1; next }
         inside && /};/   { exit }
         inside && (want == "" || index($0, want)) { print }' "$MANDOS_SRC" |
-        sed -n 's/^[[:space:]]*{[[:space:]]*"\([^"]*\)"[[:space:]]*,.*/\1/p' |
+        sed -n -e 's/^[[:space:]]*{[[:space:]]*"\([^"]*\)"[[:space:]]*,.*/\1/p' \
+               -e 's/^[[:space:]]*SETTING(\([a-z_0-9]*\),.*/\1/p' \
+               -e 's/^[[:space:]]*FIELD(\([a-z_0-9]*\),.*/\1/p' |
         sort -u
 }
 
