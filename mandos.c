@@ -2334,15 +2334,16 @@ static void state_save(struct server *srv)
     bool ok = fd >= 0 && write_all(fd, data.data, data.len) == 0 && fsync(fd) == 0;
     ok = fd >= 0 && close(fd) == 0 && ok
          && renameat(srv->state_dirfd, tmp, srv->state_dirfd, STATE_FILE) == 0;
-    if (!ok) {
-        log_err("Could not save state to %s/%s: %s", srv->set.statedir, STATE_FILE,
-                strerror(errno));
+    int e = errno;
+    if (!ok)
         unlinkat(srv->state_dirfd, tmp, 0);
-    }
     if (!ok && !srv->state_saved_at)        /* the first save, at start-up */
-        fatal("state directory %s is not writable by uid %ld; give it to that user, e.g. "
-              "chown _mandos: %s", srv->set.statedir, (long)geteuid(), srv->set.statedir);
-    if (ok)
+        fatal("state directory %s is not writable by uid %ld (%s); give it to that "
+              "user, e.g. chown _mandos: %s", srv->set.statedir, (long)geteuid(),
+              strerror(e), srv->set.statedir);
+    if (!ok)
+        log_err("Could not save state to %s/%s: %s", srv->set.statedir, STATE_FILE, strerror(e));
+    else
         fsync(srv->state_dirfd);
     buf_free(&data);
     srv->state_saved_at = mono_ms();
