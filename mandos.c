@@ -1411,11 +1411,10 @@ static void checker_stop(struct server *srv, struct client *c);
 static void checker_start(struct server *srv, struct client *c);
 static void conn_approval_wakeup(struct server *srv, struct client *c, int64_t now);
 static void conn_client_gone(struct server *srv, struct client *old, struct client *n);
-/* What section 10 publishes on D-Bus for section 8; no-ops without it. */
+/* What section 10 publishes on D-Bus; no-ops without it. */
+static void bus_client_signal(struct server *srv, const struct client *c, const char *member,
+                              const char *text, int status);
 static void bus_client_not_found(struct server *srv, const char *key_id, const char *peer);
-static void bus_need_approval(struct server *srv, const struct client *c);
-static void bus_rejected(struct server *srv, const struct client *c, const char *reason);
-static void bus_got_secret(struct server *srv, const struct client *c);
 
 static void state_changed(struct server *srv, bool urgent)
 {
@@ -2091,10 +2090,6 @@ static void clients_conf_check_mode(const struct server *srv)
 /*    expanded at each run with the client's attributes, shell-quoted.    */
 /* ===================================================================== */
 
-/* What section 10 publishes on D-Bus; no-ops without it. */
-static void bus_checker_started(struct server *srv, const struct client *c, const char *command);
-static void bus_checker_completed(struct server *srv, const struct client *c, int status);
-
 /* POSIX shell quoting: bare if only safe characters, else '...'. */
 static void shell_quote(const char *s, size_t n, struct buf *out)
 {
@@ -2174,7 +2169,7 @@ static void checker_start(struct server *srv, struct client *c)
         c->checker_pid = 0;
         log_err("Could not start checker for %s: %s", c->name, strerror(rc));
     } else {
-        bus_checker_started(srv, c, cmd.data);
+        bus_client_signal(srv, c, "CheckerStarted", cmd.data, 0);
     }
     buf_free(&cmd);
 }
@@ -2204,7 +2199,7 @@ static void checker_finished(struct server *srv, struct client *c, int status)
     } else {
         log_info("Checker for %s failed", c->name);
     }
-    bus_checker_completed(srv, c, status);
+    bus_client_signal(srv, c, "CheckerCompleted", NULL, status);
 }
 
 /* Collect every finished child; called when SIGCHLD arrived. */
@@ -2887,14 +2882,14 @@ static enum step conn_do_approval(struct server *srv, struct conn *cn, short rev
         return conn_log(cn, LOG_INFO, "peer went away while waiting for approval");
     if (!c->cur.enabled) {
         conn_log(cn, LOG_INFO, "Client %s is disabled", c->name);
-        bus_rejected(srv, c, "Disabled");
+        bus_client_signal(srv, c, "Rejected", "Disabled", 0);
         return conn_enter(srv, cn, CONN_BYE, now);
     }
     if (c->approved == APPROVAL_GRANTED || c->cur.approval_delay == 0)
         return conn_enter(srv, cn, CONN_SEND, now);
     if (c->approved == APPROVAL_DENIED) {
         conn_log(cn, LOG_WARNING, "Client %s was not approved", c->name);
-        bus_rejected(srv, c, "Denied");
+        bus_client_signal(srv, c, "Rejected", "Denied", 0);
         return conn_enter(srv, cn, CONN_BYE, now);
     }
     if (!cn->counted_pending) {
@@ -2904,14 +2899,14 @@ static enum step conn_do_approval(struct server *srv, struct conn *cn, short rev
         cn->deadline = now + c->cur.approval_delay;
         state_changed(srv, false);
         conn_log(cn, LOG_INFO, "Client %s needs approval", c->name);
-        bus_need_approval(srv, c);
+        bus_client_signal(srv, c, "NeedApproval", NULL, 0);
     }
     if (now < cn->deadline)
         return STEP_WAIT;
     if (c->cur.approved_by_default)
         return conn_enter(srv, cn, CONN_SEND, now);
     conn_log(cn, LOG_WARNING, "Client %s timed out while waiting for approval", c->name);
-    bus_rejected(srv, c, "Approval timed out");
+    bus_client_signal(srv, c, "Rejected", "Approval timed out", 0);
     return conn_enter(srv, cn, CONN_BYE, now);
 }
 
@@ -2937,7 +2932,7 @@ static enum step conn_do_send(struct server *srv, struct conn *cn, int64_t now)
     }
     conn_forget_secret(cn);
     conn_log(cn, LOG_INFO, "Sending secret to %s", c->name);
-    bus_got_secret(srv, c);
+    bus_client_signal(srv, c, "GotSecret", NULL, 0);
     client_bump(srv, c, c->cur.extended_timeout, now);
     return conn_enter(srv, cn, CONN_BYE, now);
 }
@@ -3548,48 +3543,32 @@ static const char *zc_self_test(void)
 
 static const char bus_backend[] = "sd-bus";
 
-#define BUS_NAME "se.recompile.Mandos"
-#define BUS_SERVER_IFACE "se.recompile.Mandos"
+#define BUS_NAME "se.recompile.Mandos"   /* also the interface of "/" */
 #define BUS_CLIENT_IFACE "se.recompile.Mandos.Client"
-#define BUS_CLIENTS "/clients"   /* parent of the client objects */
-#define BUS_START_TIMEOUT_US (5 * 1000000ULL)   /* the name request at start-up */
-#define BUS_PROCESS_ROUNDS 64    /* messages handled per loop turn, at most */
-#define BUS_DRAIN_ROUNDS 20      /* at exit: 20 x 25 ms for queued signals */
-#define BUS_UNPRIV SD_BUS_VTABLE_UNPRIVILEGED   /* the bus policy decides */
-#define BUS_DEPRECATED SD_BUS_VTABLE_DEPRECATED
+/* Who may call what is for the bus policy alone (etc/mandos-dbus.conf),
+ * as with the reference: the check of sd-bus would shut out non-root
+ * members of _mandos.  The se.bsnet.fukt.Mandos names are left out: no
+ * 1.8 tool uses them. */
+#define BUS_UNPRIV SD_BUS_VTABLE_UNPRIVILEGED
+#define BUS_OLD SD_BUS_VTABLE_DEPRECATED
 
-/* What is here: "/" with ObjectManager, RemoveClient, ClientAdded,
- * ClientNotFound, ClientRemoved and the deprecated GetAllClients and
- * GetAllClientsWithProperties (mandos-monitor still lists clients with
- * the latter); one object per client with every property of
- * client_fields, Approve, CheckedOK, the deprecated Enable, Disable,
- * StartChecker, StopChecker, its signals, PropertiesChanged and the old
- * PropertyChanged.  Left out: the deprecated se.bsnet.fukt.Mandos names,
- * which no 1.8 tool uses.  Secret shows as readwrite in introspection
- * (sd-bus has no write-only properties) but reading it is refused.  Who
- * may call what is for the bus policy alone (etc/mandos-dbus.conf), as
- * with the reference: sd-bus's own check would shut out non-root members
- * of _mandos, hence BUS_UNPRIV on every method and writable property. */
-
-/* One exported client object, and the values last published for it:
- * changes are found by comparing (bus_publish), so the core needs no
- * call at each place that changes a property. */
+/* One client object and the values last published for it: changes are
+ * found by comparing (bus_publish), so the core needs no call at each
+ * place that changes a property. */
 struct bus_entry {
-    char *path;                  /* "/clients/..." from client_object_path() */
-    char *name;                  /* kept for ClientRemoved once the client is gone */
-    struct client *client;       /* valid until the next reload or removal */
-    struct server *srv;          /* what the callbacks need besides the client */
-    size_t order;                /* position in clients.conf, to break ties */
+    char *path;                  /* from client_object_path() */
+    char *name;                  /* for ClientRemoved once the client is gone */
+    struct client *client;       /* valid until the next bus_sync() */
+    struct server *srv;
     char *checker_command;       /* of the running checker, for CheckerCompleted */
-    int64_t seen[N_FIELDS];      /* expires stays monotonic here */
-    char *seen_text[N_FIELDS];   /* for string fields */
+    uint64_t seen[N_FIELDS];     /* client_number(), or a string's hash */
 };
 
 struct bus {
     sd_bus *bus;
-    struct server *srv;
-    struct bus_entry *v;         /* sorted by path, for bsearch */
+    struct bus_entry *v;         /* in clients.conf order */
     size_t n;
+    struct name_index paths;     /* object path -> position in v */
     sd_bus_vtable *client_vtable;   /* built from client_fields */
 };
 
@@ -3603,253 +3582,173 @@ static const struct client_field *bus_field(const char *prop)
     return NULL;
 }
 
-/* Properties that announce their changes. */
-static bool bus_watched(const struct client_field *f)
-{
-    return f->access == PROP_READ || f->access == PROP_WRITE;
-}
-
-/* Note field i's value as published; true if it changed since. */
+/* Note a field's value as published; true if it announces changes and
+ * changed since.  A string is noted by a 64-bit hash. */
 static bool bus_seen_update(struct bus_entry *e, size_t i)
 {
     const struct client_field *f = &client_fields[i];
-    if (f->type != CF_STR) {
-        int64_t v = client_number(e->client, f, 0, 0);
-        bool changed = v != e->seen[i];
-        e->seen[i] = v;
-        return changed;
-    }
-    const char *now = *CF_AT(e->client, f, char *);
-    if (e->seen_text[i] && streq(e->seen_text[i], now))
+    if (f->access != PROP_READ && f->access != PROP_WRITE)
         return false;
-    free(e->seen_text[i]);
-    e->seen_text[i] = xstrdup(now);
-    return true;
+    uint64_t v = (uint64_t)client_number(e->client, f, 0, 0);     /* 0 for a string */
+    for (const char *s = f->type == CF_STR ? *CF_AT(e->client, f, char *) : ""; *s; s++)
+        v = (v ^ (unsigned char)*s) * 1099511628211ULL;             /* FNV-1a */
+    bool changed = v != e->seen[i];
+    e->seen[i] = v;
+    return changed;
 }
 
-static void bus_entry_free(struct bus_entry *e)
+static const char *bus_path_at(const void *b, size_t i)
 {
-    free(e->path);
-    free(e->name);
-    free(e->checker_command);
-    for (size_t i = 0; i < N_FIELDS; i++)
-        free(e->seen_text[i]);
+    return ((const struct bus *)b)->v[i].path;
 }
 
-static int bus_entry_cmp(const void *a, const void *b)
+static struct bus_entry *bus_lookup(const struct bus *b, const char *path)
 {
-    const struct bus_entry *x = a, *y = b;
-    int r = strcmp(x->path, y->path);
-    return r ? r : (x->order > y->order) - (x->order < y->order);
+    size_t i = name_index_find(&b->paths, path, bus_path_at, b);
+    return i == SIZE_MAX ? NULL : &b->v[i];
 }
 
-static struct bus_entry *bus_entry_by_path(const struct bus *b, const char *path)
+/* InterfacesRemoved names our interface itself, so that it works after
+ * the client is gone. */
+static void bus_announce(struct bus *b, const struct bus_entry *e, bool added)
 {
-    size_t lo = 0, hi = b->n;
-    while (path && lo < hi) {
-        size_t mid = lo + (hi - lo) / 2;
-        int r = strcmp(b->v[mid].path, path);
-        if (r == 0)
-            return &b->v[mid];
-        if (r < 0)
-            lo = mid + 1;
-        else
-            hi = mid;
+    int r = added ? sd_bus_emit_object_added(b->bus, e->path)
+                  : sd_bus_emit_interfaces_removed(b->bus, e->path, BUS_CLIENT_IFACE, NULL);
+    if (r >= 0)
+        r = sd_bus_emit_signal(b->bus, "/", BUS_NAME, added ? "ClientAdded" : "ClientRemoved",
+                               added ? "o" : "os", e->path, e->name);
+    if (r < 0)
+        log_debug("D-Bus: cannot announce %s: %s", e->path, strerror(-r));
+}
+
+static void bus_entries_free(struct bus *b)
+{
+    for (size_t i = 0; i < b->n; i++) {
+        free(b->v[i].path);
+        free(b->v[i].name);
+        free(b->v[i].checker_command);
     }
-    return NULL;
+    free(b->v);
+    name_index_free(&b->paths);
 }
 
-static struct bus_entry *bus_entry_of(const struct server *srv, const struct client *c)
+/* Objects for the client table as it is now (at start, after a reload or
+ * a removal); those that came and went are announced.  What was published
+ * is carried over by path, so the next bus_publish() reports the edits;
+ * the old clients may be gone, so only the old entries' copies are read.
+ * Of names that differ only in bytes that become '_' (one path), the
+ * first in clients.conf gets the object. */
+static void bus_sync(struct server *srv)
 {
-    if (!srv->bus)
-        return NULL;
-    struct buf path = { 0 };
-    client_object_path(c, &path);
-    struct bus_entry *e = bus_entry_by_path(srv->bus, path.data);
-    buf_free(&path);
-    return e && e->client == c ? e : NULL;
-}
-
-/* One entry per client, sorted by path.  Names differing only in
- * characters that become '_' share a path: the first in clients.conf
- * gets the object, the others stay invisible on D-Bus. */
-static void bus_entries_build(struct server *srv, struct bus_entry **out, size_t *nout)
-{
+    struct bus *b = srv->bus;
+    if (!b)
+        return;
+    struct bus old = *b;
     const struct client_table *t = &srv->clients;
-    struct bus_entry *v = xcalloc(t->n, sizeof *v);
+    b->v = xcalloc(t->n + 1, sizeof *b->v);
+    b->n = 0;
+    memset(&b->paths, 0, sizeof b->paths);
     for (size_t i = 0; i < t->n; i++) {
+        struct bus_entry *e = &b->v[b->n];
         struct buf path = { 0 };
         client_object_path(t->v[i], &path);
-        v[i].path = path.data;
-        v[i].name = xstrdup(t->v[i]->name);
-        v[i].client = t->v[i];
-        v[i].srv = srv;
-        v[i].order = i;
-        for (size_t f = 0; f < N_FIELDS; f++)
-            if (bus_watched(&client_fields[f]))
-                bus_seen_update(&v[i], f);
-    }
-    qsort(v, t->n, sizeof *v, bus_entry_cmp);
-    size_t n = 0;
-    for (size_t i = 0; i < t->n; i++) {
-        if (n > 0 && streq(v[n - 1].path, v[i].path)) {
+        const struct bus_entry *first = bus_lookup(b, path.data);
+        if (first) {
             log_warn("clients %s and %s have the same D-Bus object path %s; only %s "
-                     "is visible on D-Bus", v[n - 1].name, v[i].name, v[i].path, v[n - 1].name);
-            bus_entry_free(&v[i]);
+                     "is visible on D-Bus", first->name, t->v[i]->name, path.data, first->name);
+            buf_free(&path);
             continue;
         }
-        v[n++] = v[i];
+        *e = (struct bus_entry){ path.data, xstrdup(t->v[i]->name), t->v[i], srv, NULL, { 0 } };
+        name_index_add(&b->paths, e->path, b->n++, bus_path_at, b);
+        for (size_t f = 0; f < N_FIELDS; f++)
+            bus_seen_update(e, f);
+        struct bus_entry *o = bus_lookup(&old, e->path);
+        if (!o) {
+            bus_announce(b, e, true);
+            continue;
+        }
+        memcpy(e->seen, o->seen, sizeof e->seen);
+        e->checker_command = o->checker_command;
+        o->checker_command = NULL;
     }
-    *out = v;
-    *nout = n;
+    for (size_t i = 0; i < old.n; i++)
+        if (!bus_lookup(b, old.v[i].path))
+            bus_announce(b, &old.v[i], false);
+    bus_entries_free(&old);
 }
 
-/* ---- property values ---------------------------------------------------- */
+/* ---- properties ----------------------------------------------------------- */
 
-/* A timestamp as the reference shows it: ISO 8601 in UTC without a zone,
- * "2023-02-08T12:34:56.789012" (fraction omitted when zero); "" if none. */
-static int bus_append_time(sd_bus_message *m, int64_t us)
+/* Every client property: durations in milliseconds, times in ISO 8601
+ * (UTC, no zone; "" for never).  Secret shows as readwrite (sd-bus has
+ * no write-only properties), but reading it is refused. */
+static int bus_get(sd_bus *bus, const char *path, const char *iface, const char *prop,
+                   sd_bus_message *m, void *userdata, sd_bus_error *err)
 {
+    const struct bus_entry *e = userdata;
+    const struct client_field *f = bus_field(prop);
+    int64_t v = client_number(e->client, f, mono_ms(), wall_us());
+    (void)bus; (void)path; (void)iface;
+    if (f->access == PROP_WRITE_ONLY)
+        return sd_bus_error_setf(err, SD_BUS_ERROR_ACCESS_DENIED, "%s is write-only", prop);
+    if (f->sig[0] == 't')
+        return sd_bus_message_append(m, "t", (uint64_t)v);
+    if (f->sig[0] == 'n' || f->sig[0] == 'b')
+        return sd_bus_message_append(m, f->sig, (int)v);
+    if (f->sig[0] == 'o')
+        return sd_bus_message_append(m, "o", e->path);
+    if (f->type == CF_KEY_ID)
+        return sd_bus_message_append(m, "s", CF_AT(e->client, f, char));
+    if (f->type == CF_STR)
+        return sd_bus_message_append(m, "s", *CF_AT(e->client, f, char *));
     struct buf text = { 0 };
     buf_adds(&text, "");
-    if (us)
-        timestamp_render(us, 'T', &text);
+    if (v)
+        timestamp_render(v, 'T', &text);
     int r = sd_bus_message_append(m, "s", text.data);
     buf_free(&text);
     return r;
 }
 
-/* The getter of every client property (durations in milliseconds). */
-static int bus_get(sd_bus *bus, const char *path, const char *iface, const char *prop,
-                   sd_bus_message *m, void *userdata, sd_bus_error *err)
+/* A property and its value: an a{sv} entry (`dict`), or the arguments of
+ * the old PropertyChanged. */
+static int bus_append_property(sd_bus_message *m, struct bus_entry *e,
+                               const struct client_field *f, bool dict)
 {
-    const struct bus_entry *e = userdata;
-    const struct client *c = e->client;
-    const struct client_field *f = bus_field(prop);
-    (void)bus; (void)path; (void)iface;
-    if (!f || f->access == PROP_WRITE_ONLY)
-        return sd_bus_error_setf(err, SD_BUS_ERROR_ACCESS_DENIED, "%s is write-only", prop);
-    int64_t v = client_number(c, f, mono_ms(), wall_us());
-    switch (f->type) {
-    case CF_STR:
-        return sd_bus_message_append(m, "s", *CF_AT(c, f, char *));
-    case CF_KEY_ID:
-        return sd_bus_message_append(m, "s", CF_AT(c, f, char));
-    case CF_PATH:
-        return sd_bus_message_append(m, "o", e->path);
-    case CF_TIME:
-    case CF_EXPIRES:
-        return bus_append_time(m, v);
-    case CF_MS:
-        return sd_bus_message_append(m, "t", (uint64_t)v);
-    case CF_INT:
-        return sd_bus_message_append(m, "n", (int)v);
-    default:                    /* CF_BOOL, CF_COUNT, CF_PID */
-        return sd_bus_message_append(m, "b", (int)v);
-    }
+    int r = dict ? sd_bus_message_open_container(m, 'e', "sv") : 0;
+    if (r >= 0)
+        r = sd_bus_message_append(m, "s", f->bus);
+    if (r >= 0)
+        r = sd_bus_message_open_container(m, 'v', f->sig);
+    if (r >= 0)
+        r = bus_get(NULL, e->path, NULL, f->bus, m, e, NULL);
+    if (r >= 0)
+        r = sd_bus_message_close_container(m);
+    return r >= 0 && dict ? sd_bus_message_close_container(m) : r;
 }
 
-/* Durations arrive as any D-Bus integer type: dbus-python, and so
- * mandos-ctl, sends a Python int as int32 whatever the property says. */
-static int bus_read_ms(sd_bus_message *m, const char *type, int64_t *ms, sd_bus_error *err)
+/* A new secret.  It is not saved (the state file holds no secrets): a
+ * restart brings back the configured one, and a reload keeps this one
+ * only while the configured one is unchanged. */
+static void bus_set_secret(struct bus_entry *e, const void *bytes, size_t len)
 {
-    int64_t v = -1;
-    int r = -EINVAL;
-    union { uint8_t y; int16_t n; uint16_t q; int32_t i; uint32_t u; int64_t x; uint64_t t; } n;
-    if (type[0] && !type[1] && strchr("ynqiuxt", type[0]))
-        r = sd_bus_message_read_basic(m, type[0], &n);
-    if (r < 0)
-        return sd_bus_error_setf(err, SD_BUS_ERROR_INVALID_ARGS,
-                                 "expected milliseconds as an integer, not type \"%s\"", type);
-    switch (type[0]) {
-    case 'y': v = n.y; break;
-    case 'n': v = n.n; break;
-    case 'q': v = n.q; break;
-    case 'i': v = n.i; break;
-    case 'u': v = n.u; break;
-    case 'x': v = n.x; break;
-    default: v = n.t > (uint64_t)DURATION_MAX_MS ? -1 : (int64_t)n.t; break;
-    }
-    if (v < 0 || v > DURATION_MAX_MS)
-        return sd_bus_error_setf(err, SD_BUS_ERROR_INVALID_ARGS,
-                                 "milliseconds out of range (0 to %lld)", DURATION_MAX_MS);
-    *ms = v;
-    return 0;
-}
-
-/* A value of the property's own type: an integer, a flag or a string. */
-static int bus_read_value(const struct client_field *f, sd_bus_message *m, const char *type,
-                          int64_t *v, const char **text, sd_bus_error *err)
-{
-    int flag = 0;
-    if (streq(f->sig, "t"))
-        return bus_read_ms(m, type, v, err);
-    if (!streq(type, f->sig))
-        return sd_bus_error_setf(err, SD_BUS_ERROR_INVALID_ARGS,
-                                 "%s takes type \"%s\", not \"%s\"", f->bus, f->sig, type);
-    if (f->sig[0] == 's')
-        return sd_bus_message_read_basic(m, 's', text);
-    int r = sd_bus_message_read_basic(m, 'b', &flag);
-    *v = flag;
-    return r;
-}
-
-/* Timeout: a running expiry moves by the difference; past means expired. */
-static void bus_set_timeout(struct server *srv, struct client *c, int64_t ms, int64_t now)
-{
-    int64_t old = c->cur.timeout;
-    c->cur.timeout = ms;
-    if (!c->cur.enabled || !c->expires)
-        return;
-    c->expires += ms - old;
-    if (c->expires <= now)
-        client_disable(srv, c, "timed out");
-    else
-        client_reschedule(&srv->clients, c);
-}
-
-/* Interval restarts the period, with a checker now. */
-static void bus_set_interval(struct server *srv, struct client *c, int64_t ms, int64_t now)
-{
-    c->cur.interval = ms;
-    if (!c->next_checker)
-        return;
-    c->next_checker = now + ms;
-    client_reschedule(&srv->clients, c);
-    if (!c->checker_pid)
-        checker_start(srv, c);
-}
-
-/* A new secret from D-Bus.  It is not saved (the state file holds no
- * secrets): after a restart the configured one is back, and a reload
- * keeps this one only while the configured secret is unchanged. */
-static int bus_set_secret(struct bus_entry *e, sd_bus_message *m, const char *type,
-                          sd_bus_error *err)
-{
-    const void *bytes = NULL;
-    size_t len = 0;
     struct client *c = e->client;
-    int r = streq(type, "ay") ? sd_bus_message_read_array(m, 'y', &bytes, &len) : -EINVAL;
-    if (r < 0)
-        return sd_bus_error_setf(err, SD_BUS_ERROR_INVALID_ARGS, "Secret takes bytes (ay)");
-    unsigned char *copy = xcalloc(1, len + 1);
-    if (len) {
-        memcpy(copy, bytes, len);
-        /* our copy of the message; the bus daemon had one too */
-        wipe((void *)(uintptr_t)bytes, len);
-    }
     wipe(c->secret, c->secret_len);
     free(c->secret);
-    c->secret = copy;
+    c->secret = xcalloc(1, len + 1);
     c->secret_len = len;
+    if (len) {
+        memcpy(c->secret, bytes, len);
+        wipe((void *)(uintptr_t)bytes, len);    /* our copy of the message */
+    }
     sd_bus_emit_properties_changed(e->srv->bus->bus, e->path, BUS_CLIENT_IFACE, "Secret", NULL);
-    return 0;
 }
 
 /* What writing a property does, with the reference's semantics; the
  * settings not named here simply take effect when next used. */
 static int bus_apply(struct bus_entry *e, const struct client_field *f, int64_t v,
-                     const char *text, sd_bus_error *err)
+                     const void *data, size_t len, sd_bus_error *err)
 {
     struct server *srv = e->srv;
     struct client *c = e->client;
@@ -3857,9 +3756,11 @@ static int bus_apply(struct bus_entry *e, const struct client_field *f, int64_t 
     char why[300];
     if ((f->flags & F_POSITIVE) && v == 0)
         return sd_bus_error_setf(err, SD_BUS_ERROR_INVALID_ARGS, "%s must be positive", f->bus);
-    if ((f->flags & F_COMMAND) && checker_walk(text, why, sizeof why, NULL, NULL) < 0)
+    if ((f->flags & F_COMMAND) && checker_walk(data, why, sizeof why, NULL, NULL) < 0)
         return sd_bus_error_setf(err, SD_BUS_ERROR_INVALID_ARGS, "%s: %s", f->bus, why);
-    if (streq(f->name, "enabled") && v)
+    if (f->type == CF_SECRET)
+        bus_set_secret(e, data, len);
+    else if (streq(f->name, "enabled") && v)
         client_enable(srv, c, now);
     else if (streq(f->name, "enabled"))
         client_disable(srv, c, "disabled over D-Bus");
@@ -3869,82 +3770,128 @@ static int bus_apply(struct bus_entry *e, const struct client_field *f, int64_t 
         checker_start(srv, c);
     else if (streq(f->name, "last_checked_ok"))
         client_checked_ok(srv, c, now);          /* whatever the value */
-    else if (streq(f->name, "timeout"))
-        bus_set_timeout(srv, c, v, now);
-    else if (streq(f->name, "interval"))
-        bus_set_interval(srv, c, v, now);
-    else if (f->type == CF_STR) {
+    else if (streq(f->name, "timeout") && c->cur.enabled && c->expires) {
+        /* a running expiry moves by the difference; past means expired */
+        c->expires += v - c->cur.timeout;
+        c->cur.timeout = v;
+        if (c->expires <= now)
+            client_disable(srv, c, "timed out");
+        client_reschedule(&srv->clients, c);
+    } else if (streq(f->name, "interval") && c->next_checker) {
+        /* the period restarts, with a checker now */
+        c->cur.interval = v;
+        c->next_checker = now + v;
+        client_reschedule(&srv->clients, c);
+        if (!c->checker_pid)
+            checker_start(srv, c);
+    } else if (f->type == CF_STR) {
         free(*CF_AT(c, f, char *));
-        *CF_AT(c, f, char *) = xstrdup(text);
+        *CF_AT(c, f, char *) = xstrdup(data);
     } else if (f->type != CF_PID)
         client_set_number(c, f, v);
     return 0;
 }
 
-/* Every property write: the value read by the table's signature, then
- * applied.  `type` is the signature in the variant, `m` is on it. */
-static int bus_set_value(struct bus_entry *e, const char *prop, sd_bus_message *m,
-                         const char *type, sd_bus_error *err)
+/* A write of property `f`, `m` on the value of signature `type`.  Durations
+ * come as any integer type: dbus-python, so mandos-ctl, sends an int32. */
+static int bus_write(struct bus_entry *e, const struct client_field *f, sd_bus_message *m,
+                     const char *type, sd_bus_error *err)
 {
-    const struct client_field *f = bus_field(prop);
+    union { uint8_t y; int16_t n; uint16_t q; int32_t i; uint32_t u; int64_t x; uint64_t t;
+            int b; } n;
+    const void *data = NULL;
+    size_t len = 0;
     int64_t v = 0;
-    const char *text = NULL;
+    bool integer = f->sig[0] == 't' && type[0] && !type[1] && strchr("ynqiuxt", type[0]);
     int r;
-    if (!f)
-        return sd_bus_error_setf(err, SD_BUS_ERROR_UNKNOWN_PROPERTY, "no property %s", prop);
-    if (f->access != PROP_WRITE && f->access != PROP_WRITE_ONLY)
-        return sd_bus_error_setf(err, SD_BUS_ERROR_PROPERTY_READ_ONLY, "%s is read-only", prop);
-    if (f->type == CF_SECRET)
-        r = bus_set_secret(e, m, type, err);
+    if (!integer && !streq(type, f->sig))
+        return sd_bus_error_setf(err, SD_BUS_ERROR_INVALID_ARGS, "%s takes \"%s\", not \"%s\"",
+                                 f->bus, f->sig, type);
+    if (f->sig[0] == 'a')
+        r = sd_bus_message_read_array(m, 'y', &data, &len);
+    else if (f->sig[0] == 's')
+        r = sd_bus_message_read_basic(m, 's', &data);
     else
-        r = bus_read_value(f, m, type, &v, &text, err);
-    if (r >= 0 && f->type != CF_SECRET)
-        r = bus_apply(e, f, v, text, err);
-    if (r < 0 || sd_bus_error_is_set(err))
-        return r < 0 ? r : -EINVAL;
-    log_info("Client %s: %s set over D-Bus", e->client->name, prop);
+        r = sd_bus_message_read_basic(m, type[0], &n);
+    switch (r < 0 ? 0 : type[0]) {
+    case 'y': v = n.y; break;
+    case 'n': v = n.n; break;
+    case 'q': v = n.q; break;
+    case 'i': v = n.i; break;
+    case 'u': v = n.u; break;
+    case 'x': v = n.x; break;
+    case 't': v = n.t > (uint64_t)DURATION_MAX_MS ? -1 : (int64_t)n.t; break;
+    case 'b': v = n.b; break;
+    }
+    if (r >= 0 && integer && (v < 0 || v > DURATION_MAX_MS))
+        r = sd_bus_error_setf(err, SD_BUS_ERROR_INVALID_ARGS,
+                              "milliseconds out of range (0 to %lld)", DURATION_MAX_MS);
+    if (r >= 0)
+        r = bus_apply(e, f, v, data, len, err);
+    if (r < 0)
+        return r;
+    log_info("Client %s: %s set over D-Bus", e->client->name, f->bus);
     state_changed(e->srv, true);
     return 0;
 }
 
-/* sd-bus's own Set, for values of exactly the declared type. */
+/* The setter of sd-bus, for a value of exactly the declared type. */
 static int bus_set(sd_bus *bus, const char *path, const char *iface, const char *prop,
                    sd_bus_message *value, void *userdata, sd_bus_error *err)
 {
     const struct client_field *f = bus_field(prop);
     (void)bus; (void)path; (void)iface;
-    return bus_set_value(userdata, prop, value, f ? f->sig : "", err);
+    return bus_write(userdata, f, value, f->sig, err);
 }
 
-/* Client methods: Approve and CheckedOK, and the deprecated Enable,
- * Disable, StartChecker and StopChecker. */
+/* Properties.Set of a writable client property is taken here, before the
+ * handler of sd-bus, which would refuse mandos-ctl's int32 for our uint64
+ * properties.  Everything else passes on. */
+static int bus_filter(sd_bus_message *m, void *userdata, sd_bus_error *unused)
+{
+    const char *iface = NULL, *prop = NULL, *type = NULL;
+    const struct client_field *f = NULL;
+    char kind = 0;
+    (void)unused;
+    if (!sd_bus_message_is_method_call(m, "org.freedesktop.DBus.Properties", "Set"))
+        return 0;
+    struct bus_entry *e = bus_lookup(userdata, sd_bus_message_get_path(m));
+    if (e && sd_bus_message_read(m, "ss", &iface, &prop) >= 0 && streq(iface, BUS_CLIENT_IFACE))
+        f = bus_field(prop);
+    if (!f || (f->access != PROP_WRITE && f->access != PROP_WRITE_ONLY)
+        || sd_bus_message_peek_type(m, &kind, &type) <= 0 || kind != 'v' || !type
+        || sd_bus_message_enter_container(m, 'v', type) < 0) {
+        sd_bus_message_rewind(m, 1);
+        return 0;                /* sd-bus answers, with an error if need be */
+    }
+    sd_bus_error err = SD_BUS_ERROR_NULL;
+    int r = bus_write(e, f, m, type, &err);
+    if (r < 0)
+        sd_bus_reply_method_errno(m, r, &err);
+    else
+        sd_bus_reply_method_return(m, NULL);
+    sd_bus_error_free(&err);
+    return 1;
+}
+
+/* Approve, CheckedOK, and the deprecated Enable, Disable, StartChecker
+ * and StopChecker, which do what writing a property does. */
 static int bus_client_method(sd_bus_message *m, void *userdata, sd_bus_error *err)
 {
     struct bus_entry *e = userdata;
-    struct server *srv = e->srv;
-    struct client *c = e->client;
     const char *member = sd_bus_message_get_member(m);
-    int64_t now = mono_ms();
-    (void)err;
+    int yes = !streq(member, "Disable") && !streq(member, "StopChecker");
+    const char *prop = strstr(member, "Checker") ? "CheckerRunning" : "Enabled";
     if (streq(member, "Approve")) {
-        int yes = 0;
         int r = sd_bus_message_read(m, "b", &yes);
         if (r < 0)
             return r;
-        client_approve(srv, c, yes);
-    } else if (streq(member, "CheckedOK")) {
-        client_checked_ok(srv, c, now);
-    } else if (streq(member, "Enable")) {
-        client_enable(srv, c, now);
-    } else if (streq(member, "Disable")) {
-        client_disable(srv, c, "disabled over D-Bus");
-    } else if (streq(member, "StartChecker")) {
-        if (!c->checker_pid)
-            checker_start(srv, c);
-    } else if (streq(member, "StopChecker")) {
-        checker_stop(srv, c);
+        client_approve(e->srv, e->client, yes);
+    } else {
+        prop = streq(member, "CheckedOK") ? "LastCheckedOK" : prop;
+        bus_apply(e, bus_field(prop), yes, NULL, 0, err);
     }
-    state_changed(srv, true);
+    state_changed(e->srv, true);
     return sd_bus_reply_method_return(m, NULL);
 }
 
@@ -3954,10 +3901,10 @@ static const sd_bus_vtable bus_client_members[] = {
     SD_BUS_METHOD_WITH_NAMES("Approve", "b", SD_BUS_PARAM(approve), "", "",
                              bus_client_method, BUS_UNPRIV),
     SD_BUS_METHOD("CheckedOK", "", "", bus_client_method, BUS_UNPRIV),
-    SD_BUS_METHOD("Enable", "", "", bus_client_method, BUS_UNPRIV | BUS_DEPRECATED),
-    SD_BUS_METHOD("Disable", "", "", bus_client_method, BUS_UNPRIV | BUS_DEPRECATED),
-    SD_BUS_METHOD("StartChecker", "", "", bus_client_method, BUS_UNPRIV | BUS_DEPRECATED),
-    SD_BUS_METHOD("StopChecker", "", "", bus_client_method, BUS_UNPRIV | BUS_DEPRECATED),
+    SD_BUS_METHOD("Enable", "", "", bus_client_method, BUS_UNPRIV | BUS_OLD),
+    SD_BUS_METHOD("Disable", "", "", bus_client_method, BUS_UNPRIV | BUS_OLD),
+    SD_BUS_METHOD("StartChecker", "", "", bus_client_method, BUS_UNPRIV | BUS_OLD),
+    SD_BUS_METHOD("StopChecker", "", "", bus_client_method, BUS_UNPRIV | BUS_OLD),
     SD_BUS_SIGNAL_WITH_NAMES("CheckerCompleted", "nxs", SD_BUS_PARAM(exitcode)
                              SD_BUS_PARAM(waitstatus) SD_BUS_PARAM(command), 0),
     SD_BUS_SIGNAL_WITH_NAMES("CheckerStarted", "s", SD_BUS_PARAM(command), 0),
@@ -3966,13 +3913,13 @@ static const sd_bus_vtable bus_client_members[] = {
                              SD_BUS_PARAM(default), 0),
     SD_BUS_SIGNAL_WITH_NAMES("Rejected", "s", SD_BUS_PARAM(reason), 0),
     SD_BUS_SIGNAL_WITH_NAMES("PropertyChanged", "sv", SD_BUS_PARAM(property)
-                             SD_BUS_PARAM(value), BUS_DEPRECATED),
+                             SD_BUS_PARAM(value), BUS_OLD),
     SD_BUS_VTABLE_END
 };
 
-/* One property of the vtable, from its client_fields row.  Write-only
- * (Secret): EXPLICIT keeps it out of GetAll and GetManagedObjects. */
-static sd_bus_vtable bus_property(const struct client_field *f)
+/* Write-only (Secret): EXPLICIT keeps it out of GetAll and
+ * GetManagedObjects. */
+static sd_bus_vtable *bus_client_vtable(void)
 {
     static const uint64_t flags[] = {
         [PROP_CONST] = SD_BUS_VTABLE_PROPERTY_CONST,
@@ -3980,87 +3927,29 @@ static sd_bus_vtable bus_property(const struct client_field *f)
         [PROP_WRITE] = SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE | BUS_UNPRIV,
         [PROP_WRITE_ONLY] = SD_BUS_VTABLE_PROPERTY_EMITS_INVALIDATION
                            | SD_BUS_VTABLE_PROPERTY_EXPLICIT | BUS_UNPRIV,
-        [PROP_DEPRECATED] = SD_BUS_VTABLE_PROPERTY_CONST | BUS_DEPRECATED,
+        [PROP_DEPRECATED] = SD_BUS_VTABLE_PROPERTY_CONST | BUS_OLD,
     };
-    if (f->access == PROP_WRITE || f->access == PROP_WRITE_ONLY)
-        return (sd_bus_vtable)SD_BUS_WRITABLE_PROPERTY(f->bus, f->sig, bus_get, bus_set, 0,
-                                                       flags[f->access]);
-    return (sd_bus_vtable)SD_BUS_PROPERTY(f->bus, f->sig, bus_get, 0, flags[f->access]);
-}
-
-static sd_bus_vtable *bus_client_vtable(void)
-{
-    size_t members = sizeof bus_client_members / sizeof bus_client_members[0];
-    sd_bus_vtable *v = xcalloc(1 + N_FIELDS + members, sizeof *v);
+    sd_bus_vtable *v = xcalloc(1 + N_FIELDS + sizeof bus_client_members / sizeof *v, sizeof *v);
     size_t n = 0;
     v[n++] = (sd_bus_vtable)SD_BUS_VTABLE_START(0);
-    for (size_t i = 0; i < N_FIELDS; i++)
-        if (client_fields[i].access != PROP_NONE)
-            v[n++] = bus_property(&client_fields[i]);
+    for (const struct client_field *f = client_fields; f < client_fields + N_FIELDS; f++) {
+        if (f->access == PROP_WRITE || f->access == PROP_WRITE_ONLY)
+            v[n++] = (sd_bus_vtable)SD_BUS_WRITABLE_PROPERTY(f->bus, f->sig, bus_get, bus_set,
+                                                             0, flags[f->access]);
+        else if (f->access != PROP_NONE)
+            v[n++] = (sd_bus_vtable)SD_BUS_PROPERTY(f->bus, f->sig, bus_get, 0, flags[f->access]);
+    }
     memcpy(v + n, bus_client_members, sizeof bus_client_members);
     return v;
 }
 
-/* Append one property's value as a variant. */
-static int bus_append_value(sd_bus_message *m, struct bus_entry *e,
-                            const struct client_field *f)
-{
-    sd_bus_error err = SD_BUS_ERROR_NULL;
-    int r = sd_bus_message_open_container(m, 'v', f->sig);
-    if (r >= 0)
-        r = bus_get(NULL, e->path, BUS_CLIENT_IFACE, f->bus, m, e, &err);
-    if (r >= 0)
-        r = sd_bus_message_close_container(m);
-    sd_bus_error_free(&err);
-    return r;
-}
-
-/* All readable properties as a{sv}, for GetAllClientsWithProperties. */
-static int bus_append_properties(sd_bus_message *m, struct bus_entry *e)
-{
-    int r = sd_bus_message_open_container(m, 'a', "{sv}");
-    for (size_t i = 0; r >= 0 && i < N_FIELDS; i++) {
-        const struct client_field *f = &client_fields[i];
-        if (f->access == PROP_NONE || f->access == PROP_WRITE_ONLY)
-            continue;
-        r = sd_bus_message_open_container(m, 'e', "sv");
-        if (r >= 0)
-            r = sd_bus_message_append(m, "s", f->bus);
-        if (r >= 0)
-            r = bus_append_value(m, e, f);
-        if (r >= 0)
-            r = sd_bus_message_close_container(m);
-    }
-    return r >= 0 ? sd_bus_message_close_container(m) : r;
-}
-
-/* The deprecated PropertyChanged(sv), sent beside PropertiesChanged. */
-static void bus_emit_property_changed(struct bus *b, struct bus_entry *e,
-                                      const struct client_field *f)
-{
-    sd_bus_message *m = NULL;
-    int r = sd_bus_message_new_signal(b->bus, &m, e->path, BUS_CLIENT_IFACE, "PropertyChanged");
-    if (r >= 0)
-        r = sd_bus_message_append(m, "s", f->bus);
-    if (r >= 0)
-        r = bus_append_value(m, e, f);
-    if (r >= 0)
-        r = sd_bus_send(b->bus, m, NULL);
-    if (r < 0)
-        log_debug("D-Bus: cannot send PropertyChanged(%s): %s", f->bus, strerror(-r));
-    sd_bus_message_unref(m);
-}
-
-/* sd-bus asks which client a path under /clients is. */
+/* sd-bus asks which client a path under /clients is ... */
 static int bus_find(sd_bus *bus, const char *path, const char *iface, void *userdata,
                     void **found, sd_bus_error *err)
 {
-    struct bus_entry *e = bus_entry_by_path(userdata, path);
     (void)bus; (void)iface; (void)err;
-    if (!e)
-        return 0;
-    *found = e;
-    return 1;
+    *found = bus_lookup(userdata, path);
+    return *found != NULL;
 }
 
 /* ... and which paths exist there (introspection, GetManagedObjects). */
@@ -4076,84 +3965,30 @@ static int bus_enumerate(sd_bus *bus, const char *prefix, void *userdata, char *
     return 0;
 }
 
-/* Properties.Set for client objects is taken here, before sd-bus's own
- * handler, which would refuse mandos-ctl's int32 values for our uint64
- * properties (see bus_read_ms).  Everything else passes on. */
-static int bus_filter(sd_bus_message *m, void *userdata, sd_bus_error *unused)
-{
-    struct bus *b = userdata;
-    const char *iface = NULL, *prop = NULL, *type = NULL;
-    char kind = 0;
-    (void)unused;
-    if (!sd_bus_message_is_method_call(m, "org.freedesktop.DBus.Properties", "Set"))
-        return 0;
-    struct bus_entry *e = bus_entry_by_path(b, sd_bus_message_get_path(m));
-    if (!e)
-        return 0;
-    if (sd_bus_message_read(m, "ss", &iface, &prop) < 0 || !streq(iface, BUS_CLIENT_IFACE)
-        || sd_bus_message_peek_type(m, &kind, &type) <= 0 || kind != 'v' || !type
-        || sd_bus_message_enter_container(m, 'v', type) < 0) {
-        sd_bus_message_rewind(m, 1);
-        return 0;                /* sd-bus answers, with an error if need be */
-    }
-    sd_bus_error err = SD_BUS_ERROR_NULL;
-    int r = bus_set_value(e, prop, m, type, &err);
-    if (r < 0 || sd_bus_error_is_set(&err))
-        sd_bus_reply_method_errno(m, r < 0 ? r : -EINVAL, &err);
-    else
-        sd_bus_reply_method_return(m, NULL);
-    sd_bus_error_free(&err);
-    return 1;
-}
-
 /* ---- the server object "/" ------------------------------------------------ */
-
-static void bus_announce_added(struct bus *b, const struct bus_entry *e)
-{
-    int r = sd_bus_emit_object_added(b->bus, e->path);
-    if (r >= 0)
-        r = sd_bus_emit_signal(b->bus, "/", BUS_SERVER_IFACE, "ClientAdded", "o", e->path);
-    if (r < 0)
-        log_debug("D-Bus: cannot announce %s: %s", e->path, strerror(-r));
-}
-
-/* InterfacesRemoved names our interface explicitly, so this works after
- * the client itself is gone (reload). */
-static void bus_announce_removed(struct bus *b, const struct bus_entry *e)
-{
-    int r = sd_bus_emit_interfaces_removed(b->bus, e->path, BUS_CLIENT_IFACE, NULL);
-    if (r >= 0)
-        r = sd_bus_emit_signal(b->bus, "/", BUS_SERVER_IFACE, "ClientRemoved", "os",
-                               e->path, e->name);
-    if (r < 0)
-        log_debug("D-Bus: cannot announce the removal of %s: %s", e->path, strerror(-r));
-}
 
 static int bus_remove_client(sd_bus_message *m, void *userdata, sd_bus_error *err)
 {
-    struct bus *b = userdata;
     const char *path = NULL;
     int r = sd_bus_message_read(m, "o", &path);
     if (r < 0)
         return r;
-    struct bus_entry *e = bus_entry_by_path(b, path);
+    struct bus_entry *e = bus_lookup(userdata, path);
     if (!e)
         return sd_bus_error_setf(err, SD_BUS_ERROR_INVALID_ARGS, "no client at %s", path);
+    struct server *srv = e->srv;
     struct client *c = e->client;
-    bus_announce_removed(b, e);
     /* forget the object first: what client_remove() sets off (rejected
      * connections) is not announced for it any more */
-    size_t i = (size_t)(e - b->v);
-    bus_entry_free(e);
-    memmove(&b->v[i], &b->v[i + 1], (b->n - i - 1) * sizeof *b->v);
-    b->n--;
-    client_remove(b->srv, c);
+    e->client = NULL;
+    client_remove(srv, c);
+    bus_sync(srv);
     return sd_bus_reply_method_return(m, NULL);
 }
 
 /* Deprecated, but mandos-monitor still lists the clients with these:
  * GetAllClients gives the paths, GetAllClientsWithProperties adds each
- * client's properties. */
+ * client's readable properties. */
 static int bus_get_all_clients(sd_bus_message *m, void *userdata, sd_bus_error *err)
 {
     struct bus *b = userdata;
@@ -4169,9 +4004,13 @@ static int bus_get_all_clients(sd_bus_message *m, void *userdata, sd_bus_error *
         if (r >= 0)
             r = sd_bus_message_append(reply, "o", b->v[i].path);
         if (r >= 0 && props)
-            r = bus_append_properties(reply, &b->v[i]);
-        if (r >= 0 && props)
-            r = sd_bus_message_close_container(reply);
+            r = sd_bus_message_open_container(reply, 'a', "{sv}");
+        for (size_t f = 0; props && f < N_FIELDS; f++)
+            if (r >= 0 && client_fields[f].access != PROP_NONE
+                && client_fields[f].access != PROP_WRITE_ONLY)
+                r = bus_append_property(reply, &b->v[i], &client_fields[f], true);
+        for (int k = 0; r >= 0 && props && k < 2; k++)
+            r = sd_bus_message_close_container(reply);     /* the a{sv}, the entry */
     }
     if (r >= 0)
         r = sd_bus_message_close_container(reply);
@@ -4186,15 +4025,15 @@ static const sd_bus_vtable bus_server_vtable[] = {
     SD_BUS_METHOD_WITH_NAMES("RemoveClient", "o", SD_BUS_PARAM(object_path), "", "",
                              bus_remove_client, BUS_UNPRIV),
     SD_BUS_METHOD_WITH_NAMES("GetAllClients", "", "", "ao", SD_BUS_PARAM(objpaths),
-                             bus_get_all_clients, BUS_UNPRIV | BUS_DEPRECATED),
+                             bus_get_all_clients, BUS_UNPRIV | BUS_OLD),
     SD_BUS_METHOD_WITH_NAMES("GetAllClientsWithProperties", "", "", "a{oa{sv}}",
                              SD_BUS_PARAM(objpath_properties),
-                             bus_get_all_clients, BUS_UNPRIV | BUS_DEPRECATED),
+                             bus_get_all_clients, BUS_UNPRIV | BUS_OLD),
     SD_BUS_SIGNAL_WITH_NAMES("ClientAdded", "o", SD_BUS_PARAM(objpath), 0),
     SD_BUS_SIGNAL_WITH_NAMES("ClientNotFound", "ss", SD_BUS_PARAM(key_id)
                              SD_BUS_PARAM(address), 0),
     SD_BUS_SIGNAL_WITH_NAMES("ClientRemoved", "os", SD_BUS_PARAM(objpath)
-                             SD_BUS_PARAM(name), BUS_DEPRECATED),
+                             SD_BUS_PARAM(name), BUS_OLD),
     SD_BUS_VTABLE_END
 };
 
@@ -4202,13 +4041,8 @@ static const sd_bus_vtable bus_server_vtable[] = {
 
 static void bus_free(struct bus *b)
 {
-    if (!b)
-        return;
-    for (size_t i = 0; i < b->n; i++)
-        bus_entry_free(&b->v[i]);
-    free(b->v);
-    if (b->bus)
-        sd_bus_close_unref(b->bus);
+    bus_entries_free(b);
+    sd_bus_close_unref(b->bus);
     free(b->client_vtable);
     free(b);
 }
@@ -4220,23 +4054,20 @@ static void bus_start(struct server *srv)
     if (!srv->set.use_dbus)
         return;
     struct bus *b = xcalloc(1, sizeof *b);
-    b->srv = srv;
     b->client_vtable = bus_client_vtable();
-    const char *step = "connect to the system bus";
     int r = sd_bus_open_system(&b->bus);
-    if (r >= 0) {
-        step = "set up the D-Bus objects";
-        r = sd_bus_set_method_call_timeout(b->bus, BUS_START_TIMEOUT_US);
-    }
+    const char *step = r < 0 ? "connect to the system bus" : "export the objects";
+    if (r >= 0)
+        r = sd_bus_set_method_call_timeout(b->bus, 5000000);   /* µs, for the name request */
     if (r >= 0)
         r = sd_bus_add_filter(b->bus, NULL, bus_filter, b);
     if (r >= 0)
-        r = sd_bus_add_object_vtable(b->bus, NULL, "/", BUS_SERVER_IFACE, bus_server_vtable, b);
+        r = sd_bus_add_object_vtable(b->bus, NULL, "/", BUS_NAME, bus_server_vtable, b);
     if (r >= 0)
-        r = sd_bus_add_fallback_vtable(b->bus, NULL, BUS_CLIENTS, BUS_CLIENT_IFACE,
+        r = sd_bus_add_fallback_vtable(b->bus, NULL, "/clients", BUS_CLIENT_IFACE,
                                        b->client_vtable, bus_find, b);
     if (r >= 0)
-        r = sd_bus_add_node_enumerator(b->bus, NULL, BUS_CLIENTS, bus_enumerate, b);
+        r = sd_bus_add_node_enumerator(b->bus, NULL, "/clients", bus_enumerate, b);
     if (r >= 0)
         r = sd_bus_add_object_manager(b->bus, NULL, "/");
     if (r >= 0) {
@@ -4252,56 +4083,12 @@ static void bus_start(struct server *srv)
         return;
     }
     srv->bus = b;
-    bus_entries_build(srv, &b->v, &b->n);
-    for (size_t i = 0; i < b->n; i++)
-        bus_announce_added(b, &b->v[i]);
+    bus_sync(srv);
     log_debug("D-Bus: %s is ours; %zu client objects", BUS_NAME, b->n);
 }
 
-/* After a reload: objects for the new table, removals and additions
- * announced, and what was last published carried over by path so that
- * the next bus_publish() reports the edits.  The old clients are gone
- * already: only the entries' own copies are used. */
-static void bus_reloaded(struct server *srv)
-{
-    struct bus *b = srv->bus;
-    if (!b)
-        return;
-    struct bus_entry *v;
-    size_t n;
-    bus_entries_build(srv, &v, &n);
-    bool *added = xcalloc(n + 1, sizeof *added);
-    struct bus old = { b->bus, srv, b->v, b->n, NULL };
-    for (size_t i = 0; i < n; i++) {
-        struct bus_entry *o = bus_entry_by_path(&old, v[i].path);
-        added[i] = !o;
-        if (!o)
-            continue;
-        memcpy(v[i].seen, o->seen, sizeof v[i].seen);
-        for (size_t f = 0; f < N_FIELDS; f++) {
-            free(v[i].seen_text[f]);
-            v[i].seen_text[f] = o->seen_text[f];
-            o->seen_text[f] = NULL;
-        }
-        v[i].checker_command = o->checker_command;
-        o->checker_command = NULL;
-    }
-    b->v = v;
-    b->n = n;
-    for (size_t i = 0; i < old.n; i++) {
-        if (!bus_entry_by_path(b, old.v[i].path))
-            bus_announce_removed(b, &old.v[i]);
-        bus_entry_free(&old.v[i]);
-    }
-    free(old.v);
-    for (size_t i = 0; i < n; i++)
-        if (added[i])
-            bus_announce_added(b, &b->v[i]);
-    free(added);
-}
-
 /* Announce every change of a watched property since the last call: one
- * PropertiesChanged per client (and the old PropertyChanged per value). */
+ * PropertiesChanged per client, and the old PropertyChanged per value. */
 static void bus_publish(struct server *srv)
 {
     struct bus *b = srv->bus;
@@ -4310,16 +4097,23 @@ static void bus_publish(struct server *srv)
         char *names[N_FIELDS + 1];
         size_t k = 0;
         for (size_t f = 0; f < N_FIELDS; f++)
-            if (bus_watched(&client_fields[f]) && bus_seen_update(e, f))
+            if (bus_seen_update(e, f))
                 names[k++] = (char *)client_fields[f].bus;   /* sd-bus takes char ** */
-        if (k == 0)
-            continue;
         names[k] = NULL;
-        int r = sd_bus_emit_properties_changed_strv(b->bus, e->path, BUS_CLIENT_IFACE, names);
+        int r = k ? sd_bus_emit_properties_changed_strv(b->bus, e->path, BUS_CLIENT_IFACE,
+                                                        names) : 0;
+        for (size_t j = 0; r >= 0 && j < k; j++) {
+            sd_bus_message *m = NULL;
+            r = sd_bus_message_new_signal(b->bus, &m, e->path, BUS_CLIENT_IFACE,
+                                          "PropertyChanged");
+            if (r >= 0)
+                r = bus_append_property(m, e, bus_field(names[j]), false);
+            if (r >= 0)
+                r = sd_bus_send(b->bus, m, NULL);
+            sd_bus_message_unref(m);
+        }
         if (r < 0)
-            log_debug("D-Bus: cannot send PropertiesChanged for %s: %s", e->name, strerror(-r));
-        for (size_t j = 0; j < k; j++)
-            bus_emit_property_changed(b, e, bus_field(names[j]));
+            log_debug("D-Bus: cannot announce changes of %s: %s", e->name, strerror(-r));
     }
 }
 
@@ -4345,22 +4139,17 @@ static int64_t bus_deadline(const struct server *srv)
     return ms > 0 ? ms : 1;     /* "now": any time already past */
 }
 
-/* Handle what arrived, a bounded number of messages per turn; whatever
- * is left makes bus_deadline() say "now".  A broken connection is
- * dropped and we carry on without D-Bus. */
+/* Handle what arrived, at most 64 messages per turn; whatever is left
+ * makes bus_deadline() say "now".  A broken connection is dropped and we
+ * carry on without D-Bus. */
 static void bus_process(struct server *srv, const struct pollfd *fds, size_t n, int64_t now)
 {
     struct bus *b = srv->bus;
-    (void)fds; (void)n; (void)now;
-    if (!b)
-        return;
     int r = 0;
-    for (int i = 0; i < BUS_PROCESS_ROUNDS; i++) {
-        r = sd_bus_process(b->bus, NULL);
-        if (r <= 0)
-            break;
-    }
-    if (r < 0 || !sd_bus_is_open(b->bus)) {
+    (void)fds; (void)n; (void)now;
+    for (int i = 0; b && i < 64 && (r = sd_bus_process(b->bus, NULL)) > 0; i++)
+        continue;
+    if (b && (r < 0 || !sd_bus_is_open(b->bus))) {
         log_err("D-Bus: connection lost (%s); running without D-Bus",
                 r < 0 ? strerror(-r) : "closed");
         bus_free(b);
@@ -4368,102 +4157,74 @@ static void bus_process(struct server *srv, const struct pollfd *fds, size_t n, 
     }
 }
 
-/* At exit: every client object goes away, then the queued signals get a
- * bounded moment to leave. */
+/* At exit: every client object goes away, then the queued signals get
+ * 20 x 25 ms to leave. */
 static void bus_stop(struct server *srv)
 {
     struct bus *b = srv->bus;
-    if (!b)
-        return;
-    for (size_t i = 0; i < b->n; i++)
-        bus_announce_removed(b, &b->v[i]);
-    for (int i = 0; i < BUS_DRAIN_ROUNDS; i++) {
-        uint64_t queued = 0;
-        if (sd_bus_get_n_queued_write(b->bus, &queued) < 0 || queued == 0)
-            break;
+    uint64_t queued = 1;
+    for (size_t i = 0; b && i < b->n; i++)
+        bus_announce(b, &b->v[i], false);
+    for (int i = 0; b && i < 20 && sd_bus_get_n_queued_write(b->bus, &queued) >= 0 && queued;
+         i++) {
         struct pollfd p = { sd_bus_get_fd(b->bus), POLLOUT, 0 };
-        if (poll(&p, 1, 25) < 0 && errno != EINTR)
-            break;
-        if (sd_bus_process(b->bus, NULL) < 0)
+        if ((poll(&p, 1, 25) < 0 && errno != EINTR) || sd_bus_process(b->bus, NULL) < 0)
             break;
     }
-    bus_free(b);
+    if (b)
+        bus_free(b);
     srv->bus = NULL;
 }
 
 /* ---- signals from the core ------------------------------------------------ */
 
-static void bus_emit_client(struct server *srv, const struct client *c, const char *member,
-                            const char *types, ...)
+/* A client's signal: GotSecret, Rejected(text), NeedApproval,
+ * CheckerStarted(text) or CheckerCompleted(status), with the command
+ * kept from the start.  On a signal the reference sends (-1 << 8) | signal
+ * as the wait status; we send the real one, which WIFSIGNALED and WTERMSIG
+ * read the same way. */
+static void bus_client_signal(struct server *srv, const struct client *c, const char *member,
+                              const char *text, int status)
 {
-    struct bus_entry *e = bus_entry_of(srv, c);
-    if (!e)
-        return;
-    va_list ap;
-    va_start(ap, types);
-    int r = sd_bus_emit_signalv(srv->bus->bus, e->path, BUS_CLIENT_IFACE, member, types, ap);
-    va_end(ap);
-    if (r < 0)
-        log_debug("D-Bus: cannot send %s for %s: %s", member, c->name, strerror(-r));
-}
-
-static void bus_checker_started(struct server *srv, const struct client *c,
-                                const char *command)
-{
-    struct bus_entry *e = bus_entry_of(srv, c);
-    if (!e)
-        return;
-    free(e->checker_command);
-    e->checker_command = xstrdup(command);
-    bus_emit_client(srv, c, "CheckerStarted", "s", command);
-}
-
-/* (exit code or -1, wait status, command).  On a signal the reference
- * sends (-1 << 8) | signal as the wait status; we send the real one,
- * which WIFSIGNALED and WTERMSIG read the same way. */
-static void bus_checker_completed(struct server *srv, const struct client *c, int status)
-{
-    struct bus_entry *e = bus_entry_of(srv, c);
-    if (!e)
-        return;
-    int code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-    bus_emit_client(srv, c, "CheckerCompleted", "nxs", code, (int64_t)status,
-                    e->checker_command ? e->checker_command : "");
-    free(e->checker_command);
-    e->checker_command = NULL;
-}
-
-/* ClientNotFound(key ID, address): the address without brackets and port,
- * as the reference sends it. */
-static void bus_client_not_found(struct server *srv, const char *key_id, const char *peer)
-{
+    struct buf path = { 0 };
     if (!srv->bus)
         return;
-    char addr[INET6_ADDRSTRLEN + IF_NAMESIZE + 2];
-    const char *start = peer[0] == '[' ? peer + 1 : peer;
+    client_object_path(c, &path);
+    struct bus_entry *e = bus_lookup(srv->bus, path.data);
+    buf_free(&path);
+    if (!e || e->client != c)
+        return;                  /* its path is another client's */
+    sd_bus *bus = srv->bus->bus;
+    int r;
+    if (streq(member, "NeedApproval"))
+        r = sd_bus_emit_signal(bus, e->path, BUS_CLIENT_IFACE, member, "tb",
+                               (uint64_t)c->cur.approval_delay, (int)c->cur.approved_by_default);
+    else if (streq(member, "CheckerCompleted"))
+        r = sd_bus_emit_signal(bus, e->path, BUS_CLIENT_IFACE, member, "nxs",
+                               WIFEXITED(status) ? WEXITSTATUS(status) : -1, (int64_t)status,
+                               e->checker_command ? e->checker_command : "");
+    else
+        r = sd_bus_emit_signal(bus, e->path, BUS_CLIENT_IFACE, member, text ? "s" : "", text);
+    if (r < 0)
+        log_debug("D-Bus: cannot send %s for %s: %s", member, c->name, strerror(-r));
+    if (strstr(member, "Checker")) {
+        free(e->checker_command);
+        e->checker_command = text ? xstrdup(text) : NULL;
+    }
+}
+
+/* ClientNotFound(key ID, address): the address without brackets and
+ * port, as the reference sends it. */
+static void bus_client_not_found(struct server *srv, const char *key_id, const char *peer)
+{
+    const char *start = peer + (peer[0] == '[');
     const char *end = peer[0] == '[' ? strchr(start, ']') : strrchr(start, ':');
-    size_t n = end ? (size_t)(end - start) : strlen(start);
-    snprintf(addr, sizeof addr, "%.*s", (int)(n < sizeof addr ? n : sizeof addr - 1), start);
-    int r = sd_bus_emit_signal(srv->bus->bus, "/", BUS_SERVER_IFACE, "ClientNotFound", "ss",
-                               key_id, addr);
+    char *addr = xstrndup(start, end ? (size_t)(end - start) : strlen(start));
+    int r = srv->bus ? sd_bus_emit_signal(srv->bus->bus, "/", BUS_NAME, "ClientNotFound", "ss",
+                                          key_id, addr) : 0;
     if (r < 0)
         log_debug("D-Bus: cannot send ClientNotFound: %s", strerror(-r));
-}
-
-static void bus_need_approval(struct server *srv, const struct client *c)
-{
-    bus_emit_client(srv, c, "NeedApproval", "tb", (uint64_t)c->cur.approval_delay,
-                    (int)c->cur.approved_by_default);
-}
-
-static void bus_rejected(struct server *srv, const struct client *c, const char *reason)
-{
-    bus_emit_client(srv, c, "Rejected", "s", reason);
-}
-
-static void bus_got_secret(struct server *srv, const struct client *c)
-{
-    bus_emit_client(srv, c, "GotSecret", "");
+    free(addr);
 }
 
 #else /* !HAVE_DBUS */
@@ -4492,18 +4253,13 @@ static int64_t bus_deadline(const struct server *srv UNUSED)
 static void bus_process(struct server *srv UNUSED, const struct pollfd *fds UNUSED,
                         size_t n UNUSED, int64_t now UNUSED) {}
 static void bus_publish(struct server *srv UNUSED) {}
-static void bus_reloaded(struct server *srv UNUSED) {}
+static void bus_sync(struct server *srv UNUSED) {}
 static void bus_stop(struct server *srv UNUSED) {}
-static void bus_checker_started(struct server *srv UNUSED, const struct client *c UNUSED,
-                                const char *command UNUSED) {}
-static void bus_checker_completed(struct server *srv UNUSED, const struct client *c UNUSED,
-                                  int status UNUSED) {}
+static void bus_client_signal(struct server *srv UNUSED, const struct client *c UNUSED,
+                              const char *member UNUSED, const char *text UNUSED,
+                              int status UNUSED) {}
 static void bus_client_not_found(struct server *srv UNUSED, const char *key_id UNUSED,
                                  const char *peer UNUSED) {}
-static void bus_need_approval(struct server *srv UNUSED, const struct client *c UNUSED) {}
-static void bus_rejected(struct server *srv UNUSED, const struct client *c UNUSED,
-                         const char *reason UNUSED) {}
-static void bus_got_secret(struct server *srv UNUSED, const struct client *c UNUSED) {}
 
 #endif /* HAVE_DBUS */
 
@@ -4729,7 +4485,7 @@ static void server_reload(struct server *srv)
     } else {
         clients_replace(srv, &fresh);
         state_changed(srv, true);
-        bus_reloaded(srv);
+        bus_sync(srv);
         log_info("Reloaded: %zu clients", srv->clients.n);
     }
     notify_send(srv, "READY=1");
