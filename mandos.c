@@ -3547,14 +3547,12 @@ static const char bus_backend[] = "sd-bus";
 #define BUS_CLIENT_IFACE "se.recompile.Mandos.Client"
 /* Who may call what is for the bus policy alone (etc/mandos-dbus.conf),
  * as with the reference: the check of sd-bus would shut out non-root
- * members of _mandos.  The se.bsnet.fukt.Mandos names are left out: no
- * 1.8 tool uses them. */
+ * members of _mandos.  Left out: the se.bsnet.fukt.Mandos names. */
 #define BUS_UNPRIV SD_BUS_VTABLE_UNPRIVILEGED
 #define BUS_OLD SD_BUS_VTABLE_DEPRECATED
 
-/* One client object and the values last published for it: changes are
- * found by comparing (bus_publish), so the core needs no call at each
- * place that changes a property. */
+/* A client object and the values last published for it: changes are found
+ * by comparing (bus_publish), not by a call at each place that makes one. */
 struct bus_entry {
     char *path;                  /* from client_object_path() */
     char *name;                  /* for ClientRemoved once the client is gone */
@@ -3571,8 +3569,6 @@ struct bus {
     struct name_index paths;     /* object path -> position in v */
     sd_bus_vtable *client_vtable;   /* built from client_fields */
 };
-
-/* ---- client objects ------------------------------------------------------- */
 
 static const struct client_field *bus_field(const char *prop)
 {
@@ -3608,8 +3604,7 @@ static struct bus_entry *bus_lookup(const struct bus *b, const char *path)
     return i == SIZE_MAX ? NULL : &b->v[i];
 }
 
-/* InterfacesRemoved names our interface itself, so that it works after
- * the client is gone. */
+/* InterfacesRemoved names our interface, so it works once the client is gone. */
 static void bus_announce(struct bus *b, const struct bus_entry *e, bool added)
 {
     int r = added ? sd_bus_emit_object_added(b->bus, e->path)
@@ -3632,12 +3627,9 @@ static void bus_entries_free(struct bus *b)
     name_index_free(&b->paths);
 }
 
-/* Objects for the client table as it is now (at start, after a reload or
- * a removal); those that came and went are announced.  What was published
- * is carried over by path, so the next bus_publish() reports the edits;
- * the old clients may be gone, so only the old entries' copies are read.
- * Of names that differ only in bytes that become '_' (one path), the
- * first in clients.conf gets the object. */
+/* Objects for the clients as they are now (at start, after a reload or a
+ * removal), announcing those that came and went.  What was published is
+ * carried over by path, so bus_publish() reports the edits. */
 static void bus_sync(struct server *srv)
 {
     struct bus *b = srv->bus;
@@ -3653,7 +3645,7 @@ static void bus_sync(struct server *srv)
         struct buf path = { 0 };
         client_object_path(t->v[i], &path);
         const struct bus_entry *first = bus_lookup(b, path.data);
-        if (first) {
+        if (first) {             /* names that differ only in what becomes '_' */
             log_warn("clients %s and %s have the same D-Bus object path %s; only %s "
                      "is visible on D-Bus", first->name, t->v[i]->name, path.data, first->name);
             buf_free(&path);
@@ -3678,11 +3670,9 @@ static void bus_sync(struct server *srv)
     bus_entries_free(&old);
 }
 
-/* ---- properties ----------------------------------------------------------- */
-
-/* Every client property: durations in milliseconds, times in ISO 8601
- * (UTC, no zone; "" for never).  Secret shows as readwrite (sd-bus has
- * no write-only properties), but reading it is refused. */
+/* Durations in milliseconds, times in ISO 8601 (UTC, no zone; "" for
+ * never).  Secret shows as readwrite (sd-bus has no write-only
+ * properties), but reading it is refused. */
 static int bus_get(sd_bus *bus, const char *path, const char *iface, const char *prop,
                    sd_bus_message *m, void *userdata, sd_bus_error *err)
 {
@@ -3728,25 +3718,10 @@ static int bus_append_property(sd_bus_message *m, struct bus_entry *e,
     return r >= 0 && dict ? sd_bus_message_close_container(m) : r;
 }
 
-/* A new secret.  It is not saved (the state file holds no secrets): a
- * restart brings back the configured one, and a reload keeps this one
- * only while the configured one is unchanged. */
-static void bus_set_secret(struct bus_entry *e, const void *bytes, size_t len)
-{
-    struct client *c = e->client;
-    wipe(c->secret, c->secret_len);
-    free(c->secret);
-    c->secret = xcalloc(1, len + 1);
-    c->secret_len = len;
-    if (len) {
-        memcpy(c->secret, bytes, len);
-        wipe((void *)(uintptr_t)bytes, len);    /* our copy of the message */
-    }
-    sd_bus_emit_properties_changed(e->srv->bus->bus, e->path, BUS_CLIENT_IFACE, "Secret", NULL);
-}
-
-/* What writing a property does, with the reference's semantics; the
- * settings not named here simply take effect when next used. */
+/* What writing a property does, with the reference's semantics; settings
+ * not named here simply take effect when next used.  A secret set here is
+ * not saved (the state file holds none): a restart brings back the
+ * configured one, a reload keeps this one while that is unchanged. */
 static int bus_apply(struct bus_entry *e, const struct client_field *f, int64_t v,
                      const void *data, size_t len, sd_bus_error *err)
 {
@@ -3758,9 +3733,14 @@ static int bus_apply(struct bus_entry *e, const struct client_field *f, int64_t 
         return sd_bus_error_setf(err, SD_BUS_ERROR_INVALID_ARGS, "%s must be positive", f->bus);
     if ((f->flags & F_COMMAND) && checker_walk(data, why, sizeof why, NULL, NULL) < 0)
         return sd_bus_error_setf(err, SD_BUS_ERROR_INVALID_ARGS, "%s: %s", f->bus, why);
-    if (f->type == CF_SECRET)
-        bus_set_secret(e, data, len);
-    else if (streq(f->name, "enabled") && v)
+    if (f->type == CF_SECRET) {
+        wipe(c->secret, c->secret_len);
+        free(c->secret);
+        c->secret = memcpy(xcalloc(1, len + 1), len ? data : "", len);
+        c->secret_len = len;
+        wipe((void *)(uintptr_t)data, len);     /* our copy of the message */
+        sd_bus_emit_properties_changed(srv->bus->bus, e->path, BUS_CLIENT_IFACE, "Secret", NULL);
+    } else if (streq(f->name, "enabled") && v)
         client_enable(srv, c, now);
     else if (streq(f->name, "enabled"))
         client_disable(srv, c, "disabled over D-Bus");
@@ -3771,16 +3751,14 @@ static int bus_apply(struct bus_entry *e, const struct client_field *f, int64_t 
     else if (streq(f->name, "last_checked_ok"))
         client_checked_ok(srv, c, now);          /* whatever the value */
     else if (streq(f->name, "timeout") && c->cur.enabled && c->expires) {
-        /* a running expiry moves by the difference; past means expired */
-        c->expires += v - c->cur.timeout;
+        c->expires += v - c->cur.timeout;       /* past means expired */
         c->cur.timeout = v;
         if (c->expires <= now)
             client_disable(srv, c, "timed out");
         client_reschedule(&srv->clients, c);
     } else if (streq(f->name, "interval") && c->next_checker) {
-        /* the period restarts, with a checker now */
         c->cur.interval = v;
-        c->next_checker = now + v;
+        c->next_checker = now + v;              /* a new period, with a checker now */
         client_reschedule(&srv->clients, c);
         if (!c->checker_pid)
             checker_start(srv, c);
@@ -3844,9 +3822,8 @@ static int bus_set(sd_bus *bus, const char *path, const char *iface, const char 
     return bus_write(userdata, f, value, f->sig, err);
 }
 
-/* Properties.Set of a writable client property is taken here, before the
- * handler of sd-bus, which would refuse mandos-ctl's int32 for our uint64
- * properties.  Everything else passes on. */
+/* Properties.Set of a writable client property comes here first: the
+ * handler of sd-bus would refuse mandos-ctl's int32 for a uint64. */
 static int bus_filter(sd_bus_message *m, void *userdata, sd_bus_error *unused)
 {
     const char *iface = NULL, *prop = NULL, *type = NULL;
@@ -3882,21 +3859,18 @@ static int bus_client_method(sd_bus_message *m, void *userdata, sd_bus_error *er
     const char *member = sd_bus_message_get_member(m);
     int yes = !streq(member, "Disable") && !streq(member, "StopChecker");
     const char *prop = strstr(member, "Checker") ? "CheckerRunning" : "Enabled";
-    if (streq(member, "Approve")) {
-        int r = sd_bus_message_read(m, "b", &yes);
-        if (r < 0)
-            return r;
+    if (streq(member, "Approve") && sd_bus_message_read(m, "b", &yes) < 0)
+        return -EINVAL;
+    if (streq(member, "Approve"))
         client_approve(e->srv, e->client, yes);
-    } else {
-        prop = streq(member, "CheckedOK") ? "LastCheckedOK" : prop;
-        bus_apply(e, bus_field(prop), yes, NULL, 0, err);
-    }
+    else
+        bus_apply(e, bus_field(streq(member, "CheckedOK") ? "LastCheckedOK" : prop), yes,
+                  NULL, 0, err);
     state_changed(e->srv, true);
     return sd_bus_reply_method_return(m, NULL);
 }
 
-/* A client object's methods and signals; the properties come first, one
- * per client_fields row that has a D-Bus name (bus_client_vtable). */
+/* After the properties (bus_client_vtable), a client's methods and signals. */
 static const sd_bus_vtable bus_client_members[] = {
     SD_BUS_METHOD_WITH_NAMES("Approve", "b", SD_BUS_PARAM(approve), "", "",
                              bus_client_method, BUS_UNPRIV),
@@ -3917,8 +3891,8 @@ static const sd_bus_vtable bus_client_members[] = {
     SD_BUS_VTABLE_END
 };
 
-/* Write-only (Secret): EXPLICIT keeps it out of GetAll and
- * GetManagedObjects. */
+/* One property per client_fields row with a D-Bus name.  EXPLICIT keeps
+ * the write-only Secret out of GetAll and GetManagedObjects. */
 static sd_bus_vtable *bus_client_vtable(void)
 {
     static const uint64_t flags[] = {
@@ -3943,7 +3917,7 @@ static sd_bus_vtable *bus_client_vtable(void)
     return v;
 }
 
-/* sd-bus asks which client a path under /clients is ... */
+/* Which client a path under /clients is ... */
 static int bus_find(sd_bus *bus, const char *path, const char *iface, void *userdata,
                     void **found, sd_bus_error *err)
 {
@@ -3965,30 +3939,22 @@ static int bus_enumerate(sd_bus *bus, const char *prefix, void *userdata, char *
     return 0;
 }
 
-/* ---- the server object "/" ------------------------------------------------ */
-
 static int bus_remove_client(sd_bus_message *m, void *userdata, sd_bus_error *err)
 {
     const char *path = NULL;
     int r = sd_bus_message_read(m, "o", &path);
-    if (r < 0)
-        return r;
-    struct bus_entry *e = bus_lookup(userdata, path);
+    struct bus_entry *e = r < 0 ? NULL : bus_lookup(userdata, path);
     if (!e)
         return sd_bus_error_setf(err, SD_BUS_ERROR_INVALID_ARGS, "no client at %s", path);
     struct server *srv = e->srv;
     struct client *c = e->client;
-    /* forget the object first: what client_remove() sets off (rejected
-     * connections) is not announced for it any more */
-    e->client = NULL;
+    e->client = NULL;            /* what client_remove() sets off is not announced */
     client_remove(srv, c);
     bus_sync(srv);
     return sd_bus_reply_method_return(m, NULL);
 }
 
-/* Deprecated, but mandos-monitor still lists the clients with these:
- * GetAllClients gives the paths, GetAllClientsWithProperties adds each
- * client's readable properties. */
+/* Deprecated, but mandos-monitor lists the clients with the latter. */
 static int bus_get_all_clients(sd_bus_message *m, void *userdata, sd_bus_error *err)
 {
     struct bus *b = userdata;
@@ -4037,10 +4003,20 @@ static const sd_bus_vtable bus_server_vtable[] = {
     SD_BUS_VTABLE_END
 };
 
-/* ---- life cycle and the loop ---------------------------------------------- */
-
+/* Every client object goes away, and queued signals get 20 x 25 ms to
+ * leave, unless the connection is lost. */
 static void bus_free(struct bus *b)
 {
+    uint64_t queued = 1;
+    bool open = b->bus && sd_bus_is_open(b->bus) > 0;
+    for (size_t i = 0; open && i < b->n; i++)
+        bus_announce(b, &b->v[i], false);
+    for (int i = 0; open && i < 20 && sd_bus_get_n_queued_write(b->bus, &queued) >= 0 && queued;
+         i++) {
+        struct pollfd p = { sd_bus_get_fd(b->bus), POLLOUT, 0 };
+        if ((poll(&p, 1, 25) < 0 && errno != EINTR) || sd_bus_process(b->bus, NULL) < 0)
+            break;
+    }
     bus_entries_free(b);
     sd_bus_close_unref(b->bus);
     free(b->client_vtable);
@@ -4087,7 +4063,7 @@ static void bus_start(struct server *srv)
     log_debug("D-Bus: %s is ours; %zu client objects", BUS_NAME, b->n);
 }
 
-/* Announce every change of a watched property since the last call: one
+/* Every change of a watched property since the last call: one
  * PropertiesChanged per client, and the old PropertyChanged per value. */
 static void bus_publish(struct server *srv)
 {
@@ -4119,29 +4095,26 @@ static void bus_publish(struct server *srv)
 
 static size_t bus_pollfds(struct server *srv, struct pollfd *fds, size_t max)
 {
-    struct bus *b = srv->bus;
-    if (!b || max < 1)
-        return 0;
-    int fd = sd_bus_get_fd(b->bus), events = sd_bus_get_events(b->bus);
-    if (fd < 0 || events < 0)
-        return 0;               /* broken: bus_process() notices */
+    int fd = srv->bus && max ? sd_bus_get_fd(srv->bus->bus) : -1;
+    int events = fd < 0 ? -1 : sd_bus_get_events(srv->bus->bus);
+    if (events < 0)
+        return 0;               /* none, or broken: bus_process() notices */
     fds[0] = (struct pollfd){ fd, (short)events, 0 };
     return 1;
 }
 
-/* The bus's next deadline on our monotonic clock, or 0 for none. */
+/* The bus's next deadline on our monotonic clock (as sd-bus's), or 0. */
 static int64_t bus_deadline(const struct server *srv)
 {
     uint64_t us;
     if (!srv->bus || sd_bus_get_timeout(srv->bus->bus, &us) < 0 || us == UINT64_MAX)
         return 0;
-    int64_t ms = (int64_t)((us + 999) / 1000);  /* sd-bus counts CLOCK_MONOTONIC µs */
+    int64_t ms = (int64_t)((us + 999) / 1000);
     return ms > 0 ? ms : 1;     /* "now": any time already past */
 }
 
-/* Handle what arrived, at most 64 messages per turn; whatever is left
- * makes bus_deadline() say "now".  A broken connection is dropped and we
- * carry on without D-Bus. */
+/* At most 64 messages per turn; what is left makes bus_deadline() say
+ * "now".  A broken connection is dropped and we carry on without D-Bus. */
 static void bus_process(struct server *srv, const struct pollfd *fds, size_t n, int64_t now)
 {
     struct bus *b = srv->bus;
@@ -4157,32 +4130,17 @@ static void bus_process(struct server *srv, const struct pollfd *fds, size_t n, 
     }
 }
 
-/* At exit: every client object goes away, then the queued signals get
- * 20 x 25 ms to leave. */
 static void bus_stop(struct server *srv)
 {
-    struct bus *b = srv->bus;
-    uint64_t queued = 1;
-    for (size_t i = 0; b && i < b->n; i++)
-        bus_announce(b, &b->v[i], false);
-    for (int i = 0; b && i < 20 && sd_bus_get_n_queued_write(b->bus, &queued) >= 0 && queued;
-         i++) {
-        struct pollfd p = { sd_bus_get_fd(b->bus), POLLOUT, 0 };
-        if ((poll(&p, 1, 25) < 0 && errno != EINTR) || sd_bus_process(b->bus, NULL) < 0)
-            break;
-    }
-    if (b)
-        bus_free(b);
+    if (srv->bus)
+        bus_free(srv->bus);
     srv->bus = NULL;
 }
 
-/* ---- signals from the core ------------------------------------------------ */
-
-/* A client's signal: GotSecret, Rejected(text), NeedApproval,
- * CheckerStarted(text) or CheckerCompleted(status), with the command
- * kept from the start.  On a signal the reference sends (-1 << 8) | signal
- * as the wait status; we send the real one, which WIFSIGNALED and WTERMSIG
- * read the same way. */
+/* GotSecret, Rejected(text), NeedApproval, CheckerStarted(text) or
+ * CheckerCompleted(status) with the command it started with.  On a signal
+ * the reference sends (-1 << 8) | signal as the wait status; we send the
+ * real one, which WIFSIGNALED and WTERMSIG read the same way. */
 static void bus_client_signal(struct server *srv, const struct client *c, const char *member,
                               const char *text, int status)
 {
@@ -4213,8 +4171,8 @@ static void bus_client_signal(struct server *srv, const struct client *c, const 
     }
 }
 
-/* ClientNotFound(key ID, address): the address without brackets and
- * port, as the reference sends it. */
+/* ClientNotFound(key ID, address), the address without brackets and port
+ * as the reference sends it. */
 static void bus_client_not_found(struct server *srv, const char *key_id, const char *peer)
 {
     const char *start = peer + (peer[0] == '[');
@@ -4227,7 +4185,7 @@ static void bus_client_not_found(struct server *srv, const char *key_id, const c
     free(addr);
 }
 
-#else /* !HAVE_DBUS */
+#else /* !HAVE_DBUS: nothing to poll, publish or announce */
 
 static const char bus_backend[] = "none";
 
@@ -4238,7 +4196,6 @@ static void bus_start(struct server *srv)
                  "or use_dbus = False to silence this)");
 }
 
-/* Without D-Bus there is nothing to poll, publish or announce. */
 static size_t bus_pollfds(struct server *srv UNUSED, struct pollfd *fds UNUSED,
                           size_t max UNUSED)
 {
