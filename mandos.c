@@ -3943,7 +3943,9 @@ static int bus_remove_client(sd_bus_message *m, void *userdata, sd_bus_error *er
 {
     const char *path = NULL;
     int r = sd_bus_message_read(m, "o", &path);
-    struct bus_entry *e = r < 0 ? NULL : bus_lookup(userdata, path);
+    if (r < 0)
+        return r;
+    struct bus_entry *e = bus_lookup(userdata, path);
     if (!e)
         return sd_bus_error_setf(err, SD_BUS_ERROR_INVALID_ARGS, "no client at %s", path);
     struct server *srv = e->srv;
@@ -4201,12 +4203,10 @@ static size_t bus_pollfds(struct server *srv UNUSED, struct pollfd *fds UNUSED,
 {
     return 0;
 }
-
 static int64_t bus_deadline(const struct server *srv UNUSED)
 {
     return 0;
 }
-
 static void bus_process(struct server *srv UNUSED, const struct pollfd *fds UNUSED,
                         size_t n UNUSED, int64_t now UNUSED) {}
 static void bus_publish(struct server *srv UNUSED) {}
