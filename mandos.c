@@ -1310,9 +1310,8 @@ enum cf_type {
 #define F_POSITIVE 0x20          /* a duration that must be above zero */
 #define F_COMMAND 0x40           /* a command: %(name)s must be attributes */
 
-/* A D-Bus property's access: CONST never changes; READ and WRITE announce
- * changes with PropertiesChanged; WRITE_ONLY only invalidates (its value
- * is never shown); DEPRECATED is a constant kept for old tools. */
+/* A D-Bus property's access: READ and WRITE announce changes; WRITE_ONLY
+ * only invalidates; DEPRECATED is a constant kept for old tools. */
 enum cf_prop {
     PROP_NONE, PROP_CONST, PROP_READ, PROP_WRITE, PROP_WRITE_ONLY, PROP_DEPRECATED
 };
@@ -1579,10 +1578,8 @@ static void client_table_clear(struct client_table *t)
 }
 
 /* ---- timers ---------------------------------------------------------------
- * The table keeps a lower bound of all client timers, lowered as timers
- * are set; only when it is reached are the clients scanned (running what
- * is due and finding the true next), so a turn of the loop without a due
- * timer does no per-client work. */
+ * The table keeps a lower bound of all client timers, lowered as they are
+ * set; the clients are scanned only once it is reached. */
 
 /* The earlier of two deadlines, where 0 is none. */
 static int64_t earliest(int64_t a, int64_t b)
@@ -1620,8 +1617,7 @@ static void client_checked_ok(struct server *srv, struct client *c, int64_t now)
     client_bump(srv, c, c->cur.timeout, now);
 }
 
-/* Enabling and disabling reach waiting connections at once, not at their
- * deadline. */
+/* Waiting connections learn at once, not at their deadline. */
 static void client_disable(struct server *srv, struct client *c, const char *why)
 {
     if (!c->cur.enabled)
@@ -1759,8 +1755,7 @@ static void client_succeed(struct server *srv, struct client *n, struct client *
 }
 
 /* Put the clients of a reloaded clients.conf (`fresh`, indexed, taken
- * over) in place of the running ones: kept clients carry their state over,
- * new ones are scheduled, removed ones lose their checker and connections. */
+ * over) in place of the running ones; removed ones lose their checker. */
 static void clients_replace(struct server *srv, struct client_table *fresh)
 {
     struct client_table *t = &srv->clients;
@@ -1982,10 +1977,17 @@ static void client_read_secret(struct client_reader *r, struct client *c)
     gnutls_hash_fast(GNUTLS_DIG_SHA256, c->secret, c->secret_len, c->secret_hash);
 }
 
-static void client_read_ids(struct client_reader *r, struct client *c)
+/* Build one client from its section; errors go to r->diag. */
+static struct client *client_from_section(struct client_reader *r)
 {
+    struct client *c = xcalloc(1, sizeof *c);
     int line;
     unsigned char bin[32];
+    c->name = xstrdup(r->sec->name);
+    c->config_line = r->sec->line;
+    c->last_checker_status = -2;
+    for (size_t i = 0; i < N_RUN; i++)
+        client_read_setting(r, c, i);
     char *v = client_value(r, "key_id", &line);
     char *id = key_id_normalise(v ? v : "");
     free(v);
@@ -2004,19 +2006,6 @@ static void client_read_ids(struct client_reader *r, struct client *c)
     v = client_value(r, "fingerprint", &line);
     c->fingerprint = key_id_normalise(v ? v : "");
     free(v);
-}
-
-/* Build one client from its section; errors go to r->diag. */
-static struct client *client_from_section(struct client_reader *r)
-{
-    struct client *c = xcalloc(1, sizeof *c);
-    int line;
-    c->name = xstrdup(r->sec->name);
-    c->config_line = r->sec->line;
-    c->last_checker_status = -2;
-    for (size_t i = 0; i < N_RUN; i++)
-        client_read_setting(r, c, i);
-    client_read_ids(r, c);
     client_read_secret(r, c);
     /* other keys are interpolated too, to report a broken %(name)s anywhere */
     for (size_t k = 0; k < r->sec->nkeys; k++) {
@@ -2030,8 +2019,7 @@ static struct client *client_from_section(struct client_reader *r)
     return c;
 }
 
-/* Parse clients.conf bytes into a table of fresh clients, reporting
- * errors through `diag`. */
+/* Parse clients.conf bytes into a table of fresh clients. */
 static void clients_from_buffer(const char *data, size_t len, const char *configdir,
                                 int config_dirfd, struct diag *diag, struct client_table *out)
 {
