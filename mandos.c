@@ -503,6 +503,32 @@ static void log_open_syslog(const char *servicename)
     log_cfg.syslog_open = true;
 }
 
+/* Bytes from outside made safe for one log line: control bytes (newline,
+ * ESC, NUL...) become \xHH; `strict` (raw peer bytes) also escapes '\\'
+ * and every byte above 0x7E, so that a line of it is plain ASCII. */
+static void escape_for_log(const char *in, size_t n, char *out, size_t outlen, bool strict)
+{
+    size_t o = 0;
+    for (size_t i = 0; i < n && o + 5 < outlen; i++) {
+        unsigned char ch = (unsigned char)in[i];
+        if (ch >= 0x20 && ch != 0x7f && (!strict || (ch < 0x7f && ch != '\\')))
+            out[o++] = (char)ch;
+        else
+            o += (size_t)snprintf(out + o, outlen - o, "\\x%02X", ch);
+    }
+    out[o] = '\0';
+}
+
+/* Every log line passes here: host names, D-Bus values, checker command
+ * lines and the like cannot start a line of their own or reach a terminal
+ * as escape sequences. */
+static void log_format(char *out, size_t outlen, const char *fmt, va_list ap)
+{
+    char raw[2048];
+    vsnprintf(raw, sizeof raw, fmt, ap);
+    escape_for_log(raw, strlen(raw), out, outlen, false);
+}
+
 /* To syslog; to stderr with --debug or before syslog is open, as the
  * reference's --debug: "2026-01-31 12:00:00,123 mandos [42]: INFO: msg". */
 PRINTF_LIKE(2, 3)
@@ -510,10 +536,10 @@ static void log_msg(int level, const char *fmt, ...)
 {
     if (level > log_cfg.threshold)
         return;
-    char msg[2048];
+    char msg[4 * 2048 + 1];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
+    log_format(msg, sizeof msg, fmt, ap);
     va_end(ap);
     const char *name = log_level_names[level & 7];
     if (log_cfg.syslog_open)
@@ -540,9 +566,9 @@ PRINTF_LIKE(1, 2)
 static void fatal(const char *fmt, ...)
 {
     va_list ap;
-    char msg[2048];
+    char msg[4 * 2048 + 1];
     va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
+    log_format(msg, sizeof msg, fmt, ap);
     va_end(ap);
     if (log_cfg.syslog_open)
         syslog(LOG_CRIT, "CRITICAL: %s", msg);
@@ -1389,6 +1415,7 @@ struct server {
     struct bus *bus;             /* the D-Bus connection (section 10), or NULL */
     int listen_fd;
     int port;                    /* the port actually bound */
+    int64_t accept_resume, accept_warned;    /* accept() failure back-off, ms */
     int signal_pipe[2];          /* written by signal handlers, read by the loop */
     int state_dirfd;             /* the state directory, opened before dropping root */
     int config_dirfd;            /* the config directory, likewise (for reloads) */
@@ -2702,20 +2729,6 @@ static void conn_close(struct server *srv, struct conn *cn)
     cn->state = CONN_CLOSED;
 }
 
-/* Peer bytes made printable for a log line: \xHH for anything else. */
-static void escape_for_log(const char *in, size_t n, char *out, size_t outlen)
-{
-    size_t o = 0;
-    for (size_t i = 0; i < n && o + 5 < outlen; i++) {
-        unsigned char ch = (unsigned char)in[i];
-        if (ch >= 0x20 && ch < 0x7f && ch != '\\')
-            out[o++] = (char)ch;
-        else
-            o += (size_t)snprintf(out + o, outlen - o, "\\x%02X", ch);
-    }
-    out[o] = '\0';
-}
-
 /* The reference's rule: the first word must be an integer <= 1. */
 static bool version_line_accepted(const char *line, size_t n, char *why, size_t whylen)
 {
@@ -2723,15 +2736,16 @@ static bool version_line_accepted(const char *line, size_t n, char *why, size_t 
     size_t w = 0;
     while (w < n && !is_blank((unsigned char)line[w]))
         w++;
-    int shown = (int)(w > 20 ? 20 : w);
+    char word[4 * 20 + 1];       /* a NUL byte in it must not cut the reason short */
+    escape_for_log(line, w > 20 ? 20 : w, word, sizeof word, true);
     long long v;
     bool overflow;
     if (w == 0)
         snprintf(why, whylen, "empty version line");
     else if (parse_pyint(line, w, &v, &overflow) < 0)
-        snprintf(why, whylen, "not an integer: \"%.*s\"", shown, line);
+        snprintf(why, whylen, "not an integer: \"%s\"", word);
     else if (v > 1)
-        snprintf(why, whylen, "version %.*s is newer than 1", shown, line);
+        snprintf(why, whylen, "version %s is newer than 1", word);
     else
         return true;
     return false;
@@ -2775,13 +2789,11 @@ static enum step conn_do_version(struct server *srv, struct conn *cn)
     enum step r = conn_read_line(cn);
     if (r != STEP_NEXT)
         return r;
-    char shown[4 * VERSION_LINE_MAX + 1], why[80], why_shown[4 * sizeof why + 1];
-    escape_for_log(cn->line, cn->line_len, shown, sizeof shown);
+    char shown[4 * VERSION_LINE_MAX + 1], why[128];
+    escape_for_log(cn->line, cn->line_len, shown, sizeof shown, true);
     conn_log(cn, LOG_DEBUG, "Protocol version: '%s'", shown);
-    if (!version_line_accepted(cn->line, cn->line_len, why, sizeof why)) {
-        escape_for_log(why, strlen(why), why_shown, sizeof why_shown);
-        return conn_log(cn, LOG_ERR, "Unknown protocol version: %s", why_shown);
-    }
+    if (!version_line_accepted(cn->line, cn->line_len, why, sizeof why))
+        return conn_log(cn, LOG_ERR, "Unknown protocol version: %s", why);
     int rc = gnutls_init(&cn->tls, GNUTLS_CLIENT | GNUTLS_NO_TICKETS | GNUTLS_ENABLE_RAWPK
                          | GNUTLS_NONBLOCK);
     if (rc == GNUTLS_E_SUCCESS)
@@ -2994,6 +3006,20 @@ static void conn_client_gone(struct server *srv, struct client *old, struct clie
 }
 
 /* Each new connection joins the tail of the list and reads at once. */
+#define ACCEPT_BACKOFF_MS 200
+
+/* Out of descriptors, the listener stays readable: poll() leaves it out
+ * for a while, and the warning comes at most once a second. */
+static void accept_back_off(struct server *srv, int64_t now)
+{
+    int err = errno;
+    srv->accept_resume = now + ACCEPT_BACKOFF_MS;
+    if (now - srv->accept_warned < 1000)
+        return;
+    srv->accept_warned = now;
+    log_warn("accept: %s; not accepting for %d ms", strerror(err), ACCEPT_BACKOFF_MS);
+}
+
 static void conn_accept(struct server *srv, int64_t now)
 {
     for (int i = 0; i < 64; i++) {
@@ -3003,7 +3029,7 @@ static void conn_accept(struct server *srv, int64_t now)
         if (fd < 0 && (errno == EINTR || errno == ECONNABORTED))
             continue;
         if (fd < 0 && errno != EAGAIN && errno != EWOULDBLOCK)
-            log_warn("accept: %s", strerror(errno));
+            accept_back_off(srv, now);
         if (fd < 0)
             return;
         long max = srv->set.max_connections;
@@ -4386,12 +4412,22 @@ static void notify_send(struct server *srv, const char *msg)
 
 /* ---- signals and reload ------------------------------------------------------ */
 
-static int signal_pipe_write = -1;  /* the handler's only state */
+static int signal_pipe_write = -1;
+/* The flags are the record of a signal; the pipe byte only wakes poll(),
+ * so a full pipe loses nothing. */
+static volatile sig_atomic_t got_term;    /* SIGTERM or SIGINT: the signal */
+static volatile sig_atomic_t got_hup;
+static volatile sig_atomic_t got_chld;
 
-/* When the pipe is full, a wakeup is pending already: a lost byte is fine. */
 static void signal_to_pipe(int sig)
 {
     int saved = errno;
+    if (sig == SIGHUP)
+        got_hup = 1;
+    else if (sig == SIGCHLD)
+        got_chld = 1;
+    else
+        got_term = sig;
     unsigned char b = (unsigned char)sig;
     ssize_t ignored = write(signal_pipe_write, &b, 1);
     (void)ignored;
@@ -4436,21 +4472,25 @@ static void server_reload(struct server *srv)
     notify_send(srv, "READY=1");
 }
 
+/* A quit wins over pending reloads; SIGHUPs that arrive during a reload
+ * raise the flag again, so they cost at most one more reload. */
 static void signals_drain(struct server *srv)
 {
     unsigned char sigs[64];
-    ssize_t n;
-    while ((n = read(srv->signal_pipe[0], sigs, sizeof sigs)) > 0) {
-        for (ssize_t i = 0; i < n; i++) {
-            if (sigs[i] == SIGTERM || sigs[i] == SIGINT) {
-                log_debug("Server received %s", sigs[i] == SIGINT ? "SIGINT" : "SIGTERM");
-                srv->quitting = true;
-            } else if (sigs[i] == SIGHUP) {
-                server_reload(srv);
-            } else if (sigs[i] == SIGCHLD) {
-                checker_reap(srv);
-            }
-        }
+    while (read(srv->signal_pipe[0], sigs, sizeof sigs) > 0)
+        continue;
+    if (got_term) {
+        log_debug("Server received %s", got_term == SIGINT ? "SIGINT" : "SIGTERM");
+        srv->quitting = true;
+        return;
+    }
+    if (got_chld) {
+        got_chld = 0;
+        checker_reap(srv);
+    }
+    if (got_hup) {
+        got_hup = 0;
+        server_reload(srv);
     }
 }
 
@@ -4459,12 +4499,13 @@ static void signals_drain(struct server *srv)
 /* Milliseconds poll() may sleep: until the nearest deadline, at most 60 s. */
 static int loop_timeout(const struct server *srv, int64_t now)
 {
-    int64_t t[5] = { now + 60000, zc_deadline(srv), bus_deadline(srv),
-                     srv->clients.next_event, 0 };
+    int64_t resume = srv->accept_resume > now ? srv->accept_resume : 0;
+    int64_t t[6] = { now + 60000, zc_deadline(srv), bus_deadline(srv),
+                     srv->clients.next_event, 0, resume };
     if (srv->state_dirty)
         t[4] = srv->state_urgent ? now : srv->state_saved_at + STATE_SAVE_DELAY_MS;
     int64_t next = t[0];
-    for (int i = 1; i < 5; i++)
+    for (int i = 1; i < 6; i++)
         if (t[i] && t[i] < next)     /* 0: none */
             next = t[i];
     for (const struct conn *cn = srv->conns_head; cn; cn = cn->next)
@@ -4485,7 +4526,8 @@ static void server_loop(struct server *srv)
         grow((void **)&fds, &cap, 2 + BUS_MAX_FDS + ZC_MAX_FDS + srv->nconns, sizeof *fds);
         size_t n = 0;
         fds[n++] = (struct pollfd){ srv->signal_pipe[0], POLLIN, 0 };
-        fds[n++] = (struct pollfd){ srv->listen_fd, POLLIN, 0 };
+        int lfd = now < srv->accept_resume ? -1 : srv->listen_fd;   /* -1: not polled */
+        fds[n++] = (struct pollfd){ lfd, POLLIN, 0 };
         size_t bus_first = n;
         n += bus_pollfds(srv, fds + n, BUS_MAX_FDS);
         size_t zc_first = n;
@@ -4564,11 +4606,13 @@ static void raise_fd_limit(struct server *srv)
         return;
     rl.rlim_cur = rl.rlim_max == RLIM_INFINITY || rl.rlim_max >= want ? want : rl.rlim_max;
     setrlimit(RLIMIT_NOFILE, &rl);
-    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < want) {
-        long fit = (long)rl.rlim_cur - 64;
-        srv->set.max_connections = fit > 16 ? fit : 16;
+    getrlimit(RLIMIT_NOFILE, &rl);
+    long cur = (long)rl.rlim_cur;
+    long fit = cur > 128 ? cur - 64 : cur / 2;      /* a tiny limit: half for our own */
+    if (fit < srv->set.max_connections) {
+        srv->set.max_connections = fit;
         log_warn("only %ld file descriptors allowed: max_connections lowered to %ld",
-                 (long)rl.rlim_cur, srv->set.max_connections);
+                 cur, srv->set.max_connections);
     }
 }
 
@@ -4841,7 +4885,7 @@ static void run_base64(const char *const *c, struct buf *out)
     if (base64_decode_lenient(c[0], strlen(c[0]), &b, &why) < 0) {
         buf_printf(out, "!%s", why);
     } else {
-        escape_for_log(b.data ? b.data : "", b.len, text, sizeof text);
+        escape_for_log(b.data ? b.data : "", b.len, text, sizeof text, true);
         buf_adds(out, text);
     }
     buf_free(&b);
@@ -4918,7 +4962,7 @@ static void run_log_text(const char *const *c, struct buf *out)
     char text[64];
     ss.ss_family = AF_UNIX;
     if (!c[2]) {
-        escape_for_log(c[0], strlen(c[0]), text, sizeof text);
+        escape_for_log(c[0], strlen(c[0]), text, sizeof text, true);
     } else if (inet_pton(AF_INET, c[0], &s4->sin_addr) == 1) {
         ss.ss_family = AF_INET;
         s4->sin_port = htons((uint16_t)atoi(c[2]));

@@ -277,6 +277,18 @@ start_monitor() {
 
 # ------------------------------------------------------------------ settings
 
+@test "dbus: a host with a newline or an ESC set over D-Bus logs as one escaped line" {
+	client_section alpha "$PW_ALPHA" "checker = true %%(host)s" "interval = PT1S" \
+		>"$CONF/clients.conf"
+	start_dbus_server "$CONF"
+	ctl --host $'evil\nFORGED: INFO: a line from D-Bus' alpha
+	wait_for 15 file_has "$SERVER_LOG" 'evil\\x0AFORGED'
+	ctl --host $'esc\e[31m' alpha
+	wait_for 15 file_has "$SERVER_LOG" 'esc\\x1B\[31m'
+	run ! grep -n '^FORGED' "$SERVER_LOG"
+	run ! grep -n $'\e' "$SERVER_LOG"
+}
+
 @test "dbus: --checker and --host change the next checker run" {
 	client_section alpha "$PW_ALPHA" "checker = true" "interval = PT1S" |
 		sed 's/^host = .*/host = old.example/' >"$CONF/clients.conf"
