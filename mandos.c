@@ -735,15 +735,14 @@ static struct ini_key *ini_option(struct ini_section *sec, struct ini_key *prev,
     return &sec->keys[sec->nkeys++];
 }
 
-/* Parse a whole file's bytes into `ini` (free it with ini_free).  Line
- * ends \n, \r\n and \r all count. */
+/* Parse a file's bytes into `ini` (free with ini_free); lines end in \n, \r\n or \r. */
 static void ini_parse_buffer(struct ini *ini, const char *data, size_t len, struct diag *diag)
 {
     struct ini dropped = { .n = 0 };
     struct ini_section *sec = NULL;
     struct ini_key *key = NULL;  /* the option that may continue */
     int lineno = 0, indent = 0;  /* indent: of the last option or header */
-    int blanks = 0;              /* blank lines inside a value, so far */
+    int blanks = 0;              /* blank lines inside the value so far */
     *ini = (struct ini){ .n = 0 };
     ini_add_section(ini, xstrdup("DEFAULT"), 0);
     for (size_t i = 0, start; i < len; i++) {
@@ -847,20 +846,19 @@ static int ini_interpolate(struct ini *ini, struct ini_section *sec, const char 
         if (twice || !*p)
             continue;
         const char *close = p[1] == '(' ? strchr(p + 2, ')') : NULL;
-        if (p[1] != '(') {
+        bool bad = true;
+        if (p[1] != '(')
             snprintf(why, whylen, "'%%' must be followed by '%%' or '(' "
                      "(write %%%% for a literal %%)");
-            return -1;
-        }
-        if (!close || close == p + 2 || close[1] != 's') {
+        else if (!close || close == p + 2 || close[1] != 's')
             snprintf(why, whylen, "bad reference \"%.40s\" (expected %%(name)s)", p);
-            return -1;
-        }
-        if (--ini->refs_left < 0) {
+        else if (--ini->refs_left < 0)
             snprintf(why, whylen, "%%(name)s references expand more than %d times",
                      INI_MAX_REFS);
+        else
+            bad = false;
+        if (bad)
             return -1;
-        }
         char *name = xstrndup(p + 2, (size_t)(close - p - 2));
         for (char *c = name; *c; c++)
             *c = (char)tolower((unsigned char)*c);
@@ -907,13 +905,9 @@ static int parse_pyint(const char *s, size_t n, long long *out, bool *overflow)
             continue;
         if (!isdigit((unsigned char)s[i]))
             return -1;
-        if (v > (LLONG_MAX - d) / 10)
-            *overflow = true;
-        else
-            v = v * 10 + d;
+        *overflow = *overflow || v > (LLONG_MAX - d) / 10;
+        v = *overflow ? LLONG_MAX : v * 10 + d;
     }
-    if (*overflow)
-        v = LLONG_MAX;
     *out = neg ? -v : v;
     return 0;
 }
@@ -1036,14 +1030,11 @@ struct settings {
     int64_t connection_timeout;  /* ms */
 };
 
-/* How an option's text becomes a setting. */
+/* How an option's text becomes a setting (see opt_set). */
 enum opt_type {
     OPT_HELP, OPT_VERSION, OPT_CHECK,   /* actions, not settings */
     OPT_STRING, OPT_LEVEL,              /* text, log level: no %(name)s expansion */
-    OPT_BOOL,                           /* as a flag: the opposite of its default */
-    OPT_PORT, OPT_FD,                   /* numbers; blank = unset (-1) */
-    OPT_LIMIT,                          /* 1 to 1000000 */
-    OPT_DURATION                        /* longer than zero */
+    OPT_BOOL, OPT_PORT, OPT_FD, OPT_LIMIT, OPT_DURATION
 };
 
 struct opt {
@@ -1231,7 +1222,8 @@ struct cmdline {
 };
 
 /* Apply the command line: first (keyed false) what mandos.conf cannot set,
- * since --configdir says where it is; after it, the rest, which wins. */
+ * since --configdir says where it is; after it, the rest, which wins, and
+ * then the rules between settings.  -1 with the reason in `err`. */
 static int settings_from_cmdline(struct settings *set, const struct cmdline *cl, bool keyed,
                                  char *err, size_t errlen)
 {
@@ -1252,18 +1244,12 @@ static int settings_from_cmdline(struct settings *set, const struct cmdline *cl,
             return -1;
         }
     }
-    return 0;
-}
-
-/* Rules between settings, once all are read. */
-static int settings_finish(struct settings *set, char *err, size_t errlen)
-{
-    if (set->debug) {
+    if (keyed && set->debug) {
         set->foreground = true;
         set->debuglevel = LOG_DEBUG;
     }
     /* A build without Zeroconf cannot be found either: same rule. */
-    if ((!set->zeroconf || !ZC_AVAILABLE) && set->port <= 0 && set->socket_fd < 0) {
+    if (keyed && (!set->zeroconf || !ZC_AVAILABLE) && set->port <= 0 && set->socket_fd < 0) {
         snprintf(err, errlen, "Needs port or socket to work without Zeroconf%s",
                  ZC_AVAILABLE ? "" : " (this build has no Zeroconf support)");
         return -1;
@@ -3515,7 +3501,7 @@ static const char *zc_self_test(void)
 
 #else /* ---- none: no Zeroconf --------------------------------------------
        * Nothing is announced; clients must be given the address (--connect),
-       * and start-up insists on a port or --socket (settings_finish). */
+       * and start-up insists on a port or --socket (settings_from_cmdline). */
 
 static void zc_start(struct server *srv)
 {
@@ -4626,8 +4612,7 @@ static void server_configure(struct server *srv, const struct cmdline *cl)
     if (settings_conf_load(&srv->set, &diag) > 0)
         fatal("%d error%s in %s/mandos.conf; not starting", diag.count,
               diag.count == 1 ? "" : "s", srv->set.configdir);
-    if (settings_from_cmdline(&srv->set, cl, true, err, sizeof err) < 0
-        || settings_finish(&srv->set, err, sizeof err) < 0) {
+    if (settings_from_cmdline(&srv->set, cl, true, err, sizeof err) < 0) {
         fprintf(stderr, "mandos: error: %s\n", err);
         exit(2);
     }
@@ -5024,8 +5009,7 @@ static void run_options(const char *const *c, struct buf *out)
     if (cmdline_parse(argc, argv, &cl, err, sizeof err) == 0) {
         settings_from_cmdline(&set, &cl, false, err, sizeof err);
         settings_from_conf(&set, conf, strlen(conf), &d);
-        if (settings_from_cmdline(&set, &cl, true, err, sizeof err) == 0)
-            settings_finish(&set, err, sizeof err);
+        settings_from_cmdline(&set, &cl, true, err, sizeof err);
     }
     buf_printf(&text, " errors=%d %s", d.count + !!*err, err);
     for (size_t i = 0; i < N_OPTS && !d.count && !*err; i++) {
