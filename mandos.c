@@ -681,6 +681,18 @@ static struct ini_key *ini_find_key(struct ini_section *s, const char *name)
     return NULL;
 }
 
+/* A finished value, copied to its size: a value grows by doubling, and
+ * thousands of clients should not keep the room it had to grow. */
+static void ini_value_fit(struct ini_key *key)
+{
+    if (!key || key->value.cap == key->value.len + 1)
+        return;
+    struct buf fit = { xstrndup(key->value.data, key->value.len), key->value.len,
+                       key->value.len + 1 };
+    buf_free(&key->value);
+    key->value = fit;
+}
+
 /* A header "[name]": a new section, [DEFAULT] again, or a duplicate,
  * which goes to `dropped` instead. */
 static struct ini_section *ini_header(struct ini *ini, struct ini *dropped, const char *s,
@@ -730,8 +742,8 @@ static struct ini_key *ini_option(struct ini_section *sec, struct ini_key *prev,
         return NULL;
     }
     grow((void **)&sec->keys, &sec->cap, sec->nkeys + 1, sizeof *sec->keys);
-    sec->keys[sec->nkeys] = (struct ini_key){ .name = name, .line = lineno };
-    buf_add(&sec->keys[sec->nkeys].value, v, vn);
+    struct buf value = { xstrndup(v, vn), vn, vn + 1 };   /* exact: most stay one line */
+    sec->keys[sec->nkeys] = (struct ini_key){ name, value, lineno };
     return &sec->keys[sec->nkeys++];
 }
 
@@ -773,6 +785,7 @@ static void ini_parse_buffer(struct ini *ini, const char *data, size_t len, stru
             blanks = 0;
             continue;
         }
+        ini_value_fit(key);
         blanks = 0;
         indent = depth;
         /* A header is "[" + at least one character + the last "]" on the
@@ -789,6 +802,7 @@ static void ini_parse_buffer(struct ini *ini, const char *data, size_t len, stru
             diag_error(diag, lineno, "a line before any [section] header");
         }
     }
+    ini_value_fit(key);
     ini_free(&dropped);
 }
 
