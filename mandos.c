@@ -2500,13 +2500,20 @@ static void state_open(struct server *srv)
     snprintf(path, sizeof path, "%s/%s", dir, STATE_FILE);
     struct diag diag = { path, 0, false, NULL };
     int rc = read_file_at(srv->state_dirfd, STATE_FILE, &data);
-    if (rc < 0 && errno == ENOENT) {
+    int e = errno;
+    /* The reference's state: starting fresh would re-enable every client
+     * it had disabled. */
+    if (rc < 0 && e == ENOENT && faccessat(srv->state_dirfd, "clients.pickle", F_OK, 0) == 0)
+        fatal("%s/clients.pickle holds the reference server's state and there is no %s "
+              "yet: import it with mandos-import-pickle --statedir %s, or start with "
+              "--no-restore to ignore it", dir, STATE_FILE, dir);
+    if (rc < 0 && e == ENOENT) {
         log_info("No saved state in %s; starting fresh", path);
         return;
     }
     if (rc < 0)
         fatal("%s: cannot read saved state: %s (start with --no-restore to ignore it)",
-              path, strerror(errno));
+              path, strerror(e));
     if (state_parse(data.data, data.len, &diag, &saved) > 0)
         fatal("%s: the saved state is corrupt (see above); refusing to start, since "
               "disabled clients would come back enabled.  Move the file away or start "
