@@ -19,7 +19,18 @@ MANDIR = $(PREFIX)/share/man
 SYSCONFDIR ?= /etc
 UNITDIR ?= $(PREFIX)/lib/systemd/system
 SYSUSERSDIR ?= $(PREFIX)/lib/sysusers.d
-DBUSPOLICYDIR ?= $(PREFIX)/share/dbus-1/system.d
+# dbus-daemon reads policies from /usr/share and /etc only: /usr/share is
+# the distribution's, so any other PREFIX puts it in /etc.
+DBUSPOLICYDIR ?= $(if $(filter /usr,$(PREFIX)),/usr/share,$(SYSCONFDIR))/dbus-1/system.d
+
+# A fresh machine: t/deps.sh installs the libraries before the back ends
+# are detected below, since make reads this file again after remaking an
+# included file.  (Not for clean and uninstall, which need nothing.)
+ifneq ($(filter-out clean uninstall,$(or $(MAKECMDGOALS),all)),)
+-include .deps-installed
+endif
+.deps-installed: t/deps.sh
+	@t/deps.sh build && touch $@
 
 # Zeroconf: avahi when pkg-config finds avahi-client, else none.
 ZEROCONF ?= $(shell pkg-config --exists avahi-client 2>/dev/null && echo avahi || echo none)
@@ -66,6 +77,7 @@ BUILD_CONFIG = ZEROCONF=$(ZEROCONF) DBUS=$(DBUS) CC=$(CC) CFLAGS=$(CFLAGS) LDFLA
 mandos: mandos.c Makefile .build-config
 	@t/deps.sh build
 	$(CC) $(WARNINGS) $(CFLAGS) $(TLS_CFLAGS) $(ZC_CFLAGS) $(DBUS_CFLAGS) -o $@ mandos.c $(LDFLAGS) $(TLS_LIBS) $(ZC_LIBS) $(DBUS_LIBS)
+	@echo "built ./mandos: Zeroconf $(ZEROCONF), D-Bus $(if $(filter 1,$(DBUS)),on,off)"
 
 .build-config: FORCE
 	@echo '$(BUILD_CONFIG)' | cmp -s - $@ || echo '$(BUILD_CONFIG)' > $@
@@ -157,14 +169,22 @@ mandos.conf.5: mandos.conf.5.xml
 mandos-clients.conf.5: clients.conf.5.xml
 	xsltproc --nonet --output $@ $(DOCBOOK_XSL) $<
 
+# Over the Debian package's own /usr/sbin/mandos only once it is diverted
+# (mandos(8), MIGRATION): dpkg would put its file back at the next upgrade.
 install: mandos man
+	@if [ -z "$(DESTDIR)" ] && dpkg -S $(SBINDIR)/mandos >/dev/null 2>&1 \
+	    && ! dpkg-divert --list $(SBINDIR)/mandos | grep -q .; then \
+	    echo "make install: $(SBINDIR)/mandos belongs to a Debian package; install with" \
+	         "PREFIX=/usr/local, or first: dpkg-divert --rename $(SBINDIR)/mandos" >&2; exit 1; fi
 	install -d $(DESTDIR)$(SBINDIR) $(DESTDIR)$(MANDIR)/man8 $(DESTDIR)$(MANDIR)/man5
 	install -m 0755 mandos $(DESTDIR)$(SBINDIR)/mandos
+	install -m 0755 etc/mandos-import-pickle $(DESTDIR)$(SBINDIR)/mandos-import-pickle
 	install -m 0644 mandos.8 $(DESTDIR)$(MANDIR)/man8/mandos.8
 	install -m 0644 mandos.conf.5 mandos-clients.conf.5 $(DESTDIR)$(MANDIR)/man5/
 	install -d $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSUSERSDIR) $(DESTDIR)$(SYSCONFDIR)/mandos
-	# BusName= only where the D-Bus interface is built in
-	sed '$(if $(filter 1,$(DBUS)),s/^Type=notify$$/Type=notify\nBusName=se.recompile.Mandos/,)' \
+	# the installed binaries; BusName= only where D-Bus is built in
+	sed -e 's|/usr/sbin/mandos|$(SBINDIR)/mandos|' \
+	    $(if $(filter 1,$(DBUS)),-e 's/^Type=notify$$/Type=notify\nBusName=se.recompile.Mandos/') \
 	    etc/mandos.service > $(DESTDIR)$(UNITDIR)/mandos.service
 	chmod 0644 $(DESTDIR)$(UNITDIR)/mandos.service
 	$(if $(filter 1,$(DBUS)),install -d $(DESTDIR)$(DBUSPOLICYDIR) && install -m 0644 etc/mandos-dbus.conf $(DESTDIR)$(DBUSPOLICYDIR)/mandos.conf)
@@ -173,7 +193,8 @@ install: mandos man
 	[ -e $(DESTDIR)$(SYSCONFDIR)/mandos/clients.conf ] || install -m 0600 etc/clients.conf $(DESTDIR)$(SYSCONFDIR)/mandos/clients.conf
 
 uninstall:
-	rm -f $(DESTDIR)$(SBINDIR)/mandos $(DESTDIR)$(MANDIR)/man8/mandos.8
+	rm -f $(DESTDIR)$(SBINDIR)/mandos $(DESTDIR)$(SBINDIR)/mandos-import-pickle
+	rm -f $(DESTDIR)$(MANDIR)/man8/mandos.8
 	rm -f $(DESTDIR)$(MANDIR)/man5/mandos.conf.5 $(DESTDIR)$(MANDIR)/man5/mandos-clients.conf.5
 	rm -f $(DESTDIR)$(UNITDIR)/mandos.service $(DESTDIR)$(SYSUSERSDIR)/mandos.conf
 	rm -f $(DESTDIR)$(DBUSPOLICYDIR)/mandos.conf
@@ -225,7 +246,7 @@ bench: mandos
 
 clean:
 	-$(MAKE) -C t/bench clean
-	rm -f mandos mandos-dnssd mandos-none mandos-nodbus mandos-portable .build-config .zeroconf mandos.8 mandos.conf.5 mandos-clients.conf.5
+	rm -f mandos mandos-dnssd mandos-none mandos-nodbus mandos-portable .build-config .deps-installed .zeroconf mandos.8 mandos.conf.5 mandos-clients.conf.5
 	rm -f $(FUZZ_BINS)
 	rm -rf .compilers
 

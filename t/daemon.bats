@@ -168,6 +168,11 @@ notify_listener() {
 	[[ -s $root/usr/share/man/man8/mandos.8 ]]
 	[[ -s $root/usr/share/man/man5/mandos-clients.conf.5 ]]
 	[[ -s $root/usr/lib/systemd/system/mandos.service ]]
+	[[ -x $root/usr/sbin/mandos-import-pickle ]]
+	grep -qx 'ExecStart=/usr/sbin/mandos --foreground $DAEMON_ARGS' \
+		"$root/usr/lib/systemd/system/mandos.service"
+	# dbus-daemon reads /usr/share/dbus-1/system.d (the distribution's)
+	[[ -s $root/usr/share/dbus-1/system.d/mandos.conf ]]
 	[[ $(stat -c %a "$root/etc/mandos/clients.conf") == 600 ]]
 	# an existing clients.conf is never overwritten
 	echo '# mine' >>"$root/etc/mandos/clients.conf"
@@ -179,11 +184,51 @@ notify_listener() {
 	[[ -z $output ]]
 }
 
+@test "install: PREFIX=/usr/local installs a unit that starts the installed binary" {
+	[[ -e /usr/share/xml/docbook/stylesheet/docbook-xsl/manpages/docbook.xsl ]] ||
+		missing "docbook-xsl not installed"
+	local root="$BATS_TEST_TMPDIR/root" src="$BATS_TEST_DIRNAME/.." unit
+	mkdir -p "$root"
+	make -s -C "$src" install DESTDIR="$root" PREFIX=/usr/local >/dev/null
+	unit=$root/usr/local/lib/systemd/system/mandos.service
+	grep -qx 'ExecStart=/usr/local/sbin/mandos --foreground $DAEMON_ARGS' "$unit"
+	grep -qx 'ExecStartPre=/usr/local/sbin/mandos-import-pickle' "$unit"
+	[[ -x $root/usr/local/sbin/mandos && -x $root/usr/local/sbin/mandos-import-pickle ]]
+	# not /usr/local/share/dbus-1, where dbus-daemon does not look
+	[[ -s $root/etc/dbus-1/system.d/mandos.conf ]]
+	run find "$root/usr/local/share" -path '*dbus*'
+	[[ -z $output ]]
+	rm "$root/etc/mandos/clients.conf" "$root/etc/mandos/mandos.conf"
+	make -s -C "$src" uninstall DESTDIR="$root" PREFIX=/usr/local >/dev/null
+	run find "$root" -mindepth 1
+	echo "$output"
+	[[ -z $output ]]
+}
+
+@test "build: the first make on a fresh machine installs the libraries, then picks the back ends" {
+	local d="$BATS_TEST_TMPDIR/fresh" bin="$BATS_TEST_TMPDIR/bin"
+	mkdir -p "$d/t" "$bin"
+	cp "$BATS_TEST_DIRNAME/../Makefile" "$BATS_TEST_DIRNAME/../mandos.c" "$d/"
+	# a machine without the Avahi and systemd libraries until t/deps.sh runs
+	printf '#!/bin/sh\ntouch "%s/libs-installed"\n' "$d" >"$d/t/deps.sh"
+	cat >"$bin/pkg-config" <<-EOF
+	#!/bin/sh
+	case "\$*" in *avahi*|*libsystemd*) [ -e "$d/libs-installed" ] || exit 1 ;; esac
+	exec /usr/bin/pkg-config "\$@"
+	EOF
+	chmod +x "$d/t/deps.sh" "$bin/pkg-config"
+	run env PATH="$bin:$PATH" make -C "$d" mandos
+	echo "$output"
+	[[ $status -eq 0 ]]
+	[[ $output == *"built ./mandos: Zeroconf avahi, D-Bus on"* ]]
+}
+
 @test "install: the unit passes systemd-analyze verify (when available)" {
 	command -v systemd-analyze >/dev/null || skip "systemd-analyze not installed"
 	local d="$BATS_TEST_TMPDIR/unit"
 	mkdir -p "$d"
-	sed "s|/usr/sbin/mandos|$(readlink -f "$MANDOS_BIN")|" \
+	sed -e "s|/usr/sbin/mandos-import-pickle|$(readlink -f "$BATS_TEST_DIRNAME/../etc")/mandos-import-pickle|" \
+		-e "s|/usr/sbin/mandos |$(readlink -f "$MANDOS_BIN") |" \
 		"$BATS_TEST_DIRNAME/../etc/mandos.service" >"$d/mandos.service"
 	run systemd-analyze verify "$d/mandos.service"
 	echo "$output"
