@@ -1046,7 +1046,7 @@ struct settings {
 
 /* How an option's text becomes a setting (see opt_set). */
 enum opt_type {
-    OPT_HELP, OPT_VERSION, OPT_CHECK,   /* actions, not settings */
+    OPT_HELP, OPT_VERSION, OPT_TEST, OPT_CHECK,   /* actions, not settings */
     OPT_STRING, OPT_LEVEL,              /* text, log level: no %(name)s expansion */
     OPT_BOOL, OPT_PORT, OPT_FD, OPT_LIMIT, OPT_DURATION
 };
@@ -1074,6 +1074,8 @@ static const struct opt opts[] = {
     { "port", 'p', "PORT", "port", "", OPT_PORT, SET(port),
       "listen on this TCP port (default: any free one)" },
     { "check", 0, NULL, NULL, NULL, OPT_CHECK, 0, "run the built-in self-tests and exit" },
+    { "test-config", 't', NULL, NULL, NULL, OPT_TEST, 0,
+      "check both files as start-up and a reload would, then exit" },
     { "debug", 0, NULL, "debug", "False", OPT_BOOL, SET(debug),
       "stay in the foreground and log everything to stderr" },
     { "debuglevel", 0, "LEVEL", "debuglevel", "", OPT_LEVEL, SET(debuglevel),
@@ -4358,17 +4360,27 @@ static void privileges_drop(struct server *srv)
     log_debug("Did setuid/setgid to %ld:%ld", (long)srv->run_uid, (long)srv->run_gid);
 }
 
-/* Detach from the terminal and the session.  The PID file, opened here
- * while we are still root, gets the daemon's own PID; as with the
- * reference, nothing removes it at exit (we may no longer write in /run). */
-static void daemonize(void)
+/* The PID file is opened while we are still root and gets the daemon's
+ * own PID; as with the reference, nothing removes it at exit (we may no
+ * longer write in /run). */
+static const char *pidfile_path(void)
 {
     struct stat st;
     bool run = stat("/run/.", &st) == 0 && S_ISDIR(st.st_mode);
-    const char *pidfile = run ? "/run/mandos.pid" : "/var/run/mandos.pid";
-    int pidfd = openat(AT_FDCWD, pidfile, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (pidfd < 0)
-        log_err("Could not open file '%s': %s", pidfile, strerror(errno));
+    return run ? "/run/mandos.pid" : "/var/run/mandos.pid";
+}
+
+static int pidfile_open(void)
+{
+    int fd = openat(AT_FDCWD, pidfile_path(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0)
+        log_err("Could not open file '%s': %s", pidfile_path(), strerror(errno));
+    return fd;
+}
+
+/* Detach from the terminal and the session. */
+static void daemonize(int pidfd)
+{
     for (int i = 0; i < 2; i++) {       /* twice: no session leader, no terminal */
         pid_t pid = fork();
         if (pid < 0)
@@ -4386,7 +4398,7 @@ static void daemonize(void)
     char text[32];
     int n = snprintf(text, sizeof text, "%ld\n", (long)getpid());
     if (pidfd >= 0 && (write_all(pidfd, text, (size_t)n) < 0 || close(pidfd) < 0))
-        log_err("Could not write to file '%s' with PID %ld", pidfile, (long)getpid());
+        log_err("Could not write to file '%s' with PID %ld", pidfile_path(), (long)getpid());
 }
 
 /* systemd's readiness protocol: datagrams to $NOTIFY_SOCKET.  Connected
@@ -4623,6 +4635,17 @@ static void raise_fd_limit(struct server *srv)
     }
 }
 
+/* The account to run as: _mandos, mandos, or nobody. */
+static void privileges_choose(struct server *srv)
+{
+    static const char *const users[] = { "_mandos", "mandos", "nobody" };
+    struct passwd *pw = NULL;
+    for (size_t i = 0; i < 3 && !pw; i++)
+        pw = getpwnam(users[i]);
+    srv->run_uid = pw ? pw->pw_uid : 65534;
+    srv->run_gid = pw ? pw->pw_gid : 65534;
+}
+
 /* Read everything; any error stops us here, before serving or forking. */
 static void server_configure(struct server *srv, const struct cmdline *cl)
 {
@@ -4650,12 +4673,7 @@ static void server_configure(struct server *srv, const struct cmdline *cl)
     srv->config_dirfd = openat(AT_FDCWD, srv->set.configdir, O_RDONLY | O_DIRECTORY | O_CLOEXEC, 0);
     if (srv->config_dirfd < 0)
         fatal("cannot open config directory %s: %s", srv->set.configdir, strerror(errno));
-    static const char *const users[] = { "_mandos", "mandos", "nobody" };  /* to run as */
-    struct passwd *pw = NULL;
-    for (size_t i = 0; i < 3 && !pw; i++)
-        pw = getpwnam(users[i]);
-    srv->run_uid = pw ? pw->pw_uid : 65534;
-    srv->run_gid = pw ? pw->pw_gid : 65534;
+    privileges_choose(srv);
     int errors = clients_load(srv->set.configdir, srv->config_dirfd, &diag, &srv->clients);
     if (errors)
         fatal("%d error%s in %s/clients.conf; not starting", errors, errors == 1 ? "" : "s",
@@ -4675,9 +4693,13 @@ static void server_start(struct server *srv)
     state_open(srv);
     listen_open(srv);
     notify_open(srv);
-    if (!srv->set.foreground)
-        daemonize();
+    int pidfd = srv->set.foreground ? -1 : pidfile_open();
     privileges_drop(srv);
+    /* the first save is the writability check: before detaching, so
+     * that the launcher exits 1 and says why */
+    state_save(srv);
+    if (!srv->set.foreground)
+        daemonize(pidfd);
     srv->debug_checkers = srv->set.debug;
     if (chdir("/") != 0)
         log_warn("chdir /: %s", strerror(errno));
@@ -4691,6 +4713,70 @@ static void server_start(struct server *srv)
     state_changed(srv, true);
     state_save(srv);
     notify_send(srv, "READY=1");
+}
+
+/* -t: the clients.conf half of test_config, as the user a reload runs as
+ * (a child process when we are root).  Prints the summary line. */
+static int test_config_clients(struct server *srv, int errors)
+{
+    struct diag diag = { NULL, errors, false, NULL };
+    struct stat st;
+    if (geteuid() == 0)
+        privileges_drop(srv);
+    if (srv->config_dirfd >= 0)
+        clients_load(srv->set.configdir, srv->config_dirfd, &diag, &srv->clients);
+    bool have_state = fstatat(AT_FDCWD, srv->set.statedir, &st, 0) == 0;
+    if (have_state && access(srv->set.statedir, W_OK | X_OK) != 0)
+        diag_error(&diag, 0, "state directory %s is not writable by uid %ld",
+                   srv->set.statedir, (long)geteuid());
+    diag.file = srv->set.statedir;
+    int fd = have_state ? openat(AT_FDCWD, srv->set.statedir, O_RDONLY | O_CLOEXEC) : -1;
+    if (fd >= 0 && faccessat(fd, "clients.pickle", F_OK, 0) == 0
+        && faccessat(fd, STATE_FILE, F_OK, 0) != 0)
+        diag_error(&diag, 0, "clients.pickle but no %s: run mandos-import-pickle first",
+                   STATE_FILE);
+    printf("%zu clients, %d errors\n", srv->clients.n, diag.count);
+    return diag.count ? 1 : 0;
+}
+
+/* -t, --test-config: read and check both files as start-up and a reload
+ * would; bind, write and lock nothing, so it works beside a running
+ * server.  Exit 0, or 1 with each problem on stderr as FILE:LINE:. */
+static int test_config(const struct cmdline *cl)
+{
+    struct server srv;
+    struct diag diag = { NULL, 0, false, NULL };
+    char err[300];
+    const char *at = NULL;
+    memset(&srv, 0, sizeof srv);
+    settings_defaults(&srv.set);
+    settings_from_cmdline(&srv.set, cl, false, err, sizeof err);
+    settings_conf_load(&srv.set, &diag);
+    if (settings_from_cmdline(&srv.set, cl, true, err, sizeof err) < 0
+        || settings_finish(&srv.set, err, sizeof err) < 0) {
+        fprintf(stderr, "mandos: error: %s\n", err);
+        diag.count++;
+    }
+    if (gnutls_priority_init(&srv.priority, srv.set.priority, &at) != GNUTLS_E_SUCCESS) {
+        fprintf(stderr, "mandos: bad priority string \"%s\"%s%s\n", srv.set.priority,
+                at ? " at " : "", at ? at : "");
+        diag.count++;
+    }
+    srv.config_dirfd = openat(AT_FDCWD, srv.set.configdir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (srv.config_dirfd < 0) {
+        fprintf(stderr, "mandos: cannot open config directory %s: %s\n", srv.set.configdir,
+                strerror(errno));
+        diag.count++;
+    }
+    privileges_choose(&srv);
+    fflush(NULL);
+    pid_t pid = geteuid() == 0 ? fork() : 0;
+    if (pid == 0)
+        exit(test_config_clients(&srv, diag.count));
+    int status = 1;
+    if (pid < 0 || waitpid(pid, &status, 0) < 0)
+        fatal("--test-config: cannot start the unprivileged check: %s", strerror(errno));
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 1;
 }
 
 int main(int argc, char **argv)
@@ -4711,6 +4797,8 @@ int main(int argc, char **argv)
             continue;
         if (opts[i].type == OPT_CHECK)
             return run_self_tests();
+        if (opts[i].type == OPT_TEST)
+            return test_config(&cl);
         if (opts[i].type == OPT_HELP) {
             usage_print(stdout);
             return 0;

@@ -9,7 +9,7 @@ bats_require_minimum_version 1.5.0
 
 LONG_OPTIONS=(help version interface address port check debug debuglevel
 	priority servicename configdir no-dbus no-ipv6 no-restore socket statedir
-	foreground no-zeroconf)
+	foreground no-zeroconf test-config)
 
 setup() {
 	need_server_bin
