@@ -424,7 +424,7 @@ static void name_index_free(struct name_index *ix)
 static int base64_decode_lenient(const char *in, size_t n, struct buf *out,
                                  const char **why)
 {
-    static const char alphabet[] =
+    static const char alphabet[] =      /* strchr finds no byte >= 0x80 here */
         "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     unsigned bits = 0;           /* the group so far, six bits a character */
     int quad = 0, pads = 0;
@@ -432,10 +432,6 @@ static int base64_decode_lenient(const char *in, size_t n, struct buf *out,
     for (size_t i = 0; i < n; i++) {
         unsigned char c = (unsigned char)in[i];
         const char *hit = c ? strchr(alphabet, c) : NULL;
-        if (c >= 0x80) {
-            *why = "secret contains non-ASCII characters";
-            return -1;
-        }
         if (c == '=' && quad >= 2 && quad + ++pads >= 4)
             return 0;            /* completed padding: the rest is ignored */
         if (!hit)
@@ -747,6 +743,26 @@ static struct ini_key *ini_option(struct ini_section *sec, struct ini_key *prev,
     return &sec->keys[sec->nkeys++];
 }
 
+/* Well-formed UTF-8, as Python decodes the files: no overlong forms, no
+ * surrogates, nothing past U+10FFFF. */
+static bool utf8_valid(const unsigned char *s, size_t n)
+{
+    for (size_t i = 0, len; i < n; i += len) {
+        unsigned c = s[i];
+        len = c < 0x80 ? 1 : c < 0xc2 ? 0 : c < 0xe0 ? 2 : c < 0xf0 ? 3 : c < 0xf5 ? 4 : 0;
+        if (len == 0 || i + len > n)
+            return false;
+        for (size_t k = 1; k < len; k++)
+            if ((s[i + k] & 0xc0) != 0x80)
+                return false;
+        unsigned second = len > 1 ? s[i + 1] : 0x80;
+        if ((c == 0xe0 && second < 0xa0) || (c == 0xed && second > 0x9f)
+            || (c == 0xf0 && second < 0x90) || (c == 0xf4 && second > 0x8f))
+            return false;
+    }
+    return true;
+}
+
 /* Parse a file's bytes into `ini` (free with ini_free); lines end in \n, \r\n or \r. */
 static void ini_parse_buffer(struct ini *ini, const char *data, size_t len, struct diag *diag)
 {
@@ -767,6 +783,10 @@ static void ini_parse_buffer(struct ini *ini, const char *data, size_t len, stru
         lineno++;
         if (memchr(s, '\0', n)) {
             diag_error(diag, lineno, "line contains a NUL byte");
+            continue;
+        }
+        if (!utf8_valid((const unsigned char *)s, n)) {   /* D-Bus strings must be */
+            diag_error(diag, lineno, "line is not valid UTF-8");
             continue;
         }
         trim_span(&s, &n);
@@ -842,7 +862,7 @@ static int ini_interpolate(struct ini *ini, struct ini_section *sec, const char 
     buf_add(out, "", 0);         /* a string even when nothing is added */
     if (depth == 1)
         ini->refs_left = INI_MAX_REFS;
-    if (depth > INI_MAX_DEPTH) {
+    if (depth > INI_MAX_DEPTH && strchr(raw, '%')) {   /* Python's rule */
         snprintf(why, whylen, "%%(name)s references nest deeper than %d levels",
                  INI_MAX_DEPTH);
         return -1;
@@ -931,7 +951,7 @@ static int parse_pyint(const char *s, size_t n, long long *out, bool *overflow)
 #define MS_PER_HOUR (60 * MS_PER_MINUTE)
 #define MS_PER_DAY (24 * MS_PER_HOUR)
 #define MS_PER_WEEK (7 * MS_PER_DAY)
-#define DURATION_MAX_MS (1000LL * 365 * MS_PER_DAY)   /* sanity cap: 1000 years */
+#define DURATION_MAX_MS (1000000000LL * MS_PER_DAY - 1)   /* Python's timedelta.max */
 #define NOT_A_DURATION LLONG_MIN
 
 /* The RFC 3339 form after its P, as the reference reads it: nW alone, or units
@@ -1203,11 +1223,11 @@ static void settings_from_conf(struct settings *set, const char *data, size_t le
         struct buf v = { 0 };
         char why[200];
         const char *problem = NULL;
-        if (!raw && ini_interpolate(&ini, ini.sections, key->value.data, builtins, 1, &v, why,
-                                    sizeof why) < 0)
-            diag_error(diag, key->line, "%s: %s", key->name, why);
-        else if (!o)
+        if (!o)              /* not interpolated: the reference never reads it */
             log_warn("%s:%d: unknown key \"%s\" ignored", diag->file, key->line, key->name);
+        else if (!raw && ini_interpolate(&ini, ini.sections, key->value.data, builtins, 1, &v,
+                                         why, sizeof why) < 0)
+            diag_error(diag, key->line, "%s: %s", key->name, why);
         else if ((problem = opt_set(o, set, raw ? key->value.data : v.data)) != NULL)
             diag_error(diag, key->line, "%s = \"%s\": %s", key->name, key->value.data,
                        problem);
@@ -1464,8 +1484,10 @@ static const struct client_field *client_field(const char *name)
 static int64_t client_number(const struct client *c, const struct client_field *f,
                              int64_t now_mono, int64_t now_wall)
 {
+    int64_t ahead = c->expires - now_mono;        /* saturates: durations reach 2.7e6 years */
     if (f->type == CF_EXPIRES)
-        return c->expires ? now_wall + (c->expires - now_mono) * 1000 : 0;
+        return !c->expires ? 0 : ahead > (INT64_MAX - now_wall) / 1000 ? INT64_MAX
+            : now_wall + ahead * 1000;
     if (f->type == CF_MS || f->type == CF_TIME)
         return *CF_AT(c, f, int64_t);
     if (f->type == CF_BOOL)
@@ -1488,17 +1510,50 @@ static void client_set_number(struct client *c, const struct client_field *f, in
         *CF_AT(c, f, int) = (int)v;
 }
 
-/* "/clients/" and the name with every byte but ASCII letters, digits and
- * '_' made '_' (the reference replaces '.' and '-', and fails on others). */
+/* "/clients/" and the name with '.' and '-' made '_', as the reference
+ * names it, '/' kept.  Where that is no valid path (the reference crashes)
+ * every byte but ASCII letters, digits and '_' becomes '_', '/' too. */
 static void client_object_path(const struct client *c, struct buf *out)
 {
+    const char *n = c->name;
+    size_t len = strlen(n);
+    bool slashes = len && n[0] != '/' && n[len - 1] != '/' && !strstr(n, "//");
+    for (const char *p = n; *p && slashes; p++)
+        slashes = isalnum((unsigned char)*p) || strchr("_.-/", *p);
     buf_adds(out, "/clients/");
-    for (const char *p = c->name; *p; p++) {
-        unsigned char ch = (unsigned char)*p;
-        buf_addc(out, ch < 0x80 && (isalnum(ch) || ch == '_') ? (char)ch : '_');
+    for (const char *p = n; *p; p++) {
+        bool keep = isalnum((unsigned char)*p) || *p == '_' || (slashes && *p == '/');
+        buf_addc(out, keep ? *p : '_');
     }
-    if (!*c->name)
+    if (!len)
         buf_addc(out, '_');
+}
+
+static const char *string_at(const void *strings, size_t pos)
+{
+    return ((char *const *)strings)[pos];
+}
+
+/* Two clients on one D-Bus object path: an error naming both. */
+static void clients_check_paths(const struct client_table *t, struct diag *diag)
+{
+    char **paths = xcalloc(t->n, sizeof *paths);
+    struct name_index seen = { 0 };
+    for (size_t i = 0; i < t->n; i++) {
+        struct buf b = { 0 };
+        client_object_path(t->v[i], &b);
+        paths[i] = b.data;
+        size_t first = name_index_find(&seen, paths[i], string_at, paths);
+        if (first == SIZE_MAX)
+            name_index_add(&seen, paths[i], i, string_at, paths);
+        else
+            diag_error(diag, t->v[i]->config_line, "[%s] and [%s] have the same D-Bus "
+                       "object path %s", t->v[first]->name, t->v[i]->name, paths[i]);
+    }
+    for (size_t i = 0; i < t->n; i++)
+        free(paths[i]);
+    free(paths);
+    name_index_free(&seen);
 }
 
 /* A field as the reference shows it to a checker (before quoting). */
@@ -2062,6 +2117,7 @@ static void clients_from_buffer(const char *data, size_t len, const char *config
     }
     /* two clients with one key_id: the reference picks one at random */
     client_table_index(out, diag);
+    clients_check_paths(out, diag);
     ini_free(&ini);
 }
 
@@ -4752,8 +4808,7 @@ static int test_config(const struct cmdline *cl)
     settings_defaults(&srv.set);
     settings_from_cmdline(&srv.set, cl, false, err, sizeof err);
     settings_conf_load(&srv.set, &diag);
-    if (settings_from_cmdline(&srv.set, cl, true, err, sizeof err) < 0
-        || settings_finish(&srv.set, err, sizeof err) < 0) {
+    if (settings_from_cmdline(&srv.set, cl, true, err, sizeof err) < 0) {
         fprintf(stderr, "mandos: error: %s\n", err);
         diag.count++;
     }
@@ -5474,7 +5529,7 @@ static const struct {
       { "=aGVsbG8=", "hello" }, { "aGVsbA==", "hell" }, { "/+8A", "\\xFF\\xEF\\x00" },
       { "aGVsbG8", "!bad base64: incorrect padding" }, { "a", B64_ONE }, { "aGVsb", B64_ONE },
       { "aGVsbA=", "!bad base64: incorrect padding" },
-      { "aGVs\xc3\xa9", "!secret contains non-ASCII characters" }) },
+      { "aGVs\xc3\xa9", "hel" }) },
     { "log lines: escaped peer bytes, peer addresses", run_log_text, ROWS(
       { "1\r\n", "1\\x0D\\x0A" }, { "a\\b", "a\\x5Cb" }, { "\x7f\xff~ ", "\\x7F\\xFF~ " },
       { "192.0.2.1", "192.0.2.1:80", "80", "0" }, { "", "?:0", "0", "0" },
@@ -5525,8 +5580,8 @@ static const struct {
         "use_ipv6 = %(x)s\nport = 1_025\nservicename = %(x)s\nforeground = 1\n" },
       { "", "errors=1 mandos.conf:5: debuglevel", "[DEFAULT]\nport = 1\nmax_connections = 7\n"
         "connection_timeout = 2s\ndebuglevel = %(x)s\n" },
-      { "", "errors=5 mandos.conf:3: mandos.conf:4: mandos.conf:5: mandos.conf:6: "
-        "mandos.conf:7:", "[DEFAULT]\nport = 1\nmax_connections = 0\n"
+      { "", "errors=4 mandos.conf:3: mandos.conf:4: mandos.conf:5: mandos.conf:6:",
+        "[DEFAULT]\nport = 1\nmax_connections = 0\n"
         "connection_timeout = PT0S\ndebug = maybe\nsocket = -1\nfoo = 100%\n[other]\nport = x\n" },
       { "--port 1", "errors=0 max_connections=7 connection_timeout=2000 use_dbus=False "
         "zeroconf=False restore=False debug=True", "[DEFAULT]\nmax_connections = 7\n"
