@@ -781,12 +781,11 @@ static void ini_parse_buffer(struct ini *ini, const char *data, size_t len, stru
         if (i + 1 < len && data[i] == '\r' && data[i + 1] == '\n')
             i++;
         lineno++;
-        if (memchr(s, '\0', n)) {
-            diag_error(diag, lineno, "line contains a NUL byte");
-            continue;
-        }
-        if (!utf8_valid((const unsigned char *)s, n)) {   /* D-Bus strings must be */
-            diag_error(diag, lineno, "line is not valid UTF-8");
+        /* D-Bus strings must be UTF-8, and a NUL would cut a value short */
+        const char *bad = memchr(s, '\0', n) ? "line contains a NUL byte"
+            : !utf8_valid((const unsigned char *)s, n) ? "line is not valid UTF-8" : NULL;
+        if (bad) {
+            diag_error(diag, lineno, "%s", bad);
             continue;
         }
         trim_span(&s, &n);
