@@ -651,7 +651,8 @@ static struct ini_section *ini_add_section(struct ini *ini, char *name, int line
 
 static void ini_free(struct ini *ini)
 {
-    for (struct ini_section *s = ini->sections; s < ini->sections + ini->n; s++) {
+    for (size_t i = 0; i < ini->n; i++) {
+        struct ini_section *s = &ini->sections[i];
         for (size_t k = 0; k < s->nkeys; k++) {
             free(s->keys[k].name);
             buf_free(&s->keys[k].value);     /* values may be secrets */
@@ -4780,16 +4781,17 @@ static int test_config_clients(struct server *srv, int errors)
         privileges_drop(srv);
     if (srv->config_dirfd >= 0)
         clients_load(srv->set.configdir, srv->config_dirfd, &diag, &srv->clients);
+    diag.file = srv->set.statedir;
     bool have_state = fstatat(AT_FDCWD, srv->set.statedir, &st, 0) == 0;
     if (have_state && access(srv->set.statedir, W_OK | X_OK) != 0)
-        diag_error(&diag, 0, "state directory %s is not writable by uid %ld",
-                   srv->set.statedir, (long)geteuid());
-    diag.file = srv->set.statedir;
+        diag_error(&diag, 0, "state directory not writable by uid %ld", (long)geteuid());
     int fd = have_state ? openat(AT_FDCWD, srv->set.statedir, O_RDONLY | O_CLOEXEC) : -1;
     if (fd >= 0 && faccessat(fd, "clients.pickle", F_OK, 0) == 0
         && faccessat(fd, STATE_FILE, F_OK, 0) != 0)
         diag_error(&diag, 0, "clients.pickle but no %s: run mandos-import-pickle first",
                    STATE_FILE);
+    if (fd >= 0)
+        close(fd);
     printf("%zu clients, %d errors\n", srv->clients.n, diag.count);
     return diag.count ? 1 : 0;
 }
@@ -4825,12 +4827,18 @@ static int test_config(const struct cmdline *cl)
     privileges_choose(&srv);
     fflush(NULL);
     pid_t pid = geteuid() == 0 ? fork() : 0;
-    if (pid == 0)
-        exit(test_config_clients(&srv, diag.count));
     int status = 1;
-    if (pid < 0 || waitpid(pid, &status, 0) < 0)
+    if (pid == 0)                /* the child (or not root): the verdict */
+        status = test_config_clients(&srv, diag.count);
+    else if (pid < 0 || waitpid(pid, &status, 0) < 0)
         fatal("--test-config: cannot start the unprivileged check: %s", strerror(errno));
-    return WIFEXITED(status) ? WEXITSTATUS(status) : 1;
+    else
+        status = WIFEXITED(status) ? WEXITSTATUS(status) : 1;
+    client_table_clear(&srv.clients);
+    settings_clear(&srv.set);
+    if (srv.priority)
+        gnutls_priority_deinit(srv.priority);
+    return status;
 }
 
 int main(int argc, char **argv)
@@ -5060,7 +5068,7 @@ static const char *test_name_at(const void *names, size_t pos)
  * then whether c[2] is ("-": not there). */
 static void run_name_index(const char *const *c, struct buf *out)
 {
-    static char names[300][8];
+    static char names[300][24];
     const char *v[300];
     struct name_index ix = { 0 };
     size_t n = (size_t)atoi(c[0]);
