@@ -18,18 +18,6 @@ teardown() {
 	mandos_teardown
 }
 
-# wait_for_log TEXT [SECONDS]: until the server log contains TEXT.
-wait_for_log() {
-	local i
-	for ((i = 0; i < ${2:-15} * 20; i++)); do
-		grep -qF -- "$1" "$SERVER_LOG" && return 0
-		sleep 0.05
-	done
-	echo "not in the server log within ${2:-15}s: $1" >&2
-	tail -n 30 "$SERVER_LOG" >&2
-	return 1
-}
-
 # reference_until TEXT [SECONDS]: run the reference server until its log
 # says TEXT, SECONDS more (default 0), then SIGTERM it; it leaves
 # clients.pickle in $REF_STATE_DIR.  Its save races with gpg-agent now and
