@@ -45,6 +45,12 @@ reference_until() {
 	reference_until "Checker for alpha failed" 4
 	# a checker that succeeds: only the imported state can keep alpha disabled
 	sed -i 's/^checker = false$/checker = true/' "$CONF/clients.conf"
+	# before the import, ours refuses the reference's real pickle
+	run timeout 20 "$OURS_BIN" --foreground --no-zeroconf --no-dbus --configdir "$CONF" \
+		--statedir "$REF_STATE_DIR" --address ::1 --port "$(free_port)"
+	echo "$output"
+	[[ $status -eq 1 && $output == *"$REF_STATE_DIR/clients.pickle"* ]]
+	[[ $output == *mandos-import-pickle* && ! -e $REF_STATE_DIR/clients.state ]]
 	run "$IMPORT" --configdir "$CONF" --statedir "$REF_STATE_DIR"
 	echo "$output"
 	[[ $status -eq 0 && $output == "imported 1 clients from "* ]]
