@@ -267,3 +267,157 @@ hostile_round() {
 	fi
 	assert_server_alive
 }
+
+# ---- issue 12, finding 1: peers that cannot get a secret do not hold slots
+
+# crowd N SECONDS: N peers that connect and never send a byte, for SECONDS
+# (tracked); each one the server closes connects again 0.1 s later.  The
+# last line of $BATS_TEST_TMPDIR/crowd.log counts the comebacks so far.
+crowd() {
+	spawn "$PYTHON" - "$PORT" "$1" "$2" >"$BATS_TEST_TMPDIR/crowd.log" 2>&1 <<-'EOF'
+	import selectors, socket, sys, time
+	port, n, secs = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+	sel = selectors.DefaultSelector()
+	back = 0
+	def join():
+	    s = socket.create_connection(("::1", port), timeout=10)
+	    s.setblocking(False)
+	    sel.register(s, selectors.EVENT_READ)
+	for _ in range(n):
+	    join()
+	end = time.monotonic() + secs
+	while time.monotonic() < end:
+	    for key, _ in sel.select(timeout=0.5):
+	        try:
+	            gone = key.fileobj.recv(4096) == b""
+	        except OSError:
+	            gone = True
+	        if gone:
+	            sel.unregister(key.fileobj)
+	            key.fileobj.close()
+	            time.sleep(0.1)
+	            join()
+	            back += 1
+	            print("comebacks=%d" % back, flush=True)
+	EOF
+	CROWD_PID=$BG_PID
+}
+
+@test "robust: hostile peers in every evictable slot (max_connections 8) do not lock out the real client" {
+	need_ours "max_connections is a mandos.c setting"
+	need_loadgen
+	need_client
+	robust_keys
+	# without the eviction rule, 8 peers that never close hold the table
+	# for the whole connection_timeout
+	printf '[DEFAULT]\nmax_connections = 8\nconnection_timeout = PT30S\n' >"$CONF/mandos.conf"
+	robust_start
+	crowd 16 40
+	# the hammer: 8 peers at a time with a key no section names, each
+	# never answering after the handshake, coming back as soon as closed
+	local hammer="$BATS_TEST_TMPDIR/hammer.out" start took rc=0
+	spawn "$BENCH/loadgen" --port "$PORT" --keydir-list "$UNKNOWN/keydirs.txt" --hold \
+		--requests 100000000 --concurrency 8 --max-time 15 --timeout 40 --quiet >"$hammer" 2>&1
+	local hammer_pid=$BG_PID
+	sleep 2
+	start=$(date +%s%N)
+	client_gets alpha "$PW" 12 || rc=$?
+	took=$((($(date +%s%N) - start) / 1000000))
+	echo "# the real client: exit $rc after $took ms" >&3
+	assert_server_alive
+	# the hammer stops starting at 15 s; each of its last ones ends when closed
+	local i
+	for ((i = 0; i < 400; i++)); do
+		pid_running "$hammer_pid" || break
+		sleep 0.1
+	done
+	LOAD_RESULT=$(grep '^RESULT' "$hammer" || true)
+	stop_pid "$CROWD_PID" 5
+	echo "# hammer: $LOAD_RESULT; silent crowd: $(tail -n 1 "$BATS_TEST_TMPDIR/crowd.log")" >&3
+	[[ $rc -eq 0 ]]
+	# the hostile peers did hammer: at least 100 handshakes in 15 s
+	(($(result_field ok) >= 100))
+}
+
+# held_closes KEYDIR WHAT: one peer with the key set in KEYDIR completes the
+# handshake and never answers; the server closes it at once (within 3 s,
+# with connection_timeout 10 s), and its log says WHAT.
+held_closes() {
+	loadgen --keys "$1" --hold --requests 1 --timeout 8
+	echo "# $2: $LOAD_RESULT" >&3
+	grep -q "$2" "$SERVER_LOG"
+	expect_ok 1
+	local ms
+	ms=$(result_field max_ms)
+	if ((${ms%.*} >= 3000)); then
+		echo "closed after $ms ms" >&2
+		return 1
+	fi
+}
+
+@test "robust: a peer refused after the handshake is closed at once, not at connection_timeout" {
+	need_ours "the reference waits for the peer's close_notify"
+	need_loadgen
+	need_client
+	robust_keys
+	printf '[DEFAULT]\nconnection_timeout = PT10S\n' >"$CONF/mandos.conf"
+	start_server "$CONF"
+	held_closes "$UNKNOWN/keys/000000" "Client not found for key ID"
+	held_closes "$SPECIAL/keys/000001" "is disabled"
+	client_gets alpha "$PW" 20
+}
+
+@test "robust: a full table drops the connection with the least progress, not the oldest" {
+	need_ours "max_connections is a mandos.c setting"
+	need_server_bin
+	CONF=$(make_confdir)
+	printf '[a]\nsecret=\n' >"$CONF/clients.conf"
+	printf '[DEFAULT]\nmax_connections = 2\n' >"$CONF/mandos.conf"
+	start_server "$CONF"
+	local hs="$BATS_TEST_TMPDIR/handshake.out" silent="$BATS_TEST_TMPDIR/silent.out"
+	# the oldest: in the TLS handshake (has the ClientHello, never answers)
+	spawn peer 'send:1\r\n' recv:5:5 read:4 >"$hs"
+	sleep 0.5
+	# then one in the version line
+	spawn peer wait_eof:4 >"$silent"
+	sleep 0.5
+	# the table is full: the newcomer drops the silent one
+	run peer wait_eof:1
+	local i
+	for ((i = 0; i < 100; i++)); do
+		[[ -s $hs && -s $silent ]] && break
+		sleep 0.1
+	done
+	echo "in the handshake: $(cat "$hs"); in the version line: $(cat "$silent")"
+	grep -q "dropped to make room" "$SERVER_LOG"
+	[[ $(cat "$hs") == *"first=16 "*"eof=no" ]]
+	[[ $(cat "$silent") == *"eof=yes" ]]
+}
+
+@test "robust: connections waiting for approval are never dropped to make room" {
+	need_ours "max_connections is a mandos.c setting"
+	need_loadgen
+	local k="$BATS_TEST_TMPDIR/keys"
+	"$BENCH/mkkeys" --count 1 --out "$k" --quiet
+	CONF=$(make_confdir)
+	{ cat "$k/clients.conf"; echo "approval_delay = PT3S"; } >"$CONF/clients.conf"
+	printf '[DEFAULT]\nmax_connections = 4\n' >"$CONF/mandos.conf"
+	start_server "$CONF"
+	local out="$BATS_TEST_TMPDIR/waiters.out" i
+	spawn "$BENCH/loadgen" --port "$PORT" --keys "$k/keys/000000" --requests 4 \
+		--concurrency 4 --timeout 20 --quiet >"$out" 2>&1
+	local waiters=$BG_PID
+	for ((i = 0; i < 100; i++)); do
+		(($(grep -c 'needs approval' "$SERVER_LOG") >= 4)) && break
+		sleep 0.05
+	done
+	hold_silent_peers 4 10
+	for ((i = 0; i < 200; i++)); do
+		pid_running "$waiters" || break
+		sleep 0.1
+	done
+	LOAD_RESULT=$(grep '^RESULT' "$out")
+	echo "waiters: $LOAD_RESULT"
+	grep -q "refused: 4 connections open" "$SERVER_LOG"
+	expect_ok 4
+}

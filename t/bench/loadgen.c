@@ -24,6 +24,9 @@
  *     --max-time bounds the run: no request starts after S seconds (those
  *     not started are reported as skipped); started ones run to their end
  *     or their own --timeout.
+ *     --hold plays a hostile peer: after the handshake it never answers
+ *     (no close_notify) and waits for the server to close the connection,
+ *     which counts as a success (latency: until the server's close).
  *
  *   loadgen --tree-stats PID
  *     Print "TREE pid=.. nproc=.. rss_kb=.. pss_kb=.. cpu_ms=.." for the
@@ -80,6 +83,7 @@ struct opts {
 	long server_pid;
 	long tree_pid;
 	int nodelay;
+	int hold;			/* --hold: never answer after the handshake */
 	int quiet;
 	int exec_listen;
 	const char *report;
@@ -94,7 +98,7 @@ static void usage(void)
 	    "[--timeout S]\n"
 	    "         [--expect FILE] [--server-pid PID] [--max-time S] "
 	    "[--priority STR]\n"
-	    "         [--nodelay] [--quiet]\n"
+	    "         [--nodelay] [--hold] [--quiet]\n"
 	    "       loadgen --tree-stats PID\n"
 	    "       loadgen --exec-listen --port P --report FILE "
 	    "[--timeout S] -- CMD [ARG...]\n");
@@ -138,6 +142,10 @@ static void parse_opts(int argc, char **argv, struct opts *o)
 		}
 		if (strcmp(a, "--nodelay") == 0) {
 			o->nodelay = 1;
+			continue;
+		}
+		if (strcmp(a, "--hold") == 0) {
+			o->hold = 1;
 			continue;
 		}
 		if (strcmp(a, "--quiet") == 0) {
@@ -529,11 +537,12 @@ enum conn_state {
 	CONN_VERSION,
 	CONN_HANDSHAKE,
 	CONN_RECV,
-	CONN_BYE
+	CONN_BYE,
+	CONN_HOLD
 };
 
 static const char *const state_names[] = {
-	"free", "connect", "version", "handshake", "recv", "bye"
+	"free", "connect", "version", "handshake", "recv", "bye", "hold"
 };
 
 struct conn {
@@ -560,7 +569,7 @@ struct run {
 	long started, finished;
 	long total;			/* requests, less those skipped */
 	long fails[FAIL_KINDS];
-	long timeouts_in[6];		/* timeouts by state */
+	long timeouts_in[7];		/* timeouts by state */
 	double *lat_ms;			/* successes only */
 	long nlat;
 	const char *first_error;
@@ -772,7 +781,7 @@ static void conn_step(struct run *r, struct conn *c, short revents)
 				conn_finish(r, c, k);
 				return;
 			}
-			c->state = CONN_RECV;
+			c->state = r->o->hold ? CONN_HOLD : CONN_RECV;
 			break;
 
 		case CONN_RECV:
@@ -833,6 +842,23 @@ static void conn_step(struct run *r, struct conn *c, short revents)
 			 * server's business (the real client ignores it). */
 			conn_finish(r, c, FAIL_NONE);
 			return;
+
+		case CONN_HOLD: {
+			/* --hold: read raw bytes, never answer, until the
+			 * server closes the connection. */
+			char scratch[4096];
+			ssize_t n = recv(c->fd, scratch, sizeof(scratch), 0);
+
+			if (n > 0)
+				break;
+			if (n < 0 && (errno == EAGAIN ||
+			    errno == EWOULDBLOCK || errno == EINTR)) {
+				c->events = POLLIN;
+				return;
+			}
+			conn_finish(r, c, FAIL_NONE);
+			return;
+		}
 		}
 	}
 }
@@ -1038,7 +1064,7 @@ static int load_run(const struct opts *o)
 		printf("\n");
 		if (r.fails[FAIL_TIMEOUT] > 0) {
 			printf("timeouts in ");
-			for (k = 1; k < 6; k++)
+			for (k = 1; k < 7; k++)
 				printf(" %s=%ld", state_names[k],
 				    r.timeouts_in[k]);
 			printf("\n");
