@@ -2794,6 +2794,15 @@ static void conn_close(struct server *srv, struct conn *cn)
     cn->state = CONN_CLOSED;
 }
 
+/* A connection that can no longer lead to a secret: our close_notify,
+ * and no waiting for the peer's, so a peer that never answers holds no
+ * slot until connection_timeout. */
+static enum step conn_refuse(struct conn *cn)
+{
+    gnutls_bye(cn->tls, GNUTLS_SHUT_WR);
+    return STEP_CLOSE;
+}
+
 /* The reference's rule: the first word must be an integer <= 1. */
 static bool version_line_accepted(const char *line, size_t n, char *why, size_t whylen)
 {
@@ -2912,7 +2921,7 @@ static enum step conn_do_handshake(struct server *srv, struct conn *cn, int64_t 
         bad = gnutls_strerror(rc);
     if (bad) {
         conn_log(cn, LOG_WARNING, "Bad certificate: %s", bad);
-        return conn_enter(srv, cn, CONN_BYE, now);
+        return conn_refuse(cn);
     }
     hex_encode_upper(key, 32, hex);
     conn_log(cn, LOG_DEBUG, "Key ID: %s", hex);
@@ -2921,7 +2930,7 @@ static enum step conn_do_handshake(struct server *srv, struct conn *cn, int64_t 
         return conn_enter(srv, cn, CONN_APPROVAL, now);
     conn_log(cn, LOG_INFO, "Client not found for key ID: %s", hex);
     bus_client_not_found(srv, hex, cn->peer);
-    return conn_enter(srv, cn, CONN_BYE, now);
+    return conn_refuse(cn);
 }
 
 /* Nothing is expected from a peer awaiting approval: read only to notice
@@ -2948,14 +2957,14 @@ static enum step conn_do_approval(struct server *srv, struct conn *cn, short rev
     if (!c->cur.enabled) {
         conn_log(cn, LOG_INFO, "Client %s is disabled", c->name);
         bus_client_signal(srv, c, "Rejected", "Disabled", 0);
-        return conn_enter(srv, cn, CONN_BYE, now);
+        return conn_refuse(cn);
     }
     if (c->approved == APPROVAL_GRANTED || c->cur.approval_delay == 0)
         return conn_enter(srv, cn, CONN_SEND, now);
     if (c->approved == APPROVAL_DENIED) {
         conn_log(cn, LOG_WARNING, "Client %s was not approved", c->name);
         bus_client_signal(srv, c, "Rejected", "Denied", 0);
-        return conn_enter(srv, cn, CONN_BYE, now);
+        return conn_refuse(cn);
     }
     if (!cn->counted_pending) {
         cn->counted_pending = true;
@@ -2972,7 +2981,7 @@ static enum step conn_do_approval(struct server *srv, struct conn *cn, short rev
         return conn_enter(srv, cn, CONN_SEND, now);
     conn_log(cn, LOG_WARNING, "Client %s timed out while waiting for approval", c->name);
     bus_client_signal(srv, c, "Rejected", "Approval timed out", 0);
-    return conn_enter(srv, cn, CONN_BYE, now);
+    return conn_refuse(cn);
 }
 
 /* The secret goes from a private copy: a reload or a new secret must not
@@ -3070,7 +3079,27 @@ static void conn_client_gone(struct server *srv, struct client *old, struct clie
     }
 }
 
-/* Each new connection joins the tail of the list and reads at once. */
+/* The table is full: the connection with the least progress, the oldest
+ * of those, makes room.  One waiting for approval or sending a secret
+ * (only a known client gets there) never does: if only such are open,
+ * the newcomer is turned away. */
+static void conn_make_room(struct server *srv)
+{
+    long max = srv->set.max_connections;
+    struct conn *v = NULL;
+    if (srv->nconns < (size_t)max)
+        return;
+    for (struct conn *cn = srv->conns_head; cn; cn = cn->next) {
+        bool kept = cn->state == CONN_APPROVAL || cn->state == CONN_SEND;
+        if (!kept && cn->state != CONN_CLOSED && (!v || cn->state < v->state))
+            v = cn;
+    }
+    if (!v)
+        return;
+    conn_log(v, LOG_WARNING, "dropped to make room (%ld connections open)", max);
+    conn_close(srv, v);
+}
+
 #define ACCEPT_BACKOFF_MS 200
 
 /* Out of descriptors, the listener stays readable: poll() leaves it out
@@ -3085,6 +3114,7 @@ static void accept_back_off(struct server *srv, int64_t now)
     log_warn("accept: %s; not accepting for %d ms", strerror(err), ACCEPT_BACKOFF_MS);
 }
 
+/* Each new connection joins the tail of the list and reads at once. */
 static void conn_accept(struct server *srv, int64_t now)
 {
     for (int i = 0; i < 64; i++) {
@@ -3097,17 +3127,10 @@ static void conn_accept(struct server *srv, int64_t now)
             accept_back_off(srv, now);
         if (fd < 0)
             return;
-        long max = srv->set.max_connections;
-        /* when full, the oldest peer that has not yet proven who it is makes
-         * room: a crowd of silent peers cannot lock out a real client */
-        for (struct conn *old = srv->conns_head; old && srv->nconns >= (size_t)max; old = old->next)
-            if (old->state == CONN_VERSION || old->state == CONN_HANDSHAKE) {
-                conn_log(old, LOG_WARNING, "dropped to make room (%ld connections open)", max);
-                conn_close(srv, old);
-            }
+        conn_make_room(srv);
         struct conn *cn = xcalloc(1, sizeof *cn);
         format_peer(&ss, cn->peer, sizeof cn->peer);
-        if (srv->nconns >= (size_t)max || cloexec(fd, true) < 0) {
+        if (srv->nconns >= (size_t)srv->set.max_connections || cloexec(fd, true) < 0) {
             log_warn("%s: refused: %zu connections open", cn->peer, srv->nconns);
             close(fd);
             free(cn);
