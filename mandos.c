@@ -3376,10 +3376,11 @@ static void zc_client_cb(AvahiClient *c, AvahiClientState state, void *userdata)
     }
 }
 
+/* Freeing the client first disconnects, then frees the group without asking
+ * the daemon, which would stall us 25 s if it hangs; it drops our group
+ * when it sees our connection go. */
 static void zc_close(struct zc *zc)
 {
-    if (zc->group)
-        avahi_entry_group_free(zc->group);
     zc->group = NULL;
     if (zc->client)
         avahi_client_free(zc->client);
