@@ -289,6 +289,41 @@ start_monitor() {
 	run ! grep -n $'\e' "$SERVER_LOG"
 }
 
+@test "dbus: a CheckedOK loop saves the state at most every 100 ms; a disable is on disk at once" {
+	command -v strace >/dev/null || missing "strace not installed"
+	client_section alpha "$PW_ALPHA" "checker = true" "interval = PT1H" >"$CONF/clients.conf"
+	start_dbus_server "$CONF"
+	local trace="$BATS_TEST_TMPDIR/strace.out" calls renames i t0 ms
+	spawn strace -f -qq -e trace=rename,renameat,renameat2 -o "$trace" -p "$SERVER_PID"
+	local strace_pid=$BG_PID
+	sleep 1
+	# CheckedOK as fast as one caller can, for 2 s
+	calls=$("$PYTHON" -c '
+import dbus, time
+c = dbus.SystemBus().get_object("se.recompile.Mandos", "/clients/alpha")
+n, end = 0, time.monotonic() + 2
+while time.monotonic() < end:
+    c.CheckedOK(dbus_interface="se.recompile.Mandos.Client")
+    n += 1
+print(n)')
+	sleep 0.5
+	stop_group "$strace_pid"
+	renames=$(grep -c 'clients.state' "$trace" || true)
+	echo "CheckedOK calls in 2 s: $calls; state files renamed: $renames"
+	((calls >= 100))
+	((renames <= 40))
+	ctl --disable alpha
+	t0=$(date +%s%N)
+	for ((i = 0; i < 200; i++)); do
+		grep -qx 'cur.enabled 0' "$BATS_TEST_TMPDIR/state/clients.state" && break
+		sleep 0.01
+	done
+	ms=$((($(date +%s%N) - t0) / 1000000))
+	echo "the disable was on disk $ms ms after mandos-ctl returned"
+	grep -qx 'cur.enabled 0' "$BATS_TEST_TMPDIR/state/clients.state"
+	((ms < 1000))
+}
+
 @test "dbus: --checker and --host change the next checker run" {
 	client_section alpha "$PW_ALPHA" "checker = true" "interval = PT1S" |
 		sed 's/^host = .*/host = old.example/' >"$CONF/clients.conf"
