@@ -82,6 +82,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/file.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/resource.h>
@@ -449,24 +450,55 @@ static int base64_decode_lenient(const char *in, size_t n, struct buf *out,
     return quad ? -1 : 0;
 }
 
-/* Append a file (relative to `dirfd`, or AT_FDCWD); -1 with errno on failure.
- * Read straight into the buffer, which wipes what it leaves behind. */
-static int read_file_at(int dirfd, const char *path, struct buf *out)
+#define FILE_MAX_MIB 256         /* no file we read comes near; /dev/zero would */
+#define FILE_MAX ((size_t)FILE_MAX_MIB << 20)
+
+/* What a failed open means; O_NOFOLLOW fails with ELOOP on a symbolic link. */
+static const char *open_error(void)
 {
-    int fd = openat(dirfd, path, O_RDONLY | O_CLOEXEC);
+    return errno == ELOOP ? "a symbolic link, which is not followed" : strerror(errno);
+}
+
+/* The one way every file is read, appended to `out`: opened without
+ * blocking (a FIFO would stop the loop), a regular file only, at most
+ * FILE_MAX_MIB.  `own` (the state file): no symbolic link, and owned by
+ * us or root.  NULL, or why not; errno is ENOENT only for a missing file.
+ * Read straight into the buffer, which wipes what it leaves behind. */
+static const char *read_file_at(int dirfd, const char *path, bool own, struct buf *out)
+{
+    static char why[80];
+    struct stat st;
+    ssize_t r = 1;
+    int fd = openat(dirfd, path, O_RDONLY | O_NONBLOCK | O_CLOEXEC | (own ? O_NOFOLLOW : 0));
     if (fd < 0)
-        return -1;
-    ssize_t r;
-    do {
+        return open_error();
+    why[0] = '\0';
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode))
+        snprintf(why, sizeof why, "not a regular file");
+    else if (own && st.st_uid != geteuid() && st.st_uid != 0)
+        snprintf(why, sizeof why, "owned by uid %ld, not by uid %ld or root",
+                 (long)st.st_uid, (long)geteuid());
+    for (size_t start = out->len; !why[0] && r != 0;) {
         grow((void **)&out->data, &out->cap, out->len + 4096, 1);
         r = read(fd, out->data + out->len, out->cap - out->len - 1);
         out->len += r > 0 ? (size_t)r : 0;
-    } while (r > 0 || (r < 0 && errno == EINTR));
-    int e = errno;
+        out->data[out->len] = '\0';
+        if (r < 0 && errno != EINTR)
+            snprintf(why, sizeof why, "%s", strerror(errno));
+        else if (out->len - start > FILE_MAX || (size_t)st.st_size > FILE_MAX)
+            snprintf(why, sizeof why, "larger than %d MiB", FILE_MAX_MIB);
+    }
     close(fd);
-    out->data[out->len] = '\0';
-    errno = e;
-    return r < 0 ? -1 : 0;
+    errno = 0;
+    return why[0] ? why : NULL;
+}
+
+/* Our PID as the whole content of a PID file or lock file. */
+static int pid_write(int fd)
+{
+    char text[32];
+    int n = snprintf(text, sizeof text, "%ld\n", (long)getpid());
+    return ftruncate(fd, 0) == 0 && pwrite(fd, text, (size_t)n, 0) == n ? 0 : -1;
 }
 
 /* ===================================================================== */
@@ -1241,10 +1273,11 @@ static int settings_conf_load(struct settings *set, struct diag *diag)
     struct buf path = { 0 }, data = { 0 };
     buf_printf(&path, "%s/mandos.conf", set->configdir);
     diag->file = path.data;
-    if (read_file_at(AT_FDCWD, path.data, &data) == 0)
-        settings_from_conf(set, data.data ? data.data : "", data.len, diag);
+    const char *why = read_file_at(AT_FDCWD, path.data, false, &data);
+    if (!why)
+        settings_from_conf(set, data.data, data.len, diag);
     else if (errno != ENOENT)
-        diag_error(diag, 0, "cannot read: %s", strerror(errno));
+        diag_error(diag, 0, "cannot read: %s", why);
     buf_free(&data);
     diag->file = NULL;
     buf_free(&path);
@@ -1440,6 +1473,7 @@ struct server {
     int64_t accept_resume, accept_warned;    /* accept() failure back-off, ms */
     int signal_pipe[2];          /* written by signal handlers, read by the loop */
     int state_dirfd;             /* the state directory, opened before dropping root */
+    int lock_fd;                 /* its lock file, flock()ed while we run */
     int config_dirfd;            /* the config directory, likewise (for reloads) */
     bool state_dirty, state_urgent;
     int64_t state_saved_at;      /* monotonic ms */
@@ -1452,6 +1486,8 @@ struct server {
 };
 
 #define STATE_SAVE_DELAY_MS 2000 /* routine changes are saved this often at most */
+#define STATE_URGENT_MS 100      /* urgent ones too: a loop of D-Bus calls must not
+                                  * fsync each time */
 
 /* Real cycles: clients start and stop checkers, whose results come back
  * to the client; disabling or replacing a client reaches its connections. */
@@ -1468,6 +1504,13 @@ static void state_changed(struct server *srv, bool urgent)
 {
     srv->state_dirty = true;
     srv->state_urgent |= urgent;
+}
+
+/* When the state must be saved (monotonic ms); 0: it need not be. */
+static int64_t state_due(const struct server *srv)
+{
+    int64_t wait = srv->state_urgent ? STATE_URGENT_MS : STATE_SAVE_DELAY_MS;
+    return srv->state_dirty ? srv->state_saved_at + wait : 0;
 }
 
 /* ---- fields ------------------------------------------------------------- */
@@ -2040,16 +2083,17 @@ static void client_read_secret(struct client_reader *r, struct client *c)
     char *b64 = client_value(r, "secret", &line);
     char *file = client_value(r, "secfile", &file_line);
     struct buf secret = { 0 }, path = { 0 };
-    const char *why;
+    const char *why = "empty path";
     if (!b64 && file)
         path_expand(file, &path);
+    if (path.len)
+        why = read_file_at(r->config_dirfd, path.data, false, &secret);
     bool rel = path.len && path.data[0] != '/';
     if (b64 && base64_decode_lenient(b64, strlen(b64), &secret, &why) < 0)
         diag_error(r->diag, line, "[%s] secret: %s", r->sec->name, why);
-    else if (!b64 && file && (!path.len || read_file_at(r->config_dirfd, path.data, &secret) < 0))
+    else if (!b64 && file && why)
         diag_error(r->diag, file_line, "[%s] secfile \"%s%s%s\": %s", r->sec->name,
-                   rel ? r->configdir : "", rel ? "/" : "", path.len ? path.data : "",
-                   path.len ? strerror(errno) : "empty path");
+                   rel ? r->configdir : "", rel ? "/" : "", path.len ? path.data : "", why);
     else if (!b64 && !file && !ini_lookup(r->ini, r->sec, "secfile", NULL, NULL))
         diag_error(r->diag, r->sec->line, "[%s] has neither secret nor secfile", r->sec->name);
     free_wiped(b64);
@@ -2130,8 +2174,9 @@ static int clients_load(const char *configdir, int config_dirfd, struct diag *di
     struct buf path = { 0 }, data = { 0 };
     buf_printf(&path, "%s/clients.conf", configdir);
     diag->file = path.data;
-    if (read_file_at(config_dirfd, "clients.conf", &data) < 0 && errno != ENOENT)
-        diag_error(diag, 0, "cannot read: %s%s", strerror(errno),
+    const char *why = read_file_at(config_dirfd, "clients.conf", false, &data);
+    if (why && errno != ENOENT)
+        diag_error(diag, 0, "cannot read: %s%s", why,
                    errno == EACCES && geteuid() != 0
                    ? " (the server runs unprivileged now: let its group read the file)" : "");
     else
@@ -2296,6 +2341,7 @@ static void checker_reap(struct server *srv)
 /* ===================================================================== */
 
 #define STATE_FILE "clients.state"
+#define LOCK_FILE "mandos.lock"  /* in the state directory; holds the PID */
 #define STATE_MAGIC "mandos-c-state 1"
 
 /* A value stays on one line: these characters as \\, \n and \t, other
@@ -2372,6 +2418,7 @@ static void state_serialise(const struct client_table *t, int64_t now_mono,
         }
         buf_adds(out, "\nend\n");
     }
+    buf_printf(out, "total %zu\n", t->n);
 }
 
 static int write_all(int fd, const char *p, size_t n)
@@ -2398,7 +2445,9 @@ static void state_save(struct server *srv)
     char tmp[64];
     state_serialise(&srv->clients, mono_ms(), wall_us(), &data);
     snprintf(tmp, sizeof tmp, "%s.tmp-%ld", STATE_FILE, (long)getpid());
-    int fd = openat(srv->state_dirfd, tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    unlinkat(srv->state_dirfd, tmp, 0);         /* left by a crash, or planted */
+    int fd = openat(srv->state_dirfd, tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC,
+                    0600);
     bool ok = fd >= 0 && write_all(fd, data.data, data.len) == 0 && fsync(fd) == 0;
     ok = fd >= 0 && close(fd) == 0 && ok
          && renameat(srv->state_dirfd, tmp, srv->state_dirfd, STATE_FILE) == 0;
@@ -2465,21 +2514,23 @@ static int state_line(char *key, struct client **cur, struct client_table *out,
     }
     if (f->type == CF_HASH)
         return hex_decode(val, CF_AT(c, f, unsigned char), 32);
-    if (parse_pyint(val, strlen(val), &n, &overflow) < 0 || overflow || (run && n < 0)
-        || (f->type == CF_BOOL && n != 0 && n != 1))
+    if (parse_pyint(val, strlen(val), &n, &overflow) < 0 || overflow
+        || (run && (n < 0 || n > DURATION_MAX_MS)) || (f->type == CF_BOOL && n != 0 && n != 1))
         return -1;
     client_set_number(c, f, n);
     return 0;
 }
 
 /* Parse a state file's bytes into client records (their `expires` is in
- * wall-clock µs).  The first error stops it; returns the error count. */
+ * wall-clock µs).  The last line counts the records: without it the file
+ * was cut short.  The first error stops it; returns the error count. */
 static int state_parse(const char *data, size_t len, struct diag *diag,
                        struct client_table *out)
 {
     struct client *cur = NULL;
     struct buf line = { 0 }, scratch = { 0 };
     int lineno = 0;
+    char total[32] = "";         /* the "total N" line, once read */
     for (size_t i = 0; i < len && diag->count == 0; i++) {
         size_t start = i;
         while (i < len && data[i] != '\n')
@@ -2492,12 +2543,20 @@ static int state_parse(const char *data, size_t len, struct diag *diag,
         else if (lineno == 1 && !streq(line.data, STATE_MAGIC))
             diag_error(diag, lineno, "not a mandos.c state file (expected \"%s\")",
                        STATE_MAGIC);
-        else if (lineno > 1 && line.len && line.data[0] != '#'
-                 && state_line(line.data, &cur, out, &scratch) < 0)
+        else if (*total)
+            diag_error(diag, lineno, "a line after \"%s\"", total);
+        else if (!cur && strncmp(line.data, "total ", 6) == 0) {
+            snprintf(total, sizeof total, "total %zu", out->n);
+            if (!streq(line.data, total))
+                diag_error(diag, lineno, "\"%.40s\", but the file holds %zu clients",
+                           line.data, out->n);
+        } else if (lineno > 1 && line.len && line.data[0] != '#'
+                   && state_line(line.data, &cur, out, &scratch) < 0)
             diag_error(diag, lineno, "unexpected or malformed line \"%.40s\"", line.data);
     }
-    if (diag->count == 0 && cur)
-        diag_error(diag, lineno, "incomplete: the last client has no \"end\" line");
+    if (diag->count == 0 && !*total)
+        diag_error(diag, lineno, "%s: no \"total\" line at the end",
+                   lineno ? "cut short" : "empty");
     client_table_index(out, NULL);
     buf_free(&line);
     buf_free(&scratch);
@@ -2535,43 +2594,76 @@ static void state_apply(struct client_table *clients, struct client_table *saved
     client_table_clear(saved);
 }
 
-/* Open (creating if needed) the state directory as root, so that later
- * saves work through the descriptor whatever the path's parents allow;
- * then load the saved state, unless told not to.  A missing file is
- * fine; a broken one is fatal, because silently re-enabling every
- * client would undo exactly what the state protects. */
+/* The lock file names the server that holds it: our PID, and again
+ * after detaching. */
+static void state_lock_note(const struct server *srv)
+{
+    if (pid_write(srv->lock_fd) < 0)
+        log_warn("cannot write our PID to %s/%s: %s", srv->set.statedir, LOCK_FILE,
+                 strerror(errno));
+}
+
+/* Make and open the state directory as root, following no symbolic link,
+ * so that later saves work through the descriptor whatever the path's
+ * parents allow; and lock it for our whole life, since two servers would
+ * overwrite each other's state. */
 static void state_open(struct server *srv)
+{
+    const char *dir = srv->set.statedir;
+    char pid[16] = "";
+    bool created = mkdir(dir, 0700) == 0;
+    srv->state_dirfd = openat(AT_FDCWD, dir, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (srv->state_dirfd < 0)
+        fatal("cannot open state directory %s: %s", dir, open_error());
+    if (created && geteuid() == 0 && fchown(srv->state_dirfd, srv->run_uid, srv->run_gid) != 0)
+        fatal("cannot hand state directory %s to uid %ld: %s", dir, (long)srv->run_uid,
+              strerror(errno));
+    srv->lock_fd = openat(srv->state_dirfd, LOCK_FILE,
+                          O_RDWR | O_CREAT | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, 0644);
+    if (srv->lock_fd < 0)
+        fatal("cannot open %s/%s: %s", dir, LOCK_FILE, open_error());
+    if (flock(srv->lock_fd, LOCK_EX | LOCK_NB) != 0) {
+        bool held = errno == EWOULDBLOCK;
+        const char *why = held ? "in use by the server with PID " : strerror(errno);
+        ssize_t got = held ? pread(srv->lock_fd, pid, sizeof pid - 1, 0) : 0;
+        fatal("cannot lock state directory %s: %s%.*s; not starting", dir, why,
+              got > 0 ? (int)strspn(pid, "0123456789") : 0, pid);
+    }
+    state_lock_note(srv);
+}
+
+/* Load the saved state, unless told not to, with the rights of the user
+ * we run as.  A missing file is fine; a broken one is fatal, because
+ * silently re-enabling every client would undo exactly what the state
+ * protects. */
+static void state_load(struct server *srv)
 {
     const char *dir = srv->set.statedir;
     struct buf data = { 0 };
     struct client_table saved = { 0 };
     char path[PATH_MAX];
-    bool created = mkdir(dir, 0700) == 0;
-    srv->state_dirfd = openat(AT_FDCWD, dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC, 0);
-    if (srv->state_dirfd < 0)
-        fatal("cannot open state directory %s: %s", dir, strerror(errno));
-    if (created && geteuid() == 0 && fchown(srv->state_dirfd, srv->run_uid, srv->run_gid) != 0)
-        fatal("cannot hand state directory %s to uid %ld: %s", dir, (long)srv->run_uid,
-              strerror(errno));
     if (!srv->set.restore)
         return;
     snprintf(path, sizeof path, "%s/%s", dir, STATE_FILE);
     struct diag diag = { path, 0, false, NULL };
-    int rc = read_file_at(srv->state_dirfd, STATE_FILE, &data);
+    const char *why = read_file_at(srv->state_dirfd, STATE_FILE, true, &data);
     int e = errno;
     /* The reference's state: starting fresh would re-enable every client
      * it had disabled. */
-    if (rc < 0 && e == ENOENT && faccessat(srv->state_dirfd, "clients.pickle", F_OK, 0) == 0)
+    if (why && e == ENOENT && faccessat(srv->state_dirfd, "clients.pickle", F_OK, 0) == 0)
         fatal("%s/clients.pickle holds the reference server's state and there is no %s "
               "yet: import it with mandos-import-pickle --statedir %s, or start with "
               "--no-restore to ignore it", dir, STATE_FILE, dir);
-    if (rc < 0 && e == ENOENT) {
+    if (why && e == ENOENT) {
         log_info("No saved state in %s; starting fresh", path);
         return;
     }
-    if (rc < 0)
+    /* a directory we may not search: the first save says how to fix it */
+    if (why && e == EACCES && faccessat(srv->state_dirfd, ".", X_OK, 0) != 0)
+        return;
+    if (why)
         fatal("%s: cannot read saved state: %s (start with --no-restore to ignore it)",
-              path, strerror(e));
+              path, why);
     if (state_parse(data.data, data.len, &diag, &saved) > 0)
         fatal("%s: the saved state is corrupt (see above); refusing to start, since "
               "disabled clients would come back enabled.  Move the file away or start "
@@ -2580,7 +2672,6 @@ static void state_open(struct server *srv)
     log_debug("Restoring state of %zu clients from %s", saved.n, path);
     state_apply(&srv->clients, &saved);
 }
-
 
 /* ===================================================================== */
 /* 8. Network and TLS connections                                        */
@@ -4475,9 +4566,7 @@ static void daemonize(int pidfd)
         dup2(null, fd);
     if (null > 2)
         close(null);
-    char text[32];
-    int n = snprintf(text, sizeof text, "%ld\n", (long)getpid());
-    if (pidfd >= 0 && (write_all(pidfd, text, (size_t)n) < 0 || close(pidfd) < 0))
+    if (pidfd >= 0 && (pid_write(pidfd) < 0 || close(pidfd) < 0))
         log_err("Could not write to file '%s' with PID %ld", pidfile_path(), (long)getpid());
 }
 
@@ -4600,9 +4689,7 @@ static int loop_timeout(const struct server *srv, int64_t now)
 {
     int64_t resume = srv->accept_resume > now ? srv->accept_resume : 0;
     int64_t t[6] = { now + 60000, zc_deadline(srv), bus_deadline(srv),
-                     srv->clients.next_event, 0, resume };
-    if (srv->state_dirty)
-        t[4] = srv->state_urgent ? now : srv->state_saved_at + STATE_SAVE_DELAY_MS;
+                     srv->clients.next_event, state_due(srv), resume };
     int64_t next = t[0];
     for (int i = 1; i < 6; i++)
         if (t[i] && t[i] < next)     /* 0: none */
@@ -4653,8 +4740,7 @@ static void server_loop(struct server *srv)
             if (cn->state != CONN_CLOSED && cn->deadline <= now)
                 conn_step(srv, cn, 0, now);
         clients_run_timers(srv, now);
-        if (srv->state_dirty
-            && (srv->state_urgent || now >= srv->state_saved_at + STATE_SAVE_DELAY_MS))
+        if (srv->state_dirty && now >= state_due(srv))
             state_save(srv);
         bus_publish(srv);       /* after everything that may change a client */
         conn_sweep(srv);
@@ -4686,8 +4772,8 @@ static void server_stop(struct server *srv)
         gnutls_priority_deinit(srv->priority);
     if (srv->cred)
         gnutls_certificate_free_credentials(srv->cred);
-    const int fds[] = { srv->listen_fd, srv->state_dirfd, srv->config_dirfd, srv->notify_fd,
-                        srv->signal_pipe[0], srv->signal_pipe[1] };
+    const int fds[] = { srv->listen_fd, srv->state_dirfd, srv->lock_fd, srv->config_dirfd,
+                        srv->notify_fd, srv->signal_pipe[0], srv->signal_pipe[1] };
     for (size_t i = 0; i < sizeof fds / sizeof fds[0]; i++)
         if (fds[i] >= 0)
             close(fds[i]);
@@ -4775,11 +4861,13 @@ static void server_start(struct server *srv)
     notify_open(srv);
     int pidfd = srv->set.foreground ? -1 : pidfile_open();
     privileges_drop(srv);
+    state_load(srv);
     /* the first save is the writability check: before detaching, so
      * that the launcher exits 1 and says why */
     state_save(srv);
     if (!srv->set.foreground)
         daemonize(pidfd);
+    state_lock_note(srv);
     srv->debug_checkers = srv->set.debug;
     if (chdir("/") != 0)
         log_warn("chdir /: %s", strerror(errno));
@@ -4896,7 +4984,7 @@ int main(int argc, char **argv)
             return 0;
         }
     }
-    struct server srv = { .listen_fd = -1, .notify_fd = -1, .state_dirfd = -1,
+    struct server srv = { .listen_fd = -1, .notify_fd = -1, .state_dirfd = -1, .lock_fd = -1,
                           .config_dirfd = -1, .signal_pipe = { -1, -1 } };
     server_configure(&srv, &cl);
     server_start(&srv);

@@ -12,6 +12,10 @@ OURS_BIN=$MANDOS_BIN
 
 setup() {
 	CONF=$(make_confdir)
+	# the server's user owns the state directory, as Debian's package has it;
+	# ours reads clients.state with that user's rights
+	REF_STATE_DIR=$(mktemp -d /tmp/mandos-test-state.XXXXXX)
+	chown "$(id -un _mandos 2>/dev/null || echo nobody):" "$REF_STATE_DIR"
 }
 
 teardown() {
@@ -55,6 +59,7 @@ reference_until() {
 	echo "$output"
 	[[ $status -eq 0 && $output == "imported 1 clients from "* ]]
 	grep -qx "cur.enabled 0" "$REF_STATE_DIR/clients.state"
+	[[ $(tail -n 1 "$REF_STATE_DIR/clients.state") == "total 1" ]]
 	[[ $(stat -c %a "$REF_STATE_DIR/clients.state") == 600 ]]
 	[[ -s $REF_STATE_DIR/clients.pickle ]]      # left in place
 	MANDOS_BIN=$OURS_BIN start_server "$CONF" --statedir "$REF_STATE_DIR"
