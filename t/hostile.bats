@@ -259,3 +259,23 @@ refused_without_tls() {
 	SERVER_PID=
 	[ "$st" -eq 0 ]
 }
+
+# GnuTLS's level 9 and up print the traffic keys and IVs ("INT: CLIENT WRITE
+# KEY [32]: <hex>"), and 10 and up every read and write; --debug asks for
+# the handshake and record lines only (mandos.c; the reference uses 11).
+@test "hostile: --debug logs the TLS handshake but no key material (mandos.c)" {
+	need_ours "the reference sets GnuTLS's log level to 11, which prints the keys"
+	start_server "$CONF"
+	client_gets alpha "$PW" 30
+	stop_server
+	grep -q 'GnuTLS: HSK\[' "$SERVER_LOG"
+	grep -q 'GnuTLS: REC\[' "$SERVER_LOG"
+	echo "GnuTLS lines: $(grep -c 'GnuTLS: ' "$SERVER_LOG")"
+	local s
+	for s in 'GnuTLS: INT: ' 'WRITE KEY' 'WRITE IV' 'MASTER SECRET' 'PREMASTER' \
+		'CLIENT_RANDOM' 'CLIENT RANDOM' 'TRAFFIC_SECRET' 'GnuTLS: READ: ' 'GnuTLS: WRITE: '; do
+		refute_in_file "$s" "$SERVER_LOG"
+	done
+	# nor anything that looks like a key: a long run of hex digits
+	run -1 grep -E 'GnuTLS: .*[0-9A-Fa-f]{20}' "$SERVER_LOG"
+}
