@@ -604,37 +604,60 @@ static void fatal(const char *fmt, ...)
     exit(1);
 }
 
-/* GnuTLS debug lines, forwarded in --debug mode. */
+/* GnuTLS debug lines, forwarded in --debug mode; not its "INT:" key material. */
 static void log_gnutls_line(int level UNUSED, const char *text)
 {
     size_t n = strlen(text);
-    log_debug("GnuTLS: %.*s", (int)(n && text[n - 1] == '\n' ? n - 1 : n), text);
+    if (strncmp(text, "INT:", 4) != 0)
+        log_debug("GnuTLS: %.*s", (int)(n && text[n - 1] == '\n' ? n - 1 : n), text);
 }
 
 /* Where config errors go: stderr at start-up, the log on reload, a buffer
- * in the self-tests.  Counting them lets us report every bad line. */
+ * in the self-tests.  All are counted; past DIAG_SHOWN in a file, one line
+ * counts the rest, so that bad lines cannot flood the log at each SIGHUP. */
+#define DIAG_SHOWN 20
 struct diag {
     const char *file;    /* shown as FILE:LINE: */
-    int count;           /* errors so far */
+    int count, in_file;  /* errors so far, and in this file */
     bool to_log;         /* reload: log instead of stderr */
     struct buf *capture; /* self-tests: collect here */
 };
 
+static void diag_put(struct diag *d, const char *msg)
+{
+    if (d->capture)
+        buf_printf(d->capture, "%s\n", msg);
+    else if (d->to_log)
+        log_err("%s", msg);
+    else
+        fprintf(stderr, "%s\n", msg);
+}
+
 PRINTF_LIKE(3, 4)
 static void diag_error(struct diag *d, int line, const char *fmt, ...)
 {
-    char msg[1024];
+    char msg[2048];
+    snprintf(msg, sizeof msg / 2, "%s:%d: ", d->file, line);
+    size_t n = strlen(msg);
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
+    vsnprintf(msg + n, sizeof msg - n, fmt, ap);
     va_end(ap);
     d->count++;
-    if (d->capture)
-        buf_printf(d->capture, "%s:%d: %s\n", d->file, line, msg);
-    else if (d->to_log)
-        log_err("%s:%d: %s", d->file, line, msg);
-    else
-        fprintf(stderr, "%s:%d: %s\n", d->file, line, msg);
+    if (++d->in_file <= DIAG_SHOWN)
+        diag_put(d, msg);
+}
+
+/* The end of a file: how many of its errors were not shown. */
+static void diag_end_file(struct diag *d)
+{
+    char msg[2048];
+    int more = d->in_file - DIAG_SHOWN;
+    snprintf(msg, sizeof msg, "%s: and %d more error%s", d->file, more, more == 1 ? "" : "s");
+    if (more > 0)
+        diag_put(d, msg);
+    d->in_file = 0;
+    d->file = NULL;
 }
 
 /* ===================================================================== */
@@ -657,6 +680,7 @@ struct ini_section {
     int line;
     struct ini_key *keys;
     size_t nkeys, cap;
+    struct name_index index;     /* key name -> position in keys */
 };
 
 /* sections[0] is always [DEFAULT]. */
@@ -691,6 +715,7 @@ static void ini_free(struct ini *ini)
         }
         free(s->keys);
         free(s->name);
+        name_index_free(&s->index);
     }
     free(ini->sections);
     name_index_free(&ini->names);
@@ -702,12 +727,15 @@ static struct ini_section *ini_find_section(struct ini *ini, const char *name)
     return pos == SIZE_MAX ? NULL : &ini->sections[pos];
 }
 
+static const char *ini_key_name_at(const void *sec, size_t pos)
+{
+    return ((const struct ini_section *)sec)->keys[pos].name;
+}
+
 static struct ini_key *ini_find_key(struct ini_section *s, const char *name)
 {
-    for (size_t k = 0; k < s->nkeys; k++)
-        if (streq(s->keys[k].name, name))
-            return &s->keys[k];
-    return NULL;
+    size_t pos = name_index_find(&s->index, name, ini_key_name_at, s);
+    return pos == SIZE_MAX ? NULL : &s->keys[pos];
 }
 
 /* A finished value, copied to its size: a value grows by doubling, and
@@ -773,6 +801,7 @@ static struct ini_key *ini_option(struct ini_section *sec, struct ini_key *prev,
     grow((void **)&sec->keys, &sec->cap, sec->nkeys + 1, sizeof *sec->keys);
     struct buf value = { xstrndup(v, vn), vn, vn + 1 };   /* exact: most stay one line */
     sec->keys[sec->nkeys] = (struct ini_key){ name, value, lineno };
+    name_index_add(&sec->index, name, sec->nkeys, ini_key_name_at, sec);
     return &sec->keys[sec->nkeys++];
 }
 
@@ -1279,7 +1308,7 @@ static int settings_conf_load(struct settings *set, struct diag *diag)
     else if (errno != ENOENT)
         diag_error(diag, 0, "cannot read: %s", why);
     buf_free(&data);
-    diag->file = NULL;
+    diag_end_file(diag);
     buf_free(&path);
     return diag->count;
 }
@@ -2183,7 +2212,7 @@ static int clients_load(const char *configdir, int config_dirfd, struct diag *di
         clients_from_buffer(data.data ? data.data : "", data.len, configdir, config_dirfd,
                             diag, out);
     buf_free(&data);
-    diag->file = NULL;
+    diag_end_file(diag);
     buf_free(&path);
     return diag->count;
 }
@@ -2645,7 +2674,7 @@ static void state_load(struct server *srv)
     if (!srv->set.restore)
         return;
     snprintf(path, sizeof path, "%s/%s", dir, STATE_FILE);
-    struct diag diag = { path, 0, false, NULL };
+    struct diag diag = { .file = path };
     const char *why = read_file_at(srv->state_dirfd, STATE_FILE, true, &data);
     int e = errno;
     /* The reference's state: starting fresh would re-enable every client
@@ -4645,7 +4674,7 @@ static void server_reload(struct server *srv)
     notify_send(srv, "RELOADING=1");
     log_info("Reloading clients.conf");
     struct client_table fresh = { 0 };
-    struct diag diag = { NULL, 0, true, NULL };
+    struct diag diag = { .to_log = true };
     int errors = clients_load(srv->set.configdir, srv->config_dirfd, &diag, &fresh);
     if (errors) {
         log_err("Reload refused: %d error%s in %s/clients.conf; the previous configuration "
@@ -4818,7 +4847,7 @@ static void server_configure(struct server *srv, const struct cmdline *cl)
     char err[300];
     settings_defaults(&srv->set);
     settings_from_cmdline(&srv->set, cl, false, err, sizeof err);
-    struct diag diag = { NULL, 0, false, NULL };
+    struct diag diag = { .file = NULL };
     if (settings_conf_load(&srv->set, &diag) > 0)
         fatal("%d error%s in %s/mandos.conf; not starting", diag.count,
               diag.count == 1 ? "" : "s", srv->set.configdir);
@@ -4834,7 +4863,7 @@ static void server_configure(struct server *srv, const struct cmdline *cl)
     log_open_syslog(srv->set.servicename);
     if (srv->set.debug) {
         gnutls_global_set_log_function(log_gnutls_line);
-        gnutls_global_set_log_level(11);
+        gnutls_global_set_log_level(5);     /* 9 and up: key material */
     }
     srv->config_dirfd = openat(AT_FDCWD, srv->set.configdir, O_RDONLY | O_DIRECTORY | O_CLOEXEC, 0);
     if (srv->config_dirfd < 0)
@@ -4887,7 +4916,7 @@ static void server_start(struct server *srv)
  * (a child process when we are root).  Prints the summary line. */
 static int test_config_clients(struct server *srv, int errors)
 {
-    struct diag diag = { NULL, errors, false, NULL };
+    struct diag diag = { .count = errors };
     struct stat st;
     if (geteuid() == 0)
         privileges_drop(srv);
@@ -4914,7 +4943,7 @@ static int test_config_clients(struct server *srv, int errors)
 static int test_config(const struct cmdline *cl)
 {
     struct server srv;
-    struct diag diag = { NULL, 0, false, NULL };
+    struct diag diag = { .file = NULL };
     char err[300];
     const char *at = NULL;
     memset(&srv, 0, sizeof srv);
@@ -5019,7 +5048,7 @@ static void check_str(const char *got, const char *want, const char *what)
 static char *parse_clients(const char *text, struct client_table *out)
 {
     struct buf errs = { 0 };
-    struct diag d = { "clients.conf", 0, false, &errs };
+    struct diag d = { .file = "clients.conf", .capture = &errs };
     buf_adds(&errs, "");
     clients_from_buffer(text, strlen(text), "/nonexistent", -1, &d, out);
     return errs.data;
@@ -5093,7 +5122,7 @@ static void run_ini(const char *const *c, struct buf *out)
 {
     static const struct ini_default builtins[] = { { "builtin", "B" }, { NULL, NULL } };
     struct buf errs = { 0 }, value = { 0 };
-    struct diag d = { "x", 0, false, &errs };
+    struct diag d = { .file = "x", .capture = &errs };
     struct ini ini;
     char why[200];
     ini_parse_buffer(&ini, c[0], strlen(c[0]), &d);
@@ -5285,7 +5314,7 @@ static void run_options(const char *const *c, struct buf *out)
     struct settings set;
     struct buf text = { 0 }, word = { 0 };
     char err[200] = "";
-    struct diag d = { "mandos.conf", 0, false, &text };
+    struct diag d = { .file = "mandos.conf", .capture = &text };
     const char *conf = c[2] ? c[2] : "";
     buf_adds(&text, " ");
     settings_defaults(&set);
@@ -5380,7 +5409,7 @@ static void run_state_round_trip(const char *const *c, struct buf *out)
     };
     struct client_table t = { 0 }, back = { 0 };
     struct buf data = { 0 }, again = { 0 }, derr = { 0 };
-    struct diag d = { "clients.state", 0, false, &derr };
+    struct diag d = { .file = "clients.state", .capture = &derr };
     free(parse_clients(c[0], &t));
     for (size_t i = 0; i < sizeof fields / sizeof fields[0] && t.n == 1; i++)
         test_set(t.v[0], fields[i][0], fields[i][2]);
@@ -5409,7 +5438,7 @@ static void run_state_corrupt(const char *const *c, struct buf *out)
 {
     struct client_table junk = { 0 };
     struct buf text = { 0 }, derr = { 0 };
-    struct diag d = { "clients.state", 0, false, &derr };
+    struct diag d = { .file = "clients.state", .capture = &derr };
     buf_printf(&text, "%s%s", c[2] ? "" : STATE_MAGIC "\n", c[0]);
     CHECK(state_parse(text.data, text.len, &d, &junk) > 0);
     test_error_lines(derr.data, out);
