@@ -2365,8 +2365,8 @@ static void checker_reap(struct server *srv)
 /* ===================================================================== */
 /* 7. Persistence                                                        */
 /*    <statedir>/clients.state: our own line-based text format, written   */
-/*    atomically, at once after a change that matters and within 2 s of   */
-/*    a routine one, which is what a kill -9 can lose.  Never a secret.   */
+/*    atomically, within 100 ms of a change that matters and 2 s of a     */
+/*    routine one, which is what a kill -9 can lose.  Never a secret.     */
 /* ===================================================================== */
 
 #define STATE_FILE "clients.state"
