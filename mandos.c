@@ -5273,6 +5273,29 @@ static void run_log_text(const char *const *c, struct buf *out)
     buf_adds(out, text);
 }
 
+/* A GnuTLS debug line c[0] as --debug logs it, caught on stderr: the
+ * message after "DEBUG: ", or nothing when it is dropped. */
+static void run_gnutls_line(const char *const *c, struct buf *out)
+{
+    int fds[2], saved = dup(STDERR_FILENO), threshold = log_cfg.threshold;
+    char got[512] = "";
+    CHECK(saved >= 0 && pipe(fds) == 0);
+    fflush(stderr);
+    dup2(fds[1], STDERR_FILENO);
+    log_cfg.threshold = LOG_DEBUG;
+    log_gnutls_line(9, c[0]);
+    log_cfg.threshold = threshold;
+    fflush(stderr);
+    dup2(saved, STDERR_FILENO);
+    close(saved);
+    close(fds[1]);
+    ssize_t n = read(fds[0], got, sizeof got - 1);
+    close(fds[0]);
+    got[n > 0 ? n : 0] = '\0';
+    const char *msg = strstr(got, "DEBUG: ");
+    buf_add(out, msg ? msg + 7 : "", msg ? strcspn(msg + 7, "\n") : 0);
+}
+
 /* A version line: why it is refused after "!", nothing when accepted. */
 static void run_version_line(const char *const *c, struct buf *out)
 {
@@ -5683,6 +5706,9 @@ static const struct {
       { "192.0.2.1", "192.0.2.1:80", "80", "0" }, { "", "?:0", "0", "0" },
       { "2001:db8::1", "[2001:db8::1]:443", "443", "0" },
       { "fe80::1", "[fe80::1%999999]:1", "1", "999999" }) },
+    { "GnuTLS debug lines: no key material", run_gnutls_line, ROWS(
+      { "INT: CLIENT WRITE KEY [32]: 4133bc4a18589b0b7391999ae4ff0dba\n", "" },
+      { "HSK[0x5558]: Selected cipher suite\n", "GnuTLS: HSK[0x5558]: Selected cipher suite" }) },
     { "hex", run_hex, ROWS(
       { "00ff7F", "0 00FF7F", "3" }, { "00ff7", "-1 ", "3" }, { "00ff7g", "-1 ", "3" },
       { "00ff7f00", "-1 ", "3" }, { "", "0 ", "0" }) },
