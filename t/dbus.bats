@@ -275,6 +275,27 @@ start_monitor() {
 	refute_secrets "$CONF/clients.conf" "$SERVER_LOG"
 }
 
+@test "dbus: a reload that replaces a waiting client's key drops ApprovalPending" {
+	# a reload reads clients.conf as the unprivileged user
+	CONF=$(make_confdir "$SCRATCH/conf")
+	client_section alpha "$PW_ALPHA" "approval_delay = PT30S" "approved_by_default = False" \
+		>"$CONF/clients.conf"
+	start_dbus_server "$CONF"
+	client_in_background alpha 60
+	wait_for 20 approval_pending alpha
+	# alpha's section now carries beta's key: alpha's connection is revoked
+	client_section beta "$PW_ALPHA" "approval_delay = PT30S" "approved_by_default = False" |
+		sed 's/^\[beta\]/[alpha]/' >"$CONF/clients.conf"
+	kill -HUP "$SERVER_PID"
+	wait_for 10 file_has "$SERVER_LOG" "Reloaded: 1 clients"
+	wait_for 10 eval '! approval_pending alpha' ||
+		{ ctl -v alpha >&2; tail -n 20 "$SERVER_LOG" >&2; false; }
+	# and stays down once the real client has given up on the old key
+	stop_group "$CLIENT_PID" 5
+	sleep 1
+	[[ $(prop alpha ApprovalPending) == false ]]
+}
+
 # ------------------------------------------------------------------ settings
 
 @test "dbus: a host with a newline or an ESC set over D-Bus logs as one escaped line" {
