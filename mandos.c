@@ -38,6 +38,7 @@
 #define _XOPEN_SOURCE 700
 #if defined(__linux__)
 #define _GNU_SOURCE 1          /* glibc, musl: setgroups, close_range */
+#include <sys/prctl.h>         /* PR_SET_DUMPABLE */
 #elif defined(__APPLE__)
 #define _DARWIN_C_SOURCE 1     /* IP_BOUND_IF, setgroups */
 #elif defined(__sun)
@@ -179,6 +180,16 @@ static int shim_bind_to_device(int fd UNUSED, int family UNUSED, const char *ifn
 #else
     errno = ENOPROTOOPT;
     return -1;
+#endif
+}
+
+/* No core file, which would hold every secret; where the system can, no
+ * debugger or /proc reader of our uid either (setuid alone does that). */
+static void shim_no_core_dumps(void)
+{
+    setrlimit(RLIMIT_CORE, &(struct rlimit){ 0, 0 });
+#ifdef PR_SET_DUMPABLE
+    prctl(PR_SET_DUMPABLE, 0);
 #endif
 }
 
@@ -1512,6 +1523,8 @@ struct server {
     gid_t run_gid;
     int notify_fd;               /* systemd NOTIFY_SOCKET, or -1 */
     struct zc *zc;
+    struct doomed { pid_t pgid; int64_t kill_at; } *doomed;   /* checker groups sent */
+    size_t ndoomed, doomed_cap;  /* SIGTERM, SIGKILL at kill_at, in that order (section 6) */
 };
 
 #define STATE_SAVE_DELAY_MS 2000 /* routine changes are saved this often at most */
@@ -2077,7 +2090,7 @@ static void path_expand(const char *p, struct buf *out)
         size_t n = strcspn(p + 1, "/");
         char *user = xstrndup(p + 1, n);
         const char *home = n ? NULL : getenv("HOME");
-        struct passwd *pw = home ? NULL : n ? getpwnam(user) : getpwuid(getuid());
+        struct passwd *pw = home ? NULL : n ? getpwnam(user) : getpwuid(geteuid());
         free(user);
         if (pw)
             home = pw->pw_dir;
@@ -2194,23 +2207,37 @@ static void clients_from_buffer(const char *data, size_t len, const char *config
     ini_free(&ini);
 }
 
-/* Read <configdir>/clients.conf through the directory descriptor opened
- * at start-up (a reload runs unprivileged and may not traverse the path).
- * A missing file means no clients.  Returns the number of errors. */
-static int clients_load(const char *configdir, int config_dirfd, struct diag *diag,
-                        struct client_table *out)
+/* Root at start-up acts as the server user (effective IDs) and back:
+ * what a reload reads unprivileged is read so at start-up too.  Once
+ * root is given up, or if never root: nothing. */
+static void privileges_borrow(const struct server *srv, bool borrow)
+{
+    if (getuid() == 0 && (borrow ? setgroups(0, NULL) || setegid(srv->run_gid)
+                          || seteuid(srv->run_uid) : seteuid(0) || setegid(getgid())))
+        fatal("cannot switch effective IDs: %s", strerror(errno));
+}
+
+/* Read <configdir>/clients.conf through the directory descriptor opened at start-up (a
+ * reload may not traverse the path); at start-up as root, as the reference does, then the
+ * secfiles as the server user.  A missing file means no clients.  Returns the errors. */
+static int clients_load(const struct server *srv, struct diag *diag, struct client_table *out)
 {
     struct buf path = { 0 }, data = { 0 };
-    buf_printf(&path, "%s/clients.conf", configdir);
+    buf_printf(&path, "%s/clients.conf", srv->set.configdir);
     diag->file = path.data;
-    const char *why = read_file_at(config_dirfd, "clients.conf", false, &data);
-    if (why && errno != ENOENT)
-        diag_error(diag, 0, "cannot read: %s%s", why,
-                   errno == EACCES && geteuid() != 0
+    const char *why = read_file_at(srv->config_dirfd, "clients.conf", false, &data);
+    int err = errno;
+    privileges_borrow(srv, true);
+    if (!why && faccessat(srv->config_dirfd, "clients.conf", R_OK, AT_EACCESS) != 0)
+        log_warn("%s: uid %ld cannot read it, so a reload (SIGHUP) will fail; let group "
+                 "%ld read it", path.data, (long)srv->run_uid, (long)srv->run_gid);
+    if (why && err != ENOENT)
+        diag_error(diag, 0, "cannot read: %s%s", why, err == EACCES && geteuid() != 0
                    ? " (the server runs unprivileged now: let its group read the file)" : "");
     else
-        clients_from_buffer(data.data ? data.data : "", data.len, configdir, config_dirfd,
-                            diag, out);
+        clients_from_buffer(data.data ? data.data : "", data.len, srv->set.configdir,
+                            srv->config_dirfd, diag, out);
+    privileges_borrow(srv, false);
     buf_free(&data);
     diag_end_file(diag);
     buf_free(&path);
@@ -2244,12 +2271,8 @@ static void shell_quote(const char *s, size_t n, struct buf *out)
     for (size_t i = 0; i < n && safe; i++)
         safe = isalnum((unsigned char)s[i]) || strchr("_@%+=:,./-", s[i]);
     buf_adds(out, safe ? "" : "'");
-    for (size_t i = 0; i < n; i++) {
-        if (s[i] == '\'')
-            buf_adds(out, "'\"'\"'");
-        else
-            buf_addc(out, s[i]);
-    }
+    for (size_t i = 0; i < n; i++)       /* ' as '"'"' */
+        buf_add(out, s[i] == '\'' ? "'\"'\"'" : s + i, s[i] == '\'' ? 5 : 1);
     buf_adds(out, safe ? "" : "'");
 }
 
@@ -2321,19 +2344,41 @@ static void checker_start(struct server *srv, struct client *c)
     buf_free(&cmd);
 }
 
-/* Kill the checker's whole process group; the loop reaps the shell. */
-static void checker_stop(struct server *srv UNUSED, struct client *c)
+/* SIGTERM to a checker's process group, SIGKILL to what is left of it a
+ * second later.  A group keeps its number while it has a member. */
+static void checker_group_end(struct server *srv, pid_t pgid)
+{
+    if (kill(-pgid, SIGTERM) != 0)
+        return;                  /* nobody left */
+    grow((void **)&srv->doomed, &srv->doomed_cap, srv->ndoomed + 1, sizeof *srv->doomed);
+    srv->doomed[srv->ndoomed++] = (struct doomed){ pgid, mono_ms() + 1000 };
+}
+
+/* SIGKILL each group whose grace has ended by `now`; forget one that has
+ * ended by itself, so that a number reused later is not hit. */
+static void checker_groups_kill(struct server *srv, int64_t now)
+{
+    struct doomed *d = srv->doomed;
+    size_t kept = 0;
+    for (size_t i = 0; i < srv->ndoomed; i++)
+        if (kill(-d[i].pgid, d[i].kill_at > now ? 0 : SIGKILL) == 0 && d[i].kill_at > now)
+            d[kept++] = d[i];
+    srv->ndoomed = kept;
+}
+
+/* The shell's children go too, with its group; the loop reaps the shell. */
+static void checker_stop(struct server *srv, struct client *c)
 {
     if (!c->checker_pid)
         return;
     log_debug("Stopping checker for %s", c->name);
-    kill(-c->checker_pid, SIGKILL);
-    kill(c->checker_pid, SIGKILL);   /* in case it had not set its group yet */
+    checker_group_end(srv, c->checker_pid);
     c->checker_pid = 0;
 }
 
 static void checker_finished(struct server *srv, struct client *c, int status)
 {
+    checker_group_end(srv, c->checker_pid);   /* what it left running */
     c->checker_pid = 0;
     state_changed(srv, false);   /* a failure matters after a restart too */
     c->last_checker_status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
@@ -4675,7 +4720,7 @@ static void server_reload(struct server *srv)
     log_info("Reloading clients.conf");
     struct client_table fresh = { 0 };
     struct diag diag = { .to_log = true };
-    int errors = clients_load(srv->set.configdir, srv->config_dirfd, &diag, &fresh);
+    int errors = clients_load(srv, &diag, &fresh);
     if (errors) {
         log_err("Reload refused: %d error%s in %s/clients.conf; the previous configuration "
                 "stays in force", errors, errors == 1 ? "" : "s", srv->set.configdir);
@@ -4717,10 +4762,10 @@ static void signals_drain(struct server *srv)
 static int loop_timeout(const struct server *srv, int64_t now)
 {
     int64_t resume = srv->accept_resume > now ? srv->accept_resume : 0;
-    int64_t t[6] = { now + 60000, zc_deadline(srv), bus_deadline(srv),
-                     srv->clients.next_event, state_due(srv), resume };
+    int64_t t[7] = { now + 60000, zc_deadline(srv), bus_deadline(srv), srv->clients.next_event,
+                     state_due(srv), resume, srv->ndoomed ? srv->doomed[0].kill_at : 0 };
     int64_t next = t[0];
-    for (int i = 1; i < 6; i++)
+    for (int i = 1; i < 7; i++)
         if (t[i] && t[i] < next)     /* 0: none */
             next = t[i];
     for (const struct conn *cn = srv->conns_head; cn; cn = cn->next)
@@ -4769,6 +4814,7 @@ static void server_loop(struct server *srv)
             if (cn->state != CONN_CLOSED && cn->deadline <= now)
                 conn_step(srv, cn, 0, now);
         clients_run_timers(srv, now);
+        checker_groups_kill(srv, now);
         if (srv->state_dirty && now >= state_due(srv))
             state_save(srv);
         bus_publish(srv);       /* after everything that may change a client */
@@ -4787,13 +4833,16 @@ static void server_stop(struct server *srv)
     for (struct conn *cn = srv->conns_head; cn; cn = cn->next)
         conn_close(srv, cn);
     conn_sweep(srv);
-    for (size_t i = 0; i < srv->clients.n; i++) {
-        struct client *c = srv->clients.v[i];
-        pid_t pid = c->checker_pid;
-        checker_stop(srv, c);
-        if (pid)
-            waitpid(pid, NULL, 0);
+    for (size_t i = 0; i < srv->clients.n; i++)
+        checker_stop(srv, srv->clients.v[i]);
+    /* a grace of 200 ms at most: a checker must not hold up the exit */
+    for (int i = 0; i < 20 && srv->ndoomed; i++) {
+        nanosleep(&(struct timespec){ 0, 10000000 }, NULL);
+        checker_reap(srv);       /* a zombie still counts in its group */
+        checker_groups_kill(srv, 0);
     }
+    checker_groups_kill(srv, INT64_MAX);
+    free(srv->doomed);
     state_save(srv);
     log_debug("Server exiting");
     client_table_clear(&srv->clients);
@@ -4869,7 +4918,7 @@ static void server_configure(struct server *srv, const struct cmdline *cl)
     if (srv->config_dirfd < 0)
         fatal("cannot open config directory %s: %s", srv->set.configdir, strerror(errno));
     privileges_choose(srv);
-    int errors = clients_load(srv->set.configdir, srv->config_dirfd, &diag, &srv->clients);
+    int errors = clients_load(srv, &diag, &srv->clients);
     if (errors)
         fatal("%d error%s in %s/clients.conf; not starting", errors, errors == 1 ? "" : "s",
               srv->set.configdir);
@@ -4921,7 +4970,7 @@ static int test_config_clients(struct server *srv, int errors)
     if (geteuid() == 0)
         privileges_drop(srv);
     if (srv->config_dirfd >= 0)
-        clients_load(srv->set.configdir, srv->config_dirfd, &diag, &srv->clients);
+        clients_load(srv, &diag, &srv->clients);
     diag.file = srv->set.statedir;
     bool have_state = fstatat(AT_FDCWD, srv->set.statedir, &st, 0) == 0;
     if (have_state && access(srv->set.statedir, W_OK | X_OK) != 0)
@@ -4986,6 +5035,7 @@ int main(int argc, char **argv)
 {
     const char *slash = strrchr(argv[0], '/');
     log_cfg.progname = slash ? slash + 1 : argv[0];
+    shim_no_core_dumps();
     for (int i = 1; i < argc; i++)
         if (streq(argv[i], "--check"))
             return run_self_tests();

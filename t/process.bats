@@ -29,18 +29,6 @@ strays() {
 	pgrep -fc "^sleep $MARK\$" || true
 }
 
-# wait_for_log TEXT [SECONDS]: until the server log contains TEXT.
-wait_for_log() {
-	local i
-	for ((i = 0; i < ${2:-15} * 20; i++)); do
-		grep -qF -- "$1" "$SERVER_LOG" && return 0
-		sleep 0.05
-	done
-	echo "not in the server log within ${2:-15}s: $1" >&2
-	tail -n 30 "$SERVER_LOG" >&2
-	return 1
-}
-
 # ------------------------------------------------------------ core dumps
 
 @test "process: no core dumps: core size limit 0, and not dumpable when started unprivileged" {
