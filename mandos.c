@@ -93,6 +93,9 @@
 #include <time.h>
 #include <unistd.h>
 
+#ifdef __GLIBC__
+#include <malloc.h>                /* malloc_trim */
+#endif
 #include <gnutls/abstract.h>
 #include <gnutls/crypto.h>
 #include <gnutls/gnutls.h>
@@ -190,6 +193,15 @@ static void shim_no_core_dumps(void)
     setrlimit(RLIMIT_CORE, &(struct rlimit){ 0, 0 });
 #ifdef PR_SET_DUMPABLE
     prctl(PR_SET_DUMPABLE, 0);
+#endif
+}
+
+/* Reading clients.conf frees much of what it allocated, scattered between
+ * the clients it keeps; glibc leaves those pages resident unless asked. */
+static void shim_release_memory(void)
+{
+#ifdef __GLIBC__
+    malloc_trim(0);
 #endif
 }
 
@@ -4731,6 +4743,7 @@ static void server_reload(struct server *srv)
         bus_sync(srv);
         log_info("Reloaded: %zu clients", srv->clients.n);
     }
+    shim_release_memory();
     notify_send(srv, "READY=1");
 }
 
@@ -4958,6 +4971,7 @@ static void server_start(struct server *srv)
         log_err("could not restrict the process: %s", strerror(errno));
     state_changed(srv, true);
     state_save(srv);
+    shim_release_memory();
     notify_send(srv, "READY=1");
 }
 
