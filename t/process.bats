@@ -154,3 +154,23 @@ strays() {
 	for ((i = 0; i < 20; i++)); do (( $(strays) == 0 )) && break; sleep 0.05; done
 	(( $(strays) == 0 ))
 }
+
+# ------------------------------------------------------- reload and NSS
+
+@test "process: a reload reads no password or group database (the server user is resolved at start-up)" {
+	need_ours "mandos.c reload"
+	command -v strace >/dev/null || missing "strace not installed"
+	printf '[a]\nsecret = aGVsbG8=\n' >"$CONF/clients.conf"
+	start_server "$CONF"
+	local trace="$BATS_TEST_TMPDIR/strace.out"
+	spawn strace -f -qq -e trace=open,openat,connect -o "$trace" -p "$SERVER_PID"
+	local strace_pid=$BG_PID
+	sleep 1
+	kill -HUP "$SERVER_PID"
+	wait_for_log "Reloaded: 1 clients" 10
+	sleep 0.5
+	stop_group "$strace_pid"
+	cat "$trace"
+	grep -q 'clients.conf' "$trace"          # strace saw the reload
+	run ! grep -E '/etc/(passwd|group|nsswitch)|nscd|sss|systemd/userdb' "$trace"
+}
