@@ -187,7 +187,8 @@ static int shim_bind_to_device(int fd UNUSED, int family UNUSED, const char *ifn
 }
 
 /* No core file, which would hold every secret; where the system can, no
- * debugger or /proc reader of our uid either (setuid alone does that). */
+ * debugger or /proc reader of our uid either.  Again after a uid change,
+ * which resets the flag to fs.suid_dumpable. */
 static void shim_no_core_dumps(void)
 {
     setrlimit(RLIMIT_CORE, &(struct rlimit){ 0, 0 });
@@ -2239,14 +2240,14 @@ static int clients_load(const struct server *srv, struct diag *diag, struct clie
     diag->file = path.data;
     const char *why = read_file_at(srv->config_dirfd, "clients.conf", false, &data);
     int err = errno;
+    if (why && err != ENOENT)
+        diag_error(diag, 0, "cannot read: %s%s", why, err == EACCES && geteuid() != 0
+                   ? " (the server runs unprivileged now: let its group read the file)" : "");
     privileges_borrow(srv, true);
     if (!why && faccessat(srv->config_dirfd, "clients.conf", R_OK, AT_EACCESS) != 0)
         log_warn("%s: uid %ld cannot read it, so a reload (SIGHUP) will fail; let group "
                  "%ld read it", path.data, (long)srv->run_uid, (long)srv->run_gid);
-    if (why && err != ENOENT)
-        diag_error(diag, 0, "cannot read: %s%s", why, err == EACCES && geteuid() != 0
-                   ? " (the server runs unprivileged now: let its group read the file)" : "");
-    else
+    if (!why || err == ENOENT)
         clients_from_buffer(data.data ? data.data : "", data.len, srv->set.configdir,
                             srv->config_dirfd, diag, out);
     privileges_borrow(srv, false);
@@ -2317,7 +2318,7 @@ static int checker_expand(const struct client *c, struct buf *out)
                         &(struct expand_ctx){ c, out });
 }
 
-/* Into a new process group (spawn-pgroup 0), so that stopping it kills
+/* Into a new process group (spawn-pgroup 0), so that stopping it signals
  * the shell's children too; with default signal handling. */
 static void checker_start(struct server *srv, struct client *c)
 {
@@ -2697,6 +2698,8 @@ static void state_open(struct server *srv)
 {
     const char *dir = srv->set.statedir;
     char pid[16] = "";
+    for (size_t n = strlen(dir); n > 1 && dir[n - 1] == '/'; n--)
+        srv->set.statedir[n - 1] = '\0';      /* "link/" follows the link despite O_NOFOLLOW */
     bool created = mkdir(dir, 0700) == 0;
     srv->state_dirfd = openat(AT_FDCWD, dir, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
     if (srv->state_dirfd < 0)
@@ -2706,8 +2709,11 @@ static void state_open(struct server *srv)
               strerror(errno));
     srv->lock_fd = openat(srv->state_dirfd, LOCK_FILE,
                           O_RDWR | O_CREAT | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, 0644);
-    if (srv->lock_fd < 0)
+    struct stat st;
+    if (srv->lock_fd < 0 || fstat(srv->lock_fd, &st) != 0)
         fatal("cannot open %s/%s: %s", dir, LOCK_FILE, open_error());
+    if (!S_ISREG(st.st_mode) || st.st_nlink != 1)   /* a hard link would have us write elsewhere */
+        fatal("%s/%s: not a regular file with one link; not starting", dir, LOCK_FILE);
     if (flock(srv->lock_fd, LOCK_EX | LOCK_NB) != 0) {
         bool held = errno == EWOULDBLOCK;
         const char *why = held ? "in use by the server with PID " : strerror(errno);
@@ -4614,6 +4620,7 @@ static void privileges_drop(struct server *srv)
               (long)srv->run_gid, strerror(errno));
     if (srv->run_uid != 0 && (setuid(0) == 0 || seteuid(0) == 0))
         fatal("dropped privileges but could get root back; refusing to run");
+    shim_no_core_dumps();
     log_debug("Did setuid/setgid to %ld:%ld", (long)srv->run_uid, (long)srv->run_gid);
 }
 
@@ -4629,7 +4636,7 @@ static const char *pidfile_path(void)
 
 static int pidfile_open(void)
 {
-    int fd = openat(AT_FDCWD, pidfile_path(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    int fd = openat(AT_FDCWD, pidfile_path(), O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
     if (fd < 0)
         log_err("Could not open file '%s': %s", pidfile_path(), strerror(errno));
     return fd;

@@ -85,6 +85,24 @@ own_pidfile() {
 	DAEMON_PID=
 }
 
+@test "daemon: a start refused for a corrupt state file leaves the PID file as it was" {
+	need_server_bin
+	need_root "writes $PIDFILE"
+	own_pidfile
+	printf '[a]\nsecret = aGVsbG8=\n' >"$CONF/clients.conf"
+	local state=$BATS_TEST_TMPDIR/state
+	mkdir -p "$state"
+	chown "$(id -un _mandos 2>/dev/null || echo nobody):" "$state"
+	: >"$state/clients.state"               # empty: corrupt
+	chown --reference="$state" "$state/clients.state"
+	echo 4242 >"$PIDFILE"
+	run timeout 15 "$MANDOS_BIN" --no-zeroconf --no-dbus --configdir "$CONF" \
+		--statedir "$state" --address ::1 --port "$(free_port)"
+	echo "$output"
+	[[ $status -eq 1 && $output == *--no-restore* ]]
+	[[ $(cat "$PIDFILE") == 4242 ]]
+}
+
 # notify_listener SOCKET PORT OUT: record each datagram; on READY=1 note
 # whether the port already accepts connections.
 notify_listener() {

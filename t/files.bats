@@ -129,6 +129,22 @@ start_bounded() {
 	start_bounded
 	[[ $status -eq 1 ]]
 	[[ $stderr == *"cannot open state directory $STATE"* ]]
+	# a trailing slash makes O_NOFOLLOW follow the last link: stripped
+	run --separate-stderr timeout -k 2 15 "$MANDOS_BIN" --foreground --no-zeroconf \
+		--no-dbus --configdir "$CONF" --statedir "$STATE/" --address ::1 --port "$(free_port)"
+	echo "status $status; stderr: $stderr"
+	[[ $status -eq 1 && $stderr == *"cannot open state directory $STATE"* ]]
+	[[ ! -e $STATE.real/mandos.lock ]]
+}
+
+@test "files: the lock file must be a regular file of its own: a hard link is refused, its target untouched" {
+	one_client
+	state_dir
+	echo "root's own data" >"$BATS_TEST_TMPDIR/target"
+	ln "$BATS_TEST_TMPDIR/target" "$STATE/mandos.lock"
+	start_bounded
+	[[ $status -eq 1 && $stderr == *"mandos.lock: not a regular file with one link"* ]]
+	[[ $(cat "$BATS_TEST_TMPDIR/target") == "root's own data" ]]
 }
 
 @test "files: a clients.conf over the 256 MiB cap is refused before it is read" {
