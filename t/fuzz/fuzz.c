@@ -81,7 +81,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     struct buf errs = { 0 };
-    struct diag d = { "clients.conf", 0, false, &errs };
+    struct diag d = { .file = "clients.conf", .capture = &errs };
     struct client_table t = { 0 };
     clients_from_buffer((const char *)data, size, "/nonexistent", -1, &d, &t);
     for (size_t i = 0; i < t.n; i++) {
@@ -95,7 +95,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
     struct settings set;
     settings_defaults(&set);
-    struct diag d2 = { "mandos.conf", 0, false, &errs };
+    struct diag d2 = { .file = "mandos.conf", .capture = &errs };
     settings_from_conf(&set, (const char *)data, size, &d2);
     fuzz_assert(set.max_connections >= 1 && set.connection_timeout > 0);
     fuzz_assert(set.port >= -1 && set.port <= 65535);
@@ -244,7 +244,7 @@ static const char fuzz_state_clients[] =
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     struct buf errs = { 0 };
-    struct diag d = { "clients.state", 0, false, &errs };
+    struct diag d = { .file = "clients.state", .capture = &errs };
     struct client_table saved = { 0 };
     if (state_parse((const char *)data, size, &d, &saved) > 0) {
         fuzz_assert(errs.data && strncmp(errs.data, "clients.state:", 14) == 0);
@@ -255,7 +255,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     /* restore, as start-up does, then save and read back: the server must
      * always be able to read what it wrote */
     struct client_table clients = { 0 };
-    struct diag dc = { "clients.conf", 0, false, &errs };
+    struct diag dc = { .file = "clients.conf", .capture = &errs };
     clients_from_buffer(fuzz_state_clients, sizeof fuzz_state_clients - 1, "/nonexistent",
                         -1, &dc, &clients);
     fuzz_assert(dc.count == 0 && clients.n == 3);
@@ -268,7 +268,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     struct buf out = { 0 };
     state_serialise(&clients, mono_ms(), wall_us(), &out);
     struct client_table back = { 0 };
-    struct diag d2 = { "clients.state", 0, false, &errs };
+    struct diag d2 = { .file = "clients.state", .capture = &errs };
     int bad = state_parse(out.data, out.len, &d2, &back);
     if (bad)
         fprintf(stderr, "fuzz: re-reading our own state failed:\n%s\n", errs.data);
