@@ -140,6 +140,7 @@
 #if defined(MANDOS_PORTABLE) && MANDOS_PORTABLE
 #undef SO_BINDTODEVICE
 #undef CLOSE_RANGE_CLOEXEC
+#undef PR_SET_DUMPABLE
 #endif
 
 /* No descriptor may reach a checker: files are opened with O_CLOEXEC, sockets
