@@ -36,13 +36,9 @@ reload_timed() {
 	RELOAD_MS=$((($(date +%s%N) - t0) / 1000000))
 }
 
-@test "bulk: 60,000 continuation lines: listens and reloads within 3 s each" {
-	CONF=$(make_confdir)
-	one_client "$CONF/clients.conf"
-	{
-		echo 'host = first'
-		seq -f '    line %g of a long host value' 60000
-	} >>"$CONF/clients.conf"
+# listens_and_reloads_within_3s: start on $CONF, SIGHUP once, both timed;
+# wide guards, since the suite also runs under ASan on 2 busy cores.
+listens_and_reloads_within_3s() {
 	start_timed "$CONF"
 	reload_timed 'Reloaded: 1 clients'
 	echo "start-to-listen: $START_MS ms; reload: $RELOAD_MS ms"
@@ -50,16 +46,22 @@ reload_timed() {
 	assert_server_alive
 }
 
+@test "bulk: 60,000 continuation lines: listens and reloads within 3 s each" {
+	CONF=$(make_confdir)
+	one_client "$CONF/clients.conf"
+	{
+		echo 'host = first'
+		seq -f '    line %g of a long host value' 60000
+	} >>"$CONF/clients.conf"
+	listens_and_reloads_within_3s
+}
+
 # twice the 30,000 of the finding, so that the quadratic lookup failed for sure
 @test "bulk: 60,000 keys in one section: listens and reloads within 3 s each" {
 	CONF=$(make_confdir)
 	one_client "$CONF/clients.conf"
 	seq 60000 | sed 's/.*/extra& = &/' >>"$CONF/clients.conf"
-	start_timed "$CONF"
-	reload_timed 'Reloaded: 1 clients'
-	echo "start-to-listen: $START_MS ms; reload: $RELOAD_MS ms"
-	((START_MS < 3000 && RELOAD_MS < 3000))
-	assert_server_alive
+	listens_and_reloads_within_3s
 }
 
 # The first 20 errors of a file are shown, then one line counts the rest.
