@@ -3916,7 +3916,8 @@ static void bus_entries_free(struct bus *b)
 
 /* Objects for the clients as they are now (at start, after a reload or a
  * removal), announcing those that came and went.  What was published is
- * carried over by path, so bus_publish() reports the edits. */
+ * carried over by path, so bus_publish() reports the edits.  No two
+ * clients share a path: clients_check_paths() refuses such a clients.conf. */
 static void bus_sync(struct server *srv)
 {
     struct bus *b = srv->bus;
@@ -3928,16 +3929,9 @@ static void bus_sync(struct server *srv)
     b->n = 0;
     memset(&b->paths, 0, sizeof b->paths);
     for (size_t i = 0; i < t->n; i++) {
-        struct bus_entry *e = &b->v[b->n];
+        struct bus_entry *e = &b->v[i];
         struct buf path = { 0 };
         client_object_path(t->v[i], &path);
-        const struct bus_entry *first = bus_lookup(b, path.data);
-        if (first) {             /* names that differ only in what becomes '_' */
-            log_warn("clients %s and %s have the same D-Bus object path %s; only %s "
-                     "is visible on D-Bus", first->name, t->v[i]->name, path.data, first->name);
-            buf_free(&path);
-            continue;
-        }
         *e = (struct bus_entry){ path.data, xstrdup(t->v[i]->name), t->v[i], srv, NULL, { 0 } };
         name_index_add(&b->paths, e->path, b->n++, bus_path_at, b);
         for (size_t f = 0; f < N_FIELDS; f++)
@@ -3973,17 +3967,14 @@ static int bus_get(sd_bus *bus, const char *path, const char *iface, const char 
         return sd_bus_message_append(m, "t", (uint64_t)v);
     if (f->sig[0] == 'n' || f->sig[0] == 'b')
         return sd_bus_message_append(m, f->sig, (int)v);
-    if (f->sig[0] == 'o')
-        return sd_bus_message_append(m, "o", e->path);
-    if (f->type == CF_KEY_ID)
-        return sd_bus_message_append(m, "s", CF_AT(e->client, f, char));
-    if (f->type == CF_STR)
-        return sd_bus_message_append(m, "s", *CF_AT(e->client, f, char *));
     struct buf text = { 0 };
+    bool time = f->type == CF_TIME || f->type == CF_EXPIRES;
     buf_adds(&text, "");
-    if (v)
+    if (time && v)
         timestamp_render(v, 'T', &text);
-    int r = sd_bus_message_append(m, "s", text.data);
+    else if (!time)
+        client_render(e->client, f, &text);     /* strings, and the object path */
+    int r = sd_bus_message_append(m, f->sig, text.data);
     buf_free(&text);
     return r;
 }
@@ -4294,9 +4285,12 @@ static const sd_bus_vtable bus_server_vtable[] = {
 
 /* Every client object goes away, and queued signals get 20 x 25 ms to
  * leave, unless the connection is lost. */
-static void bus_free(struct bus *b)
+static void bus_stop(struct server *srv)
 {
+    struct bus *b = srv->bus;
     uint64_t queued = 1;
+    if (!b)
+        return;
     bool open = b->bus && sd_bus_is_open(b->bus) > 0;
     for (size_t i = 0; open && i < b->n; i++)
         bus_announce(b, &b->v[i], false);
@@ -4310,6 +4304,7 @@ static void bus_free(struct bus *b)
     sd_bus_close_unref(b->bus);
     free(b->client_vtable);
     free(b);
+    srv->bus = NULL;
 }
 
 /* Connect, export "/" and the clients, take the name.  Any failure leaves
@@ -4319,6 +4314,7 @@ static void bus_start(struct server *srv)
     if (!srv->set.use_dbus)
         return;
     struct bus *b = xcalloc(1, sizeof *b);
+    srv->bus = b;
     b->client_vtable = bus_client_vtable();
     int r = sd_bus_open_system(&b->bus);
     const char *step = r < 0 ? "connect to the system bus" : "export the objects";
@@ -4344,10 +4340,9 @@ static void bus_start(struct server *srv)
                 r == -EEXIST ? "another process owns it"
                 : r == -EACCES ? "the bus policy does not allow it (see mandos-dbus.conf)"
                 : strerror(-r));
-        bus_free(b);
+        bus_stop(srv);
         return;
     }
-    srv->bus = b;
     bus_sync(srv);
     log_debug("D-Bus: %s is ours; %zu client objects", BUS_NAME, b->n);
 }
@@ -4414,16 +4409,8 @@ static void bus_process(struct server *srv, const struct pollfd *fds, size_t n, 
     if (b && (r < 0 || !sd_bus_is_open(b->bus))) {
         log_err("D-Bus: connection lost (%s); running without D-Bus",
                 r < 0 ? strerror(-r) : "closed");
-        bus_free(b);
-        srv->bus = NULL;
+        bus_stop(srv);
     }
-}
-
-static void bus_stop(struct server *srv)
-{
-    if (srv->bus)
-        bus_free(srv->bus);
-    srv->bus = NULL;
 }
 
 /* GotSecret, Rejected(text), NeedApproval, CheckerStarted(text) or
@@ -4440,7 +4427,7 @@ static void bus_client_signal(struct server *srv, const struct client *c, const 
     struct bus_entry *e = bus_lookup(srv->bus, path.data);
     buf_free(&path);
     if (!e || e->client != c)
-        return;                  /* its path is another client's */
+        return;                  /* not yet on D-Bus, or being removed */
     sd_bus *bus = srv->bus->bus;
     int r;
     if (streq(member, "NeedApproval"))
@@ -4486,14 +4473,8 @@ static void bus_start(struct server *srv)
 }
 
 static size_t bus_pollfds(struct server *srv UNUSED, struct pollfd *fds UNUSED,
-                          size_t max UNUSED)
-{
-    return 0;
-}
-static int64_t bus_deadline(const struct server *srv UNUSED)
-{
-    return 0;
-}
+                          size_t max UNUSED) { return 0; }
+static int64_t bus_deadline(const struct server *srv UNUSED) { return 0; }
 static void bus_process(struct server *srv UNUSED, const struct pollfd *fds UNUSED,
                         size_t n UNUSED, int64_t now UNUSED) {}
 static void bus_publish(struct server *srv UNUSED) {}
