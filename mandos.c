@@ -1532,7 +1532,6 @@ struct server {
     bool state_dirty, state_urgent;
     int64_t state_saved_at;      /* monotonic ms */
     bool quitting;
-    bool debug_checkers;         /* checker output to the console */
     uid_t run_uid;               /* who we run as after start-up */
     gid_t run_gid;
     int notify_fd;               /* systemd NOTIFY_SOCKET, or -1 */
@@ -1696,8 +1695,6 @@ static void client_reconcile(struct client *fresh, const struct client *saved)
 
 static void client_free(struct client *c)
 {
-    if (!c)
-        return;
     wipe(c->secret, c->secret_len);
     free(c->secret);
     for (size_t i = 0; i < N_FIELDS; i++)
@@ -1770,15 +1767,11 @@ static int64_t earliest(int64_t a, int64_t b)
     return a && (!b || a < b) ? a : b;
 }
 
-static int64_t client_next_event(const struct client *c)
-{
-    return earliest(earliest(c->expires, c->next_checker), c->approval_reset);
-}
-
 /* Call after changing any of a client's timers. */
 static void client_reschedule(struct client_table *t, const struct client *c)
 {
-    t->next_event = earliest(client_next_event(c), t->next_event);
+    int64_t next = earliest(earliest(c->expires, c->next_checker), c->approval_reset);
+    t->next_event = earliest(next, t->next_event);
 }
 
 /* ---- life cycle ---------------------------------------------------------- */
@@ -1967,13 +1960,26 @@ static void clients_replace(struct server *srv, struct client_table *fresh)
 
 /* ---- checker commands: the run-time %(name)s syntax ----------------------- */
 
-/* Whether name[0..n) is an attribute; if not, `why` lists the ones there are. */
-static bool checker_attribute(const char *name, size_t n, char *why, size_t whylen)
+/* POSIX shell quoting: bare if only safe characters, else '...'. */
+static void shell_quote(const char *s, size_t n, struct buf *out)
+{
+    bool safe = n > 0;
+    for (size_t i = 0; i < n && safe; i++)
+        safe = isalnum((unsigned char)s[i]) || strchr("_@%+=:,./-", s[i]);
+    buf_adds(out, safe ? "" : "'");
+    for (size_t i = 0; i < n; i++)       /* ' as '"'"' */
+        buf_add(out, s[i] == '\'' ? "'\"'\"'" : s + i, s[i] == '\'' ? 5 : 1);
+    buf_adds(out, safe ? "" : "'");
+}
+
+/* The attribute name[0..n); if none, NULL and `why` lists the ones there are. */
+static const struct client_field *checker_attribute(const char *name, size_t n, char *why,
+                                                    size_t whylen)
 {
     for (size_t i = 0; i < N_FIELDS; i++)
         if ((client_fields[i].flags & F_ATTR) && strlen(client_fields[i].name) == n
             && memcmp(client_fields[i].name, name, n) == 0)
-            return true;
+            return &client_fields[i];
     int w = snprintf(why, whylen, "unknown attribute %%(%.*s)s (known:",
                      (int)(n > 40 ? 40 : n), name);
     for (size_t i = 0; i < N_FIELDS; i++)
@@ -1981,22 +1987,22 @@ static bool checker_attribute(const char *name, size_t n, char *why, size_t whyl
             w += snprintf(why + w, whylen - (size_t)w, " %s", client_fields[i].name);
     if (w > 0 && (size_t)w + 1 < whylen)
         snprintf(why + w, whylen - (size_t)w, ")");
-    return false;
+    return NULL;
 }
 
-/* Walk a checker command, calling `emit` (unless NULL) for literal text
- * and for each %(name)s.  Returns -1 with `why` on what we cannot expand,
- * which clients.conf and D-Bus refuse at once rather than stop silently. */
-static int checker_walk(const char *cmd, char *why, size_t whylen,
-                        void (*emit)(void *ctx, const char *text, size_t n, bool is_name),
-                        void *ctx)
+/* Check a checker command; with `out`, also append it as it runs now for
+ * `c`, each %(name)s the client's value, shell-quoted.  Returns -1 with
+ * `why` on what we cannot expand, which clients.conf and D-Bus refuse at
+ * once rather than stop silently. */
+static int checker_walk(const char *cmd, const struct client *c, struct buf *out, char *why,
+                        size_t whylen)
 {
     const char *p = cmd;
     while (*p) {
         size_t lit = strcspn(p, "%");
         bool escaped = p[lit] == '%' && p[lit + 1] == '%';
-        if (emit)
-            emit(ctx, p, lit + escaped, false);   /* "%%" is one '%' */
+        if (out)
+            buf_add(out, p, lit + escaped);   /* "%%" is one '%' */
         p += lit + 2 * escaped;
         if (escaped || !*p)
             continue;
@@ -2006,10 +2012,16 @@ static int checker_walk(const char *cmd, char *why, size_t whylen,
                      "(write %%%%(name)s for an attribute, %%%%%%%% for a literal %%)", p);
             return -1;
         }
-        if (!checker_attribute(p + 2, (size_t)(close - p - 2), why, whylen))
+        const struct client_field *f = checker_attribute(p + 2, (size_t)(close - p - 2), why,
+                                                         whylen);
+        if (!f)
             return -1;
-        if (emit)
-            emit(ctx, p + 2, (size_t)(close - p - 2), true);
+        if (out) {
+            struct buf value = { 0 };
+            client_render(c, f, &value);
+            shell_quote(value.data, value.len, out);
+            buf_free(&value);
+        }
         p = close + 2;
     }
     return 0;
@@ -2075,17 +2087,13 @@ static void client_read_setting(struct client_reader *r, struct client *c, size_
     const char *text = c->conf_text[i] = set ? set : xstrdup("");
     const char *bad = NULL;
     char why[200];
-    int64_t ms = 0;
-    bool flag = false;
     if (f->type == CF_STR)
         *CF_AT(c, f, char *) = xstrdup(text);
-    if ((f->flags & F_COMMAND) && checker_walk(text, why, sizeof why, NULL, NULL) < 0)
+    if ((f->flags & F_COMMAND) && checker_walk(text, NULL, NULL, why, sizeof why) < 0)
         bad = why;
-    else if (f->type == CF_MS && duration_parse(text, &ms, &bad) == 0)
-        client_set_number(c, f, ms);
-    else if (f->type == CF_BOOL && parse_bool(text, &flag) == 0)
-        client_set_number(c, f, flag);
-    else if (f->type == CF_BOOL)
+    else if (f->type == CF_MS)
+        duration_parse(text, CF_AT(c, f, int64_t), &bad);
+    else if (f->type == CF_BOOL && parse_bool(text, CF_AT(c, f, bool)) < 0)
         bad = "not a boolean (use true or false)";
     if (!set)
         return;                  /* its error was reported */
@@ -2278,45 +2286,12 @@ static void clients_conf_check_mode(const struct server *srv)
 /*    expanded at each run with the client's attributes, shell-quoted.    */
 /* ===================================================================== */
 
-/* POSIX shell quoting: bare if only safe characters, else '...'. */
-static void shell_quote(const char *s, size_t n, struct buf *out)
-{
-    bool safe = n > 0;
-    for (size_t i = 0; i < n && safe; i++)
-        safe = isalnum((unsigned char)s[i]) || strchr("_@%+=:,./-", s[i]);
-    buf_adds(out, safe ? "" : "'");
-    for (size_t i = 0; i < n; i++)       /* ' as '"'"' */
-        buf_add(out, s[i] == '\'' ? "'\"'\"'" : s + i, s[i] == '\'' ? 5 : 1);
-    buf_adds(out, safe ? "" : "'");
-}
-
-struct expand_ctx {
-    const struct client *client;
-    struct buf *out;
-};
-
-static void checker_emit(void *ctx, const char *text, size_t n, bool is_name)
-{
-    struct expand_ctx *e = ctx;
-    char name[64];
-    struct buf value = { 0 };
-    if (!is_name) {
-        buf_add(e->out, text, n);
-        return;
-    }
-    snprintf(name, sizeof name, "%.*s", (int)n, text);
-    client_render(e->client, client_field(name), &value);
-    shell_quote(value.data, value.len, e->out);
-    buf_free(&value);
-}
-
 /* The command a checker runs now, %(name)s expanded and quoted. */
 static int checker_expand(const struct client *c, struct buf *out)
 {
     char why[300];
     buf_adds(out, "");
-    return checker_walk(c->cur.checker, why, sizeof why, checker_emit,
-                        &(struct expand_ctx){ c, out });
+    return checker_walk(c->cur.checker, c, out, why, sizeof why);
 }
 
 /* Into a new process group (spawn-pgroup 0), so that stopping it signals
@@ -2341,7 +2316,7 @@ static void checker_start(struct server *srv, struct client *c)
     posix_spawnattr_setsigdefault(&attr, &all);
     posix_spawn_file_actions_init(&fa);
     posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
-    if (!srv->debug_checkers) {
+    if (!srv->set.debug) {       /* with --debug, its output goes to the console */
         posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_WRONLY, 0);
         posix_spawn_file_actions_adddup2(&fa, 1, 2);
     }
@@ -2413,13 +2388,11 @@ static void checker_reap(struct server *srv)
 {
     int status;
     pid_t pid;
-    while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
+    while ((pid = waitpid(-1, &status, WNOHANG)) > 0)
         for (size_t i = 0; i < srv->clients.n; i++)
             if (srv->clients.v[i]->checker_pid == pid)
                 checker_finished(srv, srv->clients.v[i], status);
-    }
 }
-
 
 /* ===================================================================== */
 /* 7. Persistence                                                        */
@@ -4009,7 +3982,7 @@ static int bus_apply(struct bus_entry *e, const struct client_field *f, int64_t 
     char why[300];
     if ((f->flags & F_POSITIVE) && v == 0)
         return sd_bus_error_setf(err, SD_BUS_ERROR_INVALID_ARGS, "%s must be positive", f->bus);
-    if ((f->flags & F_COMMAND) && checker_walk(data, why, sizeof why, NULL, NULL) < 0)
+    if ((f->flags & F_COMMAND) && checker_walk(data, NULL, NULL, why, sizeof why) < 0)
         return sd_bus_error_setf(err, SD_BUS_ERROR_INVALID_ARGS, "%s: %s", f->bus, why);
     if (f->type == CF_SECRET) {
         wipe(c->secret, c->secret_len);
@@ -4948,7 +4921,6 @@ static void server_start(struct server *srv)
     if (!srv->set.foreground)
         daemonize(pidfd);
     state_lock_note(srv);
-    srv->debug_checkers = srv->set.debug;
     if (chdir("/") != 0)
         log_warn("chdir /: %s", strerror(errno));
     int64_t now = mono_ms();
