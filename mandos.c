@@ -3927,13 +3927,12 @@ static void bus_sync(struct server *srv)
 /* Durations in milliseconds, times in ISO 8601 (UTC, no zone; "" for
  * never).  Secret shows as readwrite (sd-bus has no write-only
  * properties), but reading it is refused. */
-static int bus_get(sd_bus *bus, const char *path, const char *iface, const char *prop,
-                   sd_bus_message *m, void *userdata, sd_bus_error *err)
+static int bus_get(sd_bus *bus UNUSED, const char *path UNUSED, const char *iface UNUSED,
+                   const char *prop, sd_bus_message *m, void *userdata, sd_bus_error *err)
 {
     const struct bus_entry *e = userdata;
     const struct client_field *f = bus_field(prop);
     int64_t v = client_number(e->client, f, mono_ms(), wall_us());
-    (void)bus; (void)path; (void)iface;
     if (f->access == PROP_WRITE_ONLY)
         return sd_bus_error_setf(err, SD_BUS_ERROR_ACCESS_DENIED, "%s is write-only", prop);
     if (f->sig[0] == 't')
@@ -4065,22 +4064,20 @@ static int bus_write(struct bus_entry *e, const struct client_field *f, sd_bus_m
 }
 
 /* The setter of sd-bus, for a value of exactly the declared type. */
-static int bus_set(sd_bus *bus, const char *path, const char *iface, const char *prop,
-                   sd_bus_message *value, void *userdata, sd_bus_error *err)
+static int bus_set(sd_bus *bus UNUSED, const char *path UNUSED, const char *iface UNUSED,
+                   const char *prop, sd_bus_message *value, void *userdata, sd_bus_error *err)
 {
     const struct client_field *f = bus_field(prop);
-    (void)bus; (void)path; (void)iface;
     return bus_write(userdata, f, value, f->sig, err);
 }
 
 /* Properties.Set of a writable client property comes here first: the
  * handler of sd-bus would refuse mandos-ctl's int32 for a uint64. */
-static int bus_filter(sd_bus_message *m, void *userdata, sd_bus_error *unused)
+static int bus_filter(sd_bus_message *m, void *userdata, sd_bus_error *unused UNUSED)
 {
     const char *iface = NULL, *prop = NULL, *type = NULL;
     const struct client_field *f = NULL;
     char kind = 0;
-    (void)unused;
     if (!sd_bus_message_is_method_call(m, "org.freedesktop.DBus.Properties", "Set"))
         return 0;
     struct bus_entry *e = bus_lookup(userdata, sd_bus_message_get_path(m));
@@ -4169,21 +4166,19 @@ static sd_bus_vtable *bus_client_vtable(void)
 }
 
 /* Which client a path under /clients is ... */
-static int bus_find(sd_bus *bus, const char *path, const char *iface, void *userdata,
-                    void **found, sd_bus_error *err)
+static int bus_find(sd_bus *bus UNUSED, const char *path, const char *iface UNUSED,
+                    void *userdata, void **found, sd_bus_error *err UNUSED)
 {
-    (void)bus; (void)iface; (void)err;
     *found = bus_lookup(userdata, path);
     return *found != NULL;
 }
 
 /* ... and which paths exist there (introspection, GetManagedObjects). */
-static int bus_enumerate(sd_bus *bus, const char *prefix, void *userdata, char ***nodes,
-                         sd_bus_error *err)
+static int bus_enumerate(sd_bus *bus UNUSED, const char *prefix UNUSED, void *userdata,
+                         char ***nodes, sd_bus_error *err UNUSED)
 {
     const struct bus *b = userdata;
     char **v = xcalloc(b->n + 1, sizeof *v);     /* sd-bus frees it with free() */
-    (void)bus; (void)prefix; (void)err;
     for (size_t i = 0; i < b->n; i++)
         v[i] = xstrdup(b->v[i].path);
     *nodes = v;
@@ -4208,12 +4203,11 @@ static int bus_remove_client(sd_bus_message *m, void *userdata, sd_bus_error *er
 }
 
 /* Deprecated, but mandos-monitor lists the clients with the latter. */
-static int bus_get_all_clients(sd_bus_message *m, void *userdata, sd_bus_error *err)
+static int bus_get_all_clients(sd_bus_message *m, void *userdata, sd_bus_error *err UNUSED)
 {
     struct bus *b = userdata;
     sd_bus_message *reply = NULL;
     bool props = streq(sd_bus_message_get_member(m), "GetAllClientsWithProperties");
-    (void)err;
     int r = sd_bus_message_new_method_return(m, &reply);
     if (r >= 0)
         r = sd_bus_message_open_container(reply, 'a', props ? "{oa{sv}}" : "o");
@@ -4372,11 +4366,11 @@ static int64_t bus_deadline(const struct server *srv)
 
 /* At most 64 messages per turn; what is left makes bus_deadline() say
  * "now".  A broken connection is dropped and we carry on without D-Bus. */
-static void bus_process(struct server *srv, const struct pollfd *fds, size_t n, int64_t now)
+static void bus_process(struct server *srv, const struct pollfd *fds UNUSED, size_t n UNUSED,
+                        int64_t now UNUSED)
 {
     struct bus *b = srv->bus;
     int r = 0;
-    (void)fds; (void)n; (void)now;
     for (int i = 0; b && i < 64 && (r = sd_bus_process(b->bus, NULL)) > 0; i++)
         continue;
     if (b && (r < 0 || !sd_bus_is_open(b->bus))) {
@@ -5712,8 +5706,7 @@ static const struct {
       { "aGVs=bG8=", "hello" }, { "", "" }, { "a-G_V*s\nbG8=", "hello" },
       { "=aGVsbG8=", "hello" }, { "aGVsbA==", "hell" }, { "/+8A", "\\xFF\\xEF\\x00" },
       { "aGVsbG8", "!bad base64: incorrect padding" }, { "a", B64_ONE }, { "aGVsb", B64_ONE },
-      { "aGVsbA=", "!bad base64: incorrect padding" },
-      { "aGVs\xc3\xa9", "hel" }) },
+      { "aGVsbA=", "!bad base64: incorrect padding" }, { "aGVs\xc3\xa9", "hel" }) },
     { "log lines: escaped peer bytes, peer addresses", run_log_text, ROWS(
       { "1\r\n", "1\\x0D\\x0A" }, { "a\\b", "a\\x5Cb" }, { "\x7f\xff~ ", "\\x7F\\xFF~ " },
       { "192.0.2.1", "192.0.2.1:80", "80" }, { "", "?:0", "0" },
@@ -5725,8 +5718,7 @@ static const struct {
     { "hex", run_hex, ROWS(
       { "00ff7F", "0 00FF7F", "3" }, { "00ff7", "-1 ", "3" }, { "00ff7g", "-1 ", "3" },
       { "00ff7f00", "-1 ", "3" }, { "", "0 ", "0" }) },
-    { "the name index: growth and collisions", run_name_index,
-      ROWS({ "300", "-", "n300" }) },
+    { "the name index: growth and collisions", run_name_index, ROWS({ "300", "-", "n300" }) },
     { "key_id: normalisation and SHA-256 of the SPKI", run_key_id, ROWS(
       { "f33f cbed 11ED", "F33FCBED11ED" }, { "ab\tcd", "AB\tCD" },
       { SPKI, KEY_ID, "0" },     /* the SPEC's example, an Ed25519 key */
