@@ -392,48 +392,51 @@ static int hex_decode(const char *s, unsigned char *out, size_t n)
 }
 
 /* Open addressing from names to array positions: O(1) with thousands of
- * clients.  Positions only (`name_at` reads the name), so the array may move. */
+ * clients.  A slot keeps the name's pointer: the array may move, its names
+ * (each allocated on its own) may not. */
+struct name_slot {
+    const char *name;            /* NULL: empty */
+    size_t pos;
+};
+
 struct name_index {
-    size_t *slot;                /* position + 1; 0 = empty */
+    struct name_slot *slot;
     size_t cap, used;            /* cap: a power of two, over twice `used` */
 };
 
 /* The slot holding `name`, or else the empty slot where it would go. */
-static size_t *name_index_slot(const struct name_index *ix, const char *name,
-                               const char *(*name_at)(const void *, size_t), const void *ctx)
+static struct name_slot *name_index_slot(const struct name_index *ix, const char *name)
 {
     uint64_t h = 14695981039346656037ULL;    /* FNV-1a */
     for (const char *s = name; *s; s++)
         h = (h ^ (unsigned char)*s) * 1099511628211ULL;
     size_t i = (size_t)h & (ix->cap - 1);
-    while (ix->slot[i] && !streq(name_at(ctx, ix->slot[i] - 1), name))
+    while (ix->slot[i].name && !streq(ix->slot[i].name, name))
         i = (i + 1) & (ix->cap - 1);
     return &ix->slot[i];
 }
 
-static size_t name_index_find(const struct name_index *ix, const char *name,
-                              const char *(*name_at)(const void *, size_t), const void *ctx)
+static size_t name_index_find(const struct name_index *ix, const char *name)
 {
-    size_t *slot = ix->cap ? name_index_slot(ix, name, name_at, ctx) : NULL;
-    return slot && *slot ? *slot - 1 : SIZE_MAX;
+    struct name_slot *slot = ix->cap ? name_index_slot(ix, name) : NULL;
+    return slot && slot->name ? slot->pos : SIZE_MAX;
 }
 
 /* A name already in the index keeps its first position. */
-static void name_index_add(struct name_index *ix, const char *name, size_t pos,
-                           const char *(*name_at)(const void *, size_t), const void *ctx)
+static void name_index_add(struct name_index *ix, const char *name, size_t pos)
 {
     if ((ix->used + 1) * 2 > ix->cap) {
         struct name_index old = *ix;
         ix->cap = old.cap ? old.cap * 2 : 16;
         ix->slot = xcalloc(ix->cap, sizeof *ix->slot);
         for (size_t i = 0; i < old.cap; i++)
-            if (old.slot[i])
-                *name_index_slot(ix, name_at(ctx, old.slot[i] - 1), name_at, ctx) = old.slot[i];
+            if (old.slot[i].name)
+                *name_index_slot(ix, old.slot[i].name) = old.slot[i];
         free(old.slot);
     }
-    size_t *slot = name_index_slot(ix, name, name_at, ctx);
-    if (!*slot) {
-        *slot = pos + 1;
+    struct name_slot *slot = name_index_slot(ix, name);
+    if (!slot->name) {
+        *slot = (struct name_slot){ name, pos };
         ix->used++;
     }
 }
@@ -716,17 +719,12 @@ struct ini {
     int refs_left;               /* of the %(name)s expansion under way */
 };
 
-static const char *ini_section_name_at(const void *ini, size_t pos)
-{
-    return ((const struct ini *)ini)->sections[pos].name;
-}
-
 /* Add a section named `name` (which it takes over). */
 static struct ini_section *ini_add_section(struct ini *ini, char *name, int line)
 {
     grow((void **)&ini->sections, &ini->cap, ini->n + 1, sizeof *ini->sections);
     ini->sections[ini->n] = (struct ini_section){ .name = name, .line = line };
-    name_index_add(&ini->names, name, ini->n, ini_section_name_at, ini);
+    name_index_add(&ini->names, name, ini->n);
     return &ini->sections[ini->n++];
 }
 
@@ -748,18 +746,13 @@ static void ini_free(struct ini *ini)
 
 static struct ini_section *ini_find_section(struct ini *ini, const char *name)
 {
-    size_t pos = name_index_find(&ini->names, name, ini_section_name_at, ini);
+    size_t pos = name_index_find(&ini->names, name);
     return pos == SIZE_MAX ? NULL : &ini->sections[pos];
-}
-
-static const char *ini_key_name_at(const void *sec, size_t pos)
-{
-    return ((const struct ini_section *)sec)->keys[pos].name;
 }
 
 static struct ini_key *ini_find_key(struct ini_section *s, const char *name)
 {
-    size_t pos = name_index_find(&s->index, name, ini_key_name_at, s);
+    size_t pos = name_index_find(&s->index, name);
     return pos == SIZE_MAX ? NULL : &s->keys[pos];
 }
 
@@ -826,7 +819,7 @@ static struct ini_key *ini_option(struct ini_section *sec, struct ini_key *prev,
     grow((void **)&sec->keys, &sec->cap, sec->nkeys + 1, sizeof *sec->keys);
     struct buf value = { xstrndup(v, vn), vn, vn + 1 };   /* exact: most stay one line */
     sec->keys[sec->nkeys] = (struct ini_key){ name, value, lineno };
-    name_index_add(&sec->index, name, sec->nkeys, ini_key_name_at, sec);
+    name_index_add(&sec->index, name, sec->nkeys);
     return &sec->keys[sec->nkeys++];
 }
 
@@ -1627,11 +1620,6 @@ static void client_object_path(const struct client *c, struct buf *out)
         buf_addc(out, '_');
 }
 
-static const char *string_at(const void *strings, size_t pos)
-{
-    return ((char *const *)strings)[pos];
-}
-
 /* Two clients on one D-Bus object path: an error naming both. */
 static void clients_check_paths(const struct client_table *t, struct diag *diag)
 {
@@ -1641,9 +1629,9 @@ static void clients_check_paths(const struct client_table *t, struct diag *diag)
         struct buf b = { 0 };
         client_object_path(t->v[i], &b);
         paths[i] = b.data;
-        size_t first = name_index_find(&seen, paths[i], string_at, paths);
+        size_t first = name_index_find(&seen, paths[i]);
         if (first == SIZE_MAX)
-            name_index_add(&seen, paths[i], i, string_at, paths);
+            name_index_add(&seen, paths[i], i);
         else
             diag_error(diag, t->v[i]->config_line, "[%s] and [%s] have the same D-Bus "
                        "object path %s", t->v[first]->name, t->v[i]->name, paths[i]);
@@ -1707,16 +1695,6 @@ static void client_free(struct client *c)
 
 /* ---- the table and its indexes ------------------------------------------ */
 
-static const char *client_name_at(const void *t, size_t pos)
-{
-    return ((const struct client_table *)t)->v[pos]->name;
-}
-
-static const char *client_key_at(const void *t, size_t pos)
-{
-    return ((const struct client_table *)t)->v[pos]->key_id;
-}
-
 /* Rebuild both indexes after the table changed.  Of two clients with one
  * key_id only the first is found; with `diag`, the second is an error. */
 static void client_table_index(struct client_table *t, struct diag *diag)
@@ -1725,10 +1703,10 @@ static void client_table_index(struct client_table *t, struct diag *diag)
     name_index_free(&t->keys);
     for (size_t i = 0; i < t->n; i++) {
         struct client *c = t->v[i];
-        name_index_add(&t->names, c->name, i, client_name_at, t);
-        size_t first = name_index_find(&t->keys, c->key_id, client_key_at, t);
+        name_index_add(&t->names, c->name, i);
+        size_t first = name_index_find(&t->keys, c->key_id);
         if (c->indexed && first == SIZE_MAX)
-            name_index_add(&t->keys, c->key_id, i, client_key_at, t);
+            name_index_add(&t->keys, c->key_id, i);
         else if (c->indexed && diag)
             diag_error(diag, c->config_line, "[%s] and [%s] have the same key_id %s",
                        t->v[first]->name, c->name, c->key_id);
@@ -1737,13 +1715,13 @@ static void client_table_index(struct client_table *t, struct diag *diag)
 
 static struct client *client_find_by_key_id(const struct client_table *t, const char *hex)
 {
-    size_t pos = name_index_find(&t->keys, hex, client_key_at, t);
+    size_t pos = name_index_find(&t->keys, hex);
     return pos == SIZE_MAX ? NULL : t->v[pos];
 }
 
 static struct client *client_find_by_name(const struct client_table *t, const char *name)
 {
-    size_t pos = name_index_find(&t->names, name, client_name_at, t);
+    size_t pos = name_index_find(&t->names, name);
     return pos == SIZE_MAX ? NULL : t->v[pos];
 }
 
@@ -1838,7 +1816,7 @@ static void client_approve(struct server *srv, struct client *c, bool approve)
 static void client_remove(struct server *srv, struct client *c)
 {
     struct client_table *t = &srv->clients;
-    size_t i = name_index_find(&t->names, c->name, client_name_at, t);
+    size_t i = name_index_find(&t->names, c->name);
     log_info("Removing client %s", c->name);
     client_disable(srv, c, "removed");
     checker_stop(srv, c);        /* one started by hand while disabled */
@@ -3853,14 +3831,9 @@ static bool bus_seen_update(struct bus_entry *e, size_t i)
     return changed;
 }
 
-static const char *bus_path_at(const void *b, size_t i)
-{
-    return ((const struct bus *)b)->v[i].path;
-}
-
 static struct bus_entry *bus_lookup(const struct bus *b, const char *path)
 {
-    size_t i = name_index_find(&b->paths, path, bus_path_at, b);
+    size_t i = name_index_find(&b->paths, path);
     return i == SIZE_MAX ? NULL : &b->v[i];
 }
 
@@ -3906,7 +3879,7 @@ static void bus_sync(struct server *srv)
         struct buf path = { 0 };
         client_object_path(t->v[i], &path);
         *e = (struct bus_entry){ path.data, xstrdup(t->v[i]->name), t->v[i], srv, NULL, { 0 } };
-        name_index_add(&b->paths, e->path, b->n++, bus_path_at, b);
+        name_index_add(&b->paths, e->path, b->n++);
         for (size_t f = 0; f < N_FIELDS; f++)
             bus_seen_update(e, f);
         struct bus_entry *o = bus_lookup(&old, e->path);
@@ -5219,11 +5192,6 @@ static void run_hex(const char *const *c, struct buf *out)
     buf_printf(out, "%d %s", rc, back);
 }
 
-static const char *test_name_at(const void *names, size_t pos)
-{
-    return ((const char *const *)names)[pos];
-}
-
 /* The name index through growth and collisions: c[0] names, each found;
  * then whether c[2] is ("-": not there). */
 static void run_name_index(const char *const *c, struct buf *out)
@@ -5235,11 +5203,11 @@ static void run_name_index(const char *const *c, struct buf *out)
     for (size_t i = 0; i < n; i++) {
         snprintf(names[i], sizeof names[i], "n%zu", i);
         v[i] = names[i];
-        name_index_add(&ix, v[i], i, test_name_at, v);
+        name_index_add(&ix, v[i], i);
     }
     for (size_t i = 0; i < n; i++)
-        CHECK(name_index_find(&ix, v[i], test_name_at, v) == i);
-    buf_adds(out, name_index_find(&ix, c[2], test_name_at, v) == SIZE_MAX ? "-" : "found");
+        CHECK(name_index_find(&ix, v[i]) == i);
+    buf_adds(out, name_index_find(&ix, c[2]) == SIZE_MAX ? "-" : "found");
     name_index_free(&ix);
 }
 
