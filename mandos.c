@@ -1505,8 +1505,6 @@ struct client_table {
     int64_t next_event;          /* no client timer is earlier; 0 = none at all */
 };
 
-struct zc;                       /* the Zeroconf back end's own state */
-
 struct server {
     struct settings set;
     struct client_table clients;
@@ -1528,7 +1526,7 @@ struct server {
     uid_t run_uid;               /* who we run as after start-up */
     gid_t run_gid;
     int notify_fd;               /* systemd NOTIFY_SOCKET, or -1 */
-    struct zc *zc;
+    struct zc *zc;               /* the Zeroconf back end's own state */
     struct doomed { pid_t pgid; int64_t kill_at; } *doomed;   /* checker groups sent */
     size_t ndoomed, doomed_cap;  /* SIGTERM, SIGKILL at kill_at, in that order (section 6) */
 };
@@ -1836,8 +1834,7 @@ static void client_schedule_first_checker(struct client_table *t, struct client 
     if (!c->cur.enabled)
         return;
     gnutls_rnd(GNUTLS_RND_NONCE, &r, sizeof r);
-    int64_t delay = c->cur.interval > 0 ? (int64_t)(r % (uint64_t)(c->cur.interval + 1)) : 0;
-    c->next_checker = now + delay;
+    c->next_checker = now + (int64_t)(r % (uint64_t)(c->cur.interval + 1));
     c->expires = c->next_checker + c->cur.interval;
     client_reschedule(t, c);
 }
