@@ -266,12 +266,7 @@ static char *xstrdup(const char *s)
 }
 
 /* A memset the optimiser may not drop: secrets must really go. */
-static void wipe(void *p, size_t n)
-{
-    volatile unsigned char *v = p;
-    while (n--)
-        *v++ = 0;
-}
+#define wipe(p, n) gnutls_memset(p, 0, n)
 
 static void free_wiped(char *s)
 {
