@@ -389,13 +389,11 @@ static int hex_decode(const char *s, unsigned char *out, size_t n)
 /* Open addressing from names to array positions: O(1) with thousands of
  * clients.  A slot keeps the name's pointer: the array may move, its names
  * (each allocated on its own) may not. */
-struct name_slot {
-    const char *name;            /* NULL: empty */
-    size_t pos;
-};
-
 struct name_index {
-    struct name_slot *slot;
+    struct name_slot {
+        const char *name;        /* NULL: empty */
+        size_t pos;
+    } *slot;
     size_t cap, used;            /* cap: a power of two, over twice `used` */
 };
 
