@@ -5187,16 +5187,14 @@ static void run_hex(const char *const *c, struct buf *out)
 static void run_name_index(const char *const *c, struct buf *out)
 {
     static char names[300][24];
-    const char *v[300];
     struct name_index ix = { 0 };
     size_t n = (size_t)atoi(c[0]);
     for (size_t i = 0; i < n; i++) {
         snprintf(names[i], sizeof names[i], "n%zu", i);
-        v[i] = names[i];
-        name_index_add(&ix, v[i], i);
+        name_index_add(&ix, names[i], i);
     }
     for (size_t i = 0; i < n; i++)
-        CHECK(name_index_find(&ix, v[i]) == i);
+        CHECK(name_index_find(&ix, names[i]) == i);
     buf_adds(out, name_index_find(&ix, c[2]) == SIZE_MAX ? "-" : "found");
     name_index_free(&ix);
 }
