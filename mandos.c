@@ -2736,8 +2736,8 @@ struct conn {
     size_t line_len;
     struct client *client;       /* once identified */
     bool counted_pending;        /* this conn is in client->approvals_pending */
-    unsigned char *secret;       /* private copy while sending; wiped after */
-    size_t secret_len, secret_sent;
+    struct buf secret;           /* private copy while sending; wiped after */
+    size_t secret_sent;
     size_t slot;                 /* its place in this turn's poll array */
     struct conn *prev, *next;    /* oldest first */
 };
@@ -2896,14 +2896,6 @@ static void conn_leave_approval(struct conn *cn)
     cn->counted_pending = false;
 }
 
-static void conn_forget_secret(struct conn *cn)
-{
-    if (cn->secret)
-        wipe(cn->secret, cn->secret_len);
-    free(cn->secret);
-    cn->secret = NULL;
-}
-
 /* Release everything now; the struct itself is freed by conn_sweep(), so
  * pointers held during a loop turn stay valid. */
 static void conn_close(struct server *srv, struct conn *cn)
@@ -2912,7 +2904,7 @@ static void conn_close(struct server *srv, struct conn *cn)
         return;
     srv->nconns--;
     conn_leave_approval(cn);
-    conn_forget_secret(cn);
+    buf_free(&cn->secret);
     if (cn->tls)
         gnutls_deinit(cn->tls);
     close(cn->fd);
@@ -3115,21 +3107,18 @@ static enum step conn_do_send(struct server *srv, struct conn *cn, int64_t now)
 {
     struct client *c = cn->client;
     conn_leave_approval(cn);
-    if (!cn->secret) {
-        cn->secret = xcalloc(1, c->secret_len + 1);
-        memcpy(cn->secret, c->secret, c->secret_len);
-        cn->secret_len = c->secret_len;
-    }
-    while (cn->secret_sent < cn->secret_len) {
-        ssize_t r = gnutls_record_send(cn->tls, cn->secret + cn->secret_sent,
-                                       cn->secret_len - cn->secret_sent);
+    if (!cn->secret.data)
+        buf_add(&cn->secret, c->secret, c->secret_len);
+    while (cn->secret_sent < cn->secret.len) {
+        ssize_t r = gnutls_record_send(cn->tls, cn->secret.data + cn->secret_sent,
+                                       cn->secret.len - cn->secret_sent);
         if (tls_again(r))
             return STEP_WAIT;
         if (r < 0)
             return conn_log(cn, LOG_WARNING, "gnutls send failed: %s", gnutls_strerror((int)r));
         cn->secret_sent += (size_t)r;
     }
-    conn_forget_secret(cn);
+    buf_free(&cn->secret);
     conn_log(cn, LOG_INFO, "Sending secret to %s", c->name);
     bus_client_signal(srv, c, "GotSecret", NULL, 0);
     client_bump(srv, c, c->cur.extended_timeout, now);
@@ -3195,12 +3184,11 @@ static void conn_client_gone(struct server *srv, struct client *old, struct clie
     for (struct conn *cn = srv->conns_head; cn; cn = cn->next) {
         if (cn->client != old || cn->state == CONN_CLOSED)
             continue;
-        if (n) {
-            cn->client = n;
-            continue;
+        if (!n) {
+            conn_log(cn, LOG_INFO, "client removed; closing");
+            conn_close(srv, cn);
         }
-        conn_log(cn, LOG_INFO, "client removed; closing");
-        conn_close(srv, cn);
+        cn->client = n;
     }
 }
 
@@ -4541,9 +4529,8 @@ static void privileges_drop(struct server *srv)
  * longer write in /run). */
 static const char *pidfile_path(void)
 {
-    struct stat st;
-    bool run = stat("/run/.", &st) == 0 && S_ISDIR(st.st_mode);
-    return run ? "/run/mandos.pid" : "/var/run/mandos.pid";
+    struct stat st;              /* "/run/." exists only if /run is a directory */
+    return stat("/run/.", &st) == 0 ? "/run/mandos.pid" : "/var/run/mandos.pid";
 }
 
 static int pidfile_open(void)
@@ -4554,7 +4541,6 @@ static int pidfile_open(void)
     return fd;
 }
 
-/* Detach from the terminal and the session. */
 static void daemonize(int pidfd)
 {
     for (int i = 0; i < 2; i++) {       /* twice: no session leader, no terminal */
@@ -4621,8 +4607,7 @@ static void signal_to_pipe(int sig)
         got_chld = 1;
     else
         got_term = sig;
-    unsigned char b = (unsigned char)sig;
-    ssize_t ignored = write(signal_pipe_write, &b, 1);
+    ssize_t ignored = write(signal_pipe_write, "", 1);   /* its value is never read */
     (void)ignored;
     errno = saved;
 }
@@ -4778,10 +4763,8 @@ static void server_stop(struct server *srv)
     state_save(srv);
     log_debug("Server exiting");
     client_table_clear(&srv->clients);
-    if (srv->priority)
-        gnutls_priority_deinit(srv->priority);
-    if (srv->cred)
-        gnutls_certificate_free_credentials(srv->cred);
+    gnutls_priority_deinit(srv->priority);
+    gnutls_certificate_free_credentials(srv->cred);
     const int fds[] = { srv->listen_fd, srv->state_dirfd, srv->lock_fd, srv->config_dirfd,
                         srv->notify_fd, srv->signal_pipe[0], srv->signal_pipe[1] };
     for (size_t i = 0; i < sizeof fds / sizeof fds[0]; i++)
@@ -4923,11 +4906,10 @@ static int test_config_clients(struct server *srv, int errors)
  * server.  Exit 0, or 1 with each problem on stderr as FILE:LINE:. */
 static int test_config(const struct cmdline *cl)
 {
-    struct server srv;
+    struct server srv = { 0 };
     struct diag diag = { .file = NULL };
     char err[300];
     const char *at = NULL;
-    memset(&srv, 0, sizeof srv);
     settings_defaults(&srv.set);
     settings_from_cmdline(&srv.set, cl, false, err, sizeof err);
     settings_conf_load(&srv.set, &diag);
@@ -4984,16 +4966,14 @@ int main(int argc, char **argv)
             return run_self_tests();
         if (opts[i].type == OPT_TEST)
             return test_config(&cl);
-        if (opts[i].type == OPT_HELP) {
+        if (opts[i].type == OPT_HELP)
             usage_print(stdout);
-            return 0;
-        }
-        if (opts[i].type == OPT_VERSION) {
+        if (opts[i].type == OPT_VERSION)
             printf("mandos %s\nmandos.c %s; GnuTLS %s; Zeroconf: %s; D-Bus: %s\n",
                    MANDOS_VERSION, MANDOS_C_VERSION, gnutls_check_version(NULL),
                    ZEROCONF_NAME, bus_backend);
+        if (opts[i].type <= OPT_VERSION)
             return 0;
-        }
     }
     struct server srv = { .listen_fd = -1, .notify_fd = -1, .state_dirfd = -1, .lock_fd = -1,
                           .config_dirfd = -1, .signal_pipe = { -1, -1 } };
