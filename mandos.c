@@ -2801,9 +2801,8 @@ static void listen_bind(int fd, const struct settings *set)
     if (!ok)
         fatal("bad address \"%s\" (an IP%s literal%s)", text, v6 ? "v6" : "v4",
               v6 ? ", optionally with %interface" : "");
-    int one = 1;
     if (port)
-        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &(int){ 1 }, sizeof(int));
     struct sockaddr *sa = v6 ? (struct sockaddr *)&s6 : (struct sockaddr *)&s4;
     if (bind(fd, sa, v6 ? sizeof s6 : sizeof s4) < 0)
         fatal("cannot bind to address %s port %d: %s", text, port, strerror(errno));
@@ -3219,12 +3218,11 @@ static void conn_make_room(struct server *srv)
  * for a while, and the warning comes at most once a second. */
 static void accept_back_off(struct server *srv, int64_t now)
 {
-    int err = errno;
     srv->accept_resume = now + ACCEPT_BACKOFF_MS;
     if (now - srv->accept_warned < 1000)
         return;
     srv->accept_warned = now;
-    log_warn("accept: %s; not accepting for %d ms", strerror(err), ACCEPT_BACKOFF_MS);
+    log_warn("accept: %s; not accepting for %d ms", strerror(errno), ACCEPT_BACKOFF_MS);
 }
 
 /* Each new connection joins the tail of the list and reads at once. */
@@ -3249,9 +3247,8 @@ static void conn_accept(struct server *srv, int64_t now)
             free(cn);
             continue;
         }
-        int one = 1;
         /* the secret is one small record: send it now, not after an ACK */
-        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &(int){ 1 }, sizeof(int));
         cn->fd = fd;
         conn_enter(srv, cn, CONN_VERSION, now);
         cn->prev = srv->conns_tail;
