@@ -2742,8 +2742,11 @@ struct conn {
     struct conn *prev, *next;    /* oldest first */
 };
 
-/* What a state's handler says: wait for the peer, go on, or give up. */
-enum step { STEP_WAIT, STEP_NEXT, STEP_CLOSE };
+/* What a state's handler says: wait for the peer, go on, give up, or
+ * refuse.  A refused connection can no longer lead to a secret: it gets
+ * our close_notify, and no waiting for the peer's, so a peer that never
+ * answers holds no slot until connection_timeout. */
+enum step { STEP_WAIT, STEP_NEXT, STEP_CLOSE, STEP_REFUSE };
 
 /* Every line about a connection names the peer and, once known, the
  * client.  STEP_CLOSE, for a handler that says why it gives up. */
@@ -2910,15 +2913,6 @@ static void conn_close(struct server *srv, struct conn *cn)
     cn->state = CONN_CLOSED;
 }
 
-/* A connection that can no longer lead to a secret: our close_notify,
- * and no waiting for the peer's, so a peer that never answers holds no
- * slot until connection_timeout. */
-static enum step conn_refuse(struct conn *cn)
-{
-    gnutls_bye(cn->tls, GNUTLS_SHUT_WR);
-    return STEP_CLOSE;
-}
-
 /* The reference's rule: the first word must be an integer <= 1. */
 static bool version_line_accepted(const char *line, size_t n, char *why, size_t whylen)
 {
@@ -3037,7 +3031,7 @@ static enum step conn_do_handshake(struct server *srv, struct conn *cn, int64_t 
         bad = gnutls_strerror(rc);
     if (bad) {
         conn_log(cn, LOG_WARNING, "Bad certificate: %s", bad);
-        return conn_refuse(cn);
+        return STEP_REFUSE;
     }
     hex_encode_upper(key, 32, hex);
     conn_log(cn, LOG_DEBUG, "Key ID: %s", hex);
@@ -3046,7 +3040,7 @@ static enum step conn_do_handshake(struct server *srv, struct conn *cn, int64_t 
         return conn_enter(srv, cn, CONN_APPROVAL, now);
     conn_log(cn, LOG_INFO, "Client not found for key ID: %s", hex);
     bus_client_not_found(srv, hex, cn->peer);
-    return conn_refuse(cn);
+    return STEP_REFUSE;
 }
 
 /* Nothing is expected from a peer awaiting approval: read only to notice
@@ -3073,14 +3067,14 @@ static enum step conn_do_approval(struct server *srv, struct conn *cn, short rev
     if (!c->cur.enabled) {
         conn_log(cn, LOG_INFO, "Client %s is disabled", c->name);
         bus_client_signal(srv, c, "Rejected", "Disabled", 0);
-        return conn_refuse(cn);
+        return STEP_REFUSE;
     }
     if (c->approved == APPROVAL_GRANTED || c->cur.approval_delay == 0)
         return conn_enter(srv, cn, CONN_SEND, now);
     if (c->approved == APPROVAL_DENIED) {
         conn_log(cn, LOG_WARNING, "Client %s was not approved", c->name);
         bus_client_signal(srv, c, "Rejected", "Denied", 0);
-        return conn_refuse(cn);
+        return STEP_REFUSE;
     }
     if (!cn->counted_pending) {
         cn->counted_pending = true;
@@ -3097,7 +3091,7 @@ static enum step conn_do_approval(struct server *srv, struct conn *cn, short rev
         return conn_enter(srv, cn, CONN_SEND, now);
     conn_log(cn, LOG_WARNING, "Client %s timed out while waiting for approval", c->name);
     bus_client_signal(srv, c, "Rejected", "Approval timed out", 0);
-    return conn_refuse(cn);
+    return STEP_REFUSE;
 }
 
 /* The secret goes from a private copy: a reload or a new secret must not
@@ -3153,7 +3147,9 @@ static void conn_step(struct server *srv, struct conn *cn, short revents, int64_
         }
         revents = 0;
     }
-    if (r == STEP_CLOSE)
+    if (r == STEP_REFUSE)
+        gnutls_bye(cn->tls, GNUTLS_SHUT_WR);
+    if (r >= STEP_CLOSE)
         conn_close(srv, cn);
 }
 
