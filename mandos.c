@@ -4787,7 +4787,6 @@ static void raise_fd_limit(struct server *srv)
     }
 }
 
-/* The account to run as: _mandos, mandos, or nobody. */
 static void privileges_choose(struct server *srv)
 {
     static const char *const users[] = { "_mandos", "mandos", "nobody" };
