@@ -74,6 +74,17 @@ time.sleep(30)' "$PORT" &
 	[[ ${lines[-1]} == "2 clients, 5 errors" ]]
 }
 
+@test "test-config: a priority string start-up refuses is an error, with GnuTLS's reason" {
+	printf '[a]\nsecret = aGVsbG8=\n' >"$CONF/clients.conf"
+	test_config --priority ''
+	[[ $status -eq 1 ]]
+	[[ $stderr == *'bad priority string "": empty'* ]]
+	[[ ${lines[-1]} == "1 clients, 1 errors" ]]
+	test_config --priority 'NORMAL:+NONSENSE'
+	[[ $status -eq 1 ]]
+	[[ $stderr == *'bad priority string "NORMAL:+NONSENSE": '*' at +NONSENSE'* ]]
+}
+
 @test "test-config: a file the server user cannot read at reload is an error" {
 	need_root "reads as the server's unprivileged user"
 	printf '[alpha]\nsecret = aGVsbG8=\n' >"$CONF/clients.conf"
