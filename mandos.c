@@ -2858,15 +2858,24 @@ static void listen_open(struct server *srv)
     log_info("Now listening on address '%s', port %d", where, srv->port);
 }
 
+/* What is wrong with the TLS priority (start-up and -t), or NULL. */
+static const char *tls_priority_problem(struct server *srv, const char **at)
+{
+    *at = NULL;
+    if (!*srv->set.priority)
+        return "empty";
+    int rc = gnutls_priority_init(&srv->priority, srv->set.priority, at);
+    return rc == GNUTLS_E_SUCCESS ? NULL : gnutls_strerror(rc);
+}
+
 /* The TLS priority and our (empty) credentials, checked before we serve. */
 static void tls_setup(struct server *srv)
 {
-    const char *errpos = NULL;
-    int rc = gnutls_priority_init(&srv->priority, srv->set.priority, &errpos);
-    if (rc != GNUTLS_E_SUCCESS || !*srv->set.priority)
-        fatal("bad priority string \"%s\": %s%s%s", srv->set.priority,
-              *srv->set.priority ? gnutls_strerror(rc) : "empty",
-              errpos ? " at " : "", errpos ? errpos : "");
+    const char *at;
+    const char *why = tls_priority_problem(srv, &at);
+    if (why)
+        fatal("bad priority string \"%s\": %s%s%s", srv->set.priority, why,
+              at ? " at " : "", at ? at : "");
     if (strstr(srv->set.priority, "CTYPE-OPENPGP"))
         log_warn("priority \"%s\" asks for OpenPGP certificates, which this GnuTLS (%s) "
                  "does not have: only raw public keys work, old clients will fail",
@@ -4901,7 +4910,7 @@ static int test_config(const struct cmdline *cl)
     struct server srv = { 0 };
     struct diag diag = { .file = NULL };
     char err[300];
-    const char *at = NULL;
+    const char *at;
     settings_defaults(&srv.set);
     settings_from_cmdline(&srv.set, cl, false, err, sizeof err);
     settings_conf_load(&srv.set, &diag);
@@ -4909,9 +4918,10 @@ static int test_config(const struct cmdline *cl)
         fprintf(stderr, "mandos: error: %s\n", err);
         diag.count++;
     }
-    if (gnutls_priority_init(&srv.priority, srv.set.priority, &at) != GNUTLS_E_SUCCESS) {
-        fprintf(stderr, "mandos: bad priority string \"%s\"%s%s\n", srv.set.priority,
-                at ? " at " : "", at ? at : "");
+    const char *why = tls_priority_problem(&srv, &at);
+    if (why) {
+        fprintf(stderr, "mandos: bad priority string \"%s\": %s%s%s\n", srv.set.priority,
+                why, at ? " at " : "", at ? at : "");
         diag.count++;
     }
     srv.config_dirfd = openat(AT_FDCWD, srv.set.configdir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
