@@ -54,15 +54,11 @@ start_bounded() {
 	mv "$CONF/clients.conf" "$CONF/clients.conf.real"
 	mkfifo "$CONF/clients.conf"
 	kill -HUP "$SERVER_PID"
-	local i
-	for ((i = 0; i < 100; i++)); do
-		grep -q 'clients.conf.*not a regular file' "$SERVER_LOG" && break
-		sleep 0.05
-	done
+	wait_for_log 'Reload refused' 5
 	grep 'clients.conf.*not a regular file' "$SERVER_LOG"
-	grep -q 'Reload refused' "$SERVER_LOG"
 	client_gets alpha "$PW"
 	kill -TERM "$SERVER_PID"
+	local i
 	for ((i = 0; i < 60; i++)); do pid_running "$SERVER_PID" || break; sleep 0.05; done
 	run ! pid_running "$SERVER_PID"
 	SERVER_PID=

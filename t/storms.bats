@@ -142,11 +142,6 @@ forged_line_refuted() {
 	start_server "$CONF"
 	run peer 'send:1\x00zz\r\n' wait_eof:3
 	echo "$output"
-	local i
-	for ((i = 0; i < 50; i++)); do
-		grep -q 'Unknown protocol version' "$SERVER_LOG" && break
-		sleep 0.1
-	done
-	grep 'Unknown protocol version' "$SERVER_LOG"
+	wait_for_log 'Unknown protocol version' 5
 	grep -q 'Unknown protocol version: not an integer: "1\\x00zz"' "$SERVER_LOG"
 }
