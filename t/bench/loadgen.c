@@ -35,7 +35,7 @@
  *   loadgen --exec-listen --port P [--timeout S] --report FILE -- CMD ARG...
  *     Become CMD (exec; the caller's $! is the server's PID) and leave a
  *     detached watcher that writes "listen_ms=X" to FILE once a socket is
- *     listening on port P (from /proc/net/tcp6 and /proc/net/tcp; no probe
+ *     listening on port P (asking the kernel through sock_diag; no probe
  *     connection is made), measured from just before the exec.
  */
 #define _POSIX_C_SOURCE 200809L
@@ -58,6 +58,9 @@
 #include <sys/types.h>
 #include <sys/uio.h>
 #include <sys/wait.h>
+#include <linux/inet_diag.h>
+#include <linux/netlink.h>
+#include <linux/sock_diag.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -1116,28 +1119,57 @@ static int load_run(const struct opts *o)
 
 /* ------------------------------------------------ the --exec-listen launcher */
 
-/* Is some socket in LISTEN state on local port `port` in this table? */
-static int port_listening(const char *table, int port)
+/*
+ * Is some TCP socket of this family listening on local port `port`?  The
+ * kernel is asked for listening sockets only (sock_diag), so the answer
+ * does not slow down when a load run has left thousands of connections in
+ * TIME_WAIT, as parsing /proc/net/tcp6 did (the second server measured in
+ * a series showed 70-90 ms instead of 15-20).
+ */
+static int port_listening(int family, int port)
 {
-	char *buf = slurp(table, NULL), *line, *save = NULL;
-	int found = 0;
+	struct {
+		struct nlmsghdr nh;
+		struct inet_diag_req_v2 req;
+	} q;
+	struct sockaddr_nl kernel = { .nl_family = AF_NETLINK };
+	char buf[8192];
+	int fd, found = 0, done = 0;
 
-	if (buf == NULL)
+	fd = socket(AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
+	if (fd < 0)
 		return 0;
-	line = strtok_r(buf, "\n", &save);	/* header */
-	while (!found && (line = strtok_r(NULL, "\n", &save)) != NULL) {
-		char local[128], remote[128], st[8];
-		char *colon;
-
-		if (sscanf(line, "%*s %127s %127s %7s", local, remote,
-		    st) != 3)
-			continue;
-		colon = strrchr(local, ':');
-		if (colon != NULL && strcmp(st, "0A") == 0 &&
-		    strtol(colon + 1, NULL, 16) == port)
-			found = 1;
+	memset(&q, 0, sizeof(q));
+	q.nh.nlmsg_len = sizeof(q);
+	q.nh.nlmsg_type = SOCK_DIAG_BY_FAMILY;
+	q.nh.nlmsg_flags = NLM_F_REQUEST | NLM_F_DUMP;
+	q.req.sdiag_family = (unsigned char)family;
+	q.req.sdiag_protocol = IPPROTO_TCP;
+	q.req.idiag_states = 1U << 10;		/* TCP_LISTEN */
+	if (sendto(fd, &q, sizeof(q), 0, (struct sockaddr *)&kernel,
+	    sizeof(kernel)) < 0) {
+		close(fd);
+		return 0;
 	}
-	free(buf);
+	while (!done) {
+		ssize_t n = recv(fd, buf, sizeof(buf), 0);
+		struct nlmsghdr *h = (struct nlmsghdr *)(void *)buf;
+
+		if (n <= 0)
+			break;
+		for (; NLMSG_OK(h, (size_t)n); h = NLMSG_NEXT(h, n)) {
+			struct inet_diag_msg *m = NLMSG_DATA(h);
+
+			if (h->nlmsg_type == NLMSG_DONE ||
+			    h->nlmsg_type == NLMSG_ERROR) {
+				done = 1;
+				break;
+			}
+			if (ntohs(m->id.idiag_sport) == port)
+				found = 1;
+		}
+	}
+	close(fd);
 	return found;
 }
 
@@ -1165,8 +1197,8 @@ static void watcher(int rfd, const struct opts *o)
 		char state = '?';
 		struct timespec ms = { 0, 1000000 };
 
-		if (port_listening("/proc/net/tcp6", o->port) ||
-		    port_listening("/proc/net/tcp", o->port)) {
+		if (port_listening(AF_INET6, o->port) ||
+		    port_listening(AF_INET, o->port)) {
 			t = now_s();
 			break;
 		}
