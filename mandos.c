@@ -266,7 +266,12 @@ static char *xstrdup(const char *s)
 }
 
 /* A memset the optimiser may not drop: secrets must really go. */
-#define wipe(p, n) gnutls_memset(p, 0, n)
+static void wipe(void *p, size_t n)
+{
+    volatile unsigned char *v = p;
+    while (n--)
+        *v++ = 0;
+}
 
 static void free_wiped(char *s)
 {
