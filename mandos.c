@@ -630,7 +630,7 @@ static void fatal(const char *fmt, ...)
     exit(1);
 }
 
-/* GnuTLS debug lines, forwarded in --debug mode; not its "INT:" key material. */
+/* GnuTLS debug lines, as our debug lines; never its "INT:" key material. */
 static void log_gnutls_line(int level UNUSED, const char *text)
 {
     size_t n = strlen(text);
@@ -4831,10 +4831,10 @@ static void server_configure(struct server *srv, const struct cmdline *cl)
     log_cfg.threshold = srv->set.debuglevel;
     log_cfg.console = srv->set.debug;
     log_open_syslog(srv->set.servicename);
-    if (srv->set.debug) {
-        gnutls_global_set_log_function(log_gnutls_line);
+    /* ours also without --debug: GNUTLS_DEBUG_LEVEL would print keys to stderr */
+    gnutls_global_set_log_function(log_gnutls_line);
+    if (srv->set.debug)
         gnutls_global_set_log_level(5);     /* 9 and up: key material */
-    }
     srv->config_dirfd = openat(AT_FDCWD, srv->set.configdir, O_RDONLY | O_DIRECTORY | O_CLOEXEC, 0);
     if (srv->config_dirfd < 0)
         fatal("cannot open config directory %s: %s", srv->set.configdir, strerror(errno));

@@ -279,3 +279,20 @@ refused_without_tls() {
 	# nor anything that looks like a key: a long run of hex digits
 	run -1 grep -E 'GnuTLS: .*[0-9A-Fa-f]{20}' "$SERVER_LOG"
 }
+
+# GNUTLS_DEBUG_LEVEL (read by GnuTLS itself) installs GnuTLS's own logger,
+# which prints every line, the traffic keys too, as "gnutls[9]: INT: ..."
+# on stderr, unless the program has a logger of its own.
+@test "hostile: GNUTLS_DEBUG_LEVEL=9 without --debug prints no key material (mandos.c)" {
+	need_ours "the reference installs its GnuTLS logger only with --debug"
+	SERVER_NO_DEBUG=1 GNUTLS_DEBUG_LEVEL=9 start_server "$CONF"
+	client_gets alpha "$PW" 30
+	stop_server
+	# GnuTLS's logger ran at its start-up, before ours took over: the
+	# variable was in effect
+	grep -q 'gnutls\[2\]: Enabled GnuTLS .* logging' "$SERVER_LOG"
+	local s
+	for s in 'INT: ' 'WRITE KEY' 'WRITE IV' 'HSK[' 'REC['; do
+		refute_in_file "$s" "$SERVER_LOG"
+	done
+}
